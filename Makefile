@@ -1,0 +1,36 @@
+# `make train` and `make test` work on a fresh clone: they create .venv and install everything first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test test-fast dashboard bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	# torch and torchvision from this machine's disk; a wider range would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m multitask.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+dashboard: $(STAMP)
+	$(VENV)/bin/streamlit run apps/dashboard.py
+
+bench: $(STAMP)
+	$(PY) -m multitask.bench $(ARGS)
+
+clean:
+	rm -rf .cache .pytest_cache build *.egg-info
