@@ -1,0 +1,245 @@
+"""Typed configuration: dataclass defaults, YAML presets from configs/, key=value overrides.
+
+One config object drives a run and is saved resolved into the run directory; everything downstream
+(resume, predict, explain, dashboard) reads it from there. Unknown keys and wrong types are errors.
+
+Override syntax (command line): ``section.key=value`` for any field, ``data=NAME`` / ``model=NAME`` to merge
+``configs/data/NAME.yaml`` into that section, ``experiment=NAME`` to merge ``configs/experiment/NAME.yaml`` into
+the whole config, or a path to any YAML file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("data", "model", "experiment")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names it."""
+
+
+@dataclass
+class HeadConfig:
+    name: str
+    column: str  # column of the data table holding the integer label
+    classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
+    loss_weight: float = 1.0
+
+
+def face_heads() -> List[HeadConfig]:
+    # Declared in the order of the competition's 18-class code: class = 6*mask + 3*gender + age.
+    return [
+        HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"]),
+        HeadConfig("gender", "gender", ["male", "female"]),
+        HeadConfig("age", "age_group", ["<30", "30-59", "60+"]),
+    ]
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | competition | manifest | utkface | imagefolder
+    root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
+    synthetic_people: int = 250
+    synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
+    synthetic_seed: int = 0
+    age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
+    train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
+    drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
+    extra_unmasked: List[str] = field(default_factory=list)  # UTKFace-style folders added to stage 1 training
+    on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
+    crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
+    size: List[int] = field(default_factory=lambda: [128, 96])  # H x W fed to the network
+    load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
+    cache: bool = True  # decode + crop + resize once into a memory-mapped array
+    cache_dir: str = ".cache/multitask"
+    batch_size: int = 64
+    workers: int = -1  # -1: chosen for the machine
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # any torchvision classifier: resnet18/34/50/101, mobilenet_v2/v3_*, efficientnet_b0..
+    pretrained: str = "none"  # none | imagenet (torchvision weights, hub cache offline) | path to a state_dict
+    dropout: float = 0.0  # before each head
+
+
+@dataclass
+class StageConfig:
+    enabled: bool = True
+    epochs: int = 6
+    heads: List[str] = field(default_factory=list)  # empty: all heads
+    only: Dict[str, str] = field(default_factory=dict)  # keep rows whose column has this class, e.g. mask: not_worn
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr_heads: float = 1e-3
+    # Trunk learning rate. null = automatic: lr_trunk_pretrained when weights were loaded (an ImageNet trunk
+    # only needs nudging), lr_heads when the trunk starts from random init (it must learn as fast as the heads).
+    lr_trunk: Optional[float] = None
+    lr_trunk_pretrained: float = 1e-5
+    weight_decay: float = 3e-5
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine | step | none
+    step_every: int = 4
+    step_gamma: float = 0.5
+    warmup_epochs: int = 0
+    sgd_after: Optional[int] = None  # switch Adam -> SGD after this many epochs of a stage
+    sgd_lr_scale: float = 1.0  # SGD learning rates relative to the Adam ones
+
+
+@dataclass
+class LossConfig:
+    label_smoothing: float = 0.1
+    class_weights: bool = True  # per head, inverse class frequency of the training fold
+    focal_gamma: float = 0.0  # 0: plain cross-entropy
+
+
+@dataclass
+class AugmentConfig:
+    hflip: float = 0.5
+    brightness_contrast: float = 0.5
+    coarse_dropout: float = 0.0
+    mix: str = "none"  # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
+    mix_alpha: float = 1.0
+    mix_prob: float = 0.5
+
+
+@dataclass
+class CVConfig:
+    folds: int = 5
+    run_folds: List[int] = field(default_factory=list)  # empty: all folds
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    channels_last: bool = True
+    threads: int = 0  # torch intra-op threads; 0: one per core
+    seed: int = 42
+    progress: bool = True
+
+
+@dataclass
+class PredictConfig:
+    tta_flip: bool = True
+    tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
+    ensemble: str = "mean"  # mean of probabilities | vote
+
+
+@dataclass
+class Config:
+    name: str = "faces"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: List[HeadConfig] = field(default_factory=face_heads)
+    stage1: StageConfig = field(
+        default_factory=lambda: StageConfig(epochs=4, heads=["gender", "age"], only={"mask": "not_worn"})
+    )
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=6))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+CHOICES = {
+    "data.source": ("synthetic", "competition", "manifest", "utkface", "imagefolder"),
+    "data.on_bad_file": ("error", "skip"),
+    "optim.optimizer": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("cosine", "step", "none"),
+    "augment.mix": ("none", "mixup", "cutmix", "cutmix_vertical"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "predict.ensemble": ("mean", "vote"),
+}
+
+
+def _load_yaml(path: Path):
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and OSError alike: name the file
+        raise ConfigError(f"{path}: cannot read config file: {e}") from e
+
+
+def _merge(base, other, origin: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{origin}: {e.msg if hasattr(e, 'msg') else e}") from e
+
+
+def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Config:
+    """Compose the default config (or ``base``, e.g. a run's saved config) with presets and overrides."""
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge(cfg, _load_yaml(Path(base)), str(base))
+    for item in overrides:
+        if "=" not in item:
+            path = Path(item)
+            if path.suffix in (".yaml", ".yml") and path.exists():
+                cfg = _merge(cfg, _load_yaml(path), str(path))
+                continue
+            raise ConfigError(f"override {item!r}: expected key=value, GROUP=NAME or a YAML file")
+        key, value = item.split("=", 1)
+        if key in GROUPS:
+            path = CONFIG_DIR / key / f"{value}.yaml"
+            if not path.exists():
+                known = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
+                raise ConfigError(f"{item}: no preset {path} (known: {', '.join(known)})")
+            preset = _load_yaml(path)
+            cfg = _merge(cfg, preset if key == "experiment" else {key: preset}, str(path))
+        else:
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r}: must be one of {', '.join(allowed)}")
+    names = [h.name for h in cfg.heads]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"heads: need at least one head and unique names, got {names}")
+    for stage_name in ("stage1", "stage2"):
+        stage = getattr(cfg, stage_name)
+        unknown = set(stage.heads) - set(names)
+        if unknown:
+            raise ConfigError(f"{stage_name}.heads: unknown head(s) {sorted(unknown)}; heads are {names}")
+    if not (cfg.stage1.enabled or cfg.stage2.enabled):
+        raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
+    if len(cfg.data.size) != 2 or (cfg.data.crop is not None and len(cfg.data.crop) != 2):
+        raise ConfigError("data.size and data.crop are [height, width]")
+    if sorted(cfg.data.age_thresholds) != list(cfg.data.age_thresholds) or len(cfg.data.age_thresholds) != 2:
+        raise ConfigError(f"data.age_thresholds: two increasing ages, got {cfg.data.age_thresholds}")
+    if cfg.cv.folds < 2:
+        raise ConfigError(f"cv.folds={cfg.cv.folds}: need at least 2 folds")
+    bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
+    if bad_folds:
+        raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from multitask.io import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))

@@ -1,0 +1,5 @@
+import sys
+
+from multitask.data.check import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""Torch dataset over the table, and the decoded-image cache.
+
+Decoding a JPEG every epoch is wasted work: every photo is prepared once (decode, crop, resize) into one
+memory-mapped uint8 array under ``data.cache_dir``, keyed by the files (path, size, mtime) and the preparation
+settings, so a changed file or a changed crop/size builds a new cache. Augmentation runs on the cached arrays.
+Building the cache decodes every photo, which is also where unreadable and truncated files are found.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from multitask.data.sources import Problem
+from multitask.data.transforms import Prepare
+
+
+def _prepare_chunk(args) -> list:
+    prepare, paths = args
+    out = []
+    for p in paths:
+        try:
+            out.append(prepare(p))
+        except Exception as e:  # any decoder error is a bad file, reported with its path
+            out.append(f"unreadable image ({type(e).__name__}: {e})")
+    return out
+
+
+def prepare_all(paths: Sequence[str], prepare: Prepare, sink: Optional[np.ndarray] = None,
+                workers: int = 0) -> list[Problem]:
+    """Prepare every photo (in parallel), writing into ``sink`` when given; returns the unreadable ones."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    chunk = 64
+    jobs = [(prepare, list(paths[i:i + chunk])) for i in range(0, len(paths), chunk)]
+    if workers > 1 and len(paths) > chunk:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_prepare_chunk, jobs)
+            return _collect(results, paths, sink, chunk)
+    return _collect(map(_prepare_chunk, jobs), paths, sink, chunk)
+
+
+def _collect(results, paths, sink, chunk) -> list[Problem]:
+    problems = []
+    for j, batch in enumerate(results):
+        for k, item in enumerate(batch):
+            i = j * chunk + k
+            if isinstance(item, str):
+                problems.append(Problem(paths[i], item))
+            elif sink is not None:
+                sink[i] = item
+    return problems
+
+
+def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
+    h = hashlib.sha1(repr((prepare.crop, prepare.size, 1)).encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
+                  log: Callable[[str], None] = print) -> tuple[np.ndarray, list[Problem]]:
+    """(N x H x W x 3 uint8 memory map, unreadable files). Rows of unreadable files are zeros."""
+    cache_dir = Path(cache_dir)
+    key = cache_key(paths, prepare)
+    array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
+    if array_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return np.load(array_path, mmap_mode="r"), [Problem(**p) for p in meta["problems"]]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    h, w = prepare.size
+    log(f"caching {len(paths)} photos at {h}x{w} into {array_path}")
+    tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
+    try:
+        sink = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
+        problems = prepare_all(paths, prepare, sink)
+        sink.flush()
+        del sink
+        os.replace(tmp, array_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
+    meta_tmp.write_text(json.dumps({"problems": [p.__dict__ for p in problems], "count": len(paths)}))
+    os.replace(meta_tmp, meta_path)
+    return np.load(array_path, mmap_mode="r"), problems
+
+
+class PhotoDataset(Dataset):
+    """(image tensor, per-head integer targets; -1 = no label) for rows of the table.
+
+    ``images`` is the cache (indexed by ``rows``); without it each photo is prepared from ``paths`` on access."""
+
+    def __init__(self, paths: Sequence[str], targets: np.ndarray, transform, prepare: Prepare,
+                 images: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None):
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(len(self.paths), -1))
+        self.transform, self.prepare = transform, prepare
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> np.ndarray:
+        """The prepared (not yet augmented) photo."""
+        if self.images is not None:
+            return np.asarray(self.images[self.rows[i]])
+        return self.prepare(self.paths[i])
+
+    def __getitem__(self, i: int):
+        return self.transform(image=self.image(i))["image"], self.targets[i]

@@ -1,0 +1,44 @@
+"""Reading photos as RGB uint8, whatever their mode, bit depth or EXIF orientation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+# Guard against decompression bombs and absurd uploads: about 16k x 16k pixels.
+Image.MAX_IMAGE_PIXELS = 256_000_000
+
+
+def is_image_name(path: Path | str) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """An RGB uint8 array from any PIL image: EXIF rotation applied, alpha composited on white,
+    16/32-bit channels scaled (not clipped) to 8 bits."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255.0
+        return np.repeat(a.astype(np.uint8)[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_rgb(path: Path | str) -> np.ndarray:
+    """Decode a photo fully (a truncated file raises OSError) and return H x W x 3 uint8."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)

@@ -1,0 +1,288 @@
+"""Data sources -> one table (pandas), one row per image.
+
+Every source gives the columns ``path`` (absolute), ``person_id`` (the unit of identity: folds group by it)
+and one integer column per head label (-1 where a source has no label). Face sources give
+``gender, age, age_group, mask, label18``; image folders give ``class`` and ``split``.
+
+Loaders never stop at the first problem: they return every problem found, each naming its file, and the
+caller applies the bad-file policy (see ``apply_policy``).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from multitask.data.images import is_image_name
+from multitask.tasks import AGE_CLASSES, GENDER_CLASSES, MASK_CLASSES, age_group, encode_joint
+
+COMPETITION_PHOTOS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
+COMPETITION_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+COMPETITION_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+TRAIN_CSV_COLUMNS = ["id", "gender", "race", "age", "path"]
+
+# Accepted spellings of labels (lower-cased); integers are taken as class indices.
+GENDER_ALIASES = {"male": 0, "m": 0, "man": 0, "female": 1, "f": 1, "woman": 1}
+MASK_ALIASES = {
+    "worn": 0, "wear": 0, "mask": 0, "worn_correctly": 0, "correct": 0,
+    "incorrect": 1, "worn_incorrectly": 1, "incorrect_mask": 1,
+    "not_worn": 2, "not wear": 2, "not_wear": 2, "normal": 2, "no_mask": 2, "none": 2,
+}
+AGE_GROUP_ALIASES = {"<30": 0, "30-59": 1, "30-60": 1, ">=60": 2, "60+": 2}
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class DataError(Exception):
+    """Bad input. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[Problem], what: str = "data"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems[:200])
+        more = f"\n  ... and {len(self.problems) - 200} more" if len(self.problems) > 200 else ""
+        super().__init__(f"{len(self.problems)} problem(s) in {what}:\n{lines}{more}")
+
+
+def parse_label(value, aliases: dict, n_classes: int) -> int | None:
+    """A class index from a name or an index; None when it cannot be parsed."""
+    if pd.isna(value):
+        return None
+    text = str(value).strip().lower()
+    if text in aliases:
+        return aliases[text]
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    if number.is_integer() and 0 <= number < n_classes:
+        return int(number)
+    return None
+
+
+def parse_age(value) -> int | None:
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return None
+    return int(age) if age.is_integer() and 0 <= age < 150 else None
+
+
+def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFrame:
+    """Add age_group (when ages are known) and the 18-class label to face rows."""
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return pd.DataFrame(columns=["path", "person_id", "gender", "age", "age_group", "mask", "label18"])
+    if "age_group" not in table or table["age_group"].isna().any():
+        known = table["age"].notna()
+        groups = table.get("age_group", pd.Series(np.nan, index=table.index)).copy()
+        groups[known] = age_group(table.loc[known, "age"].astype(int), thresholds)
+        table["age_group"] = groups
+    table["age"] = table["age"].astype("Int64")
+    for col in ("gender", "age_group", "mask"):
+        table[col] = table[col].astype(np.int64)
+    table["label18"] = encode_joint([table["mask"], table["gender"], table["age_group"]], [3, 2, 3])
+    return table
+
+
+# --- competition layout -----------------------------------------------------------------------------------
+
+
+def load_competition(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+    """ROOT/train.csv (id,gender,race,age,path) + ROOT/images/<path>/{mask1..5,incorrect_mask,normal}.<ext>."""
+    root = Path(root)
+    csv_path = root / "train.csv"
+    if not csv_path.is_file():
+        raise DataError([Problem(str(csv_path), "missing: the competition layout needs ROOT/train.csv")])
+    try:
+        people = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError([Problem(str(csv_path), f"cannot read CSV: {e}")]) from e
+    missing_cols = [c for c in TRAIN_CSV_COLUMNS if c not in people.columns]
+    if missing_cols:
+        raise DataError([Problem(str(csv_path), f"missing column(s) {missing_cols}; expected {TRAIN_CSV_COLUMNS}")])
+
+    problems: List[Problem] = []
+    rows: List[dict] = []
+    images_dir = root / "images"
+    duplicated = set(people["id"][people["id"].duplicated(keep=False)])
+    for pid in sorted(duplicated):
+        lines = [str(i + 2) for i in people.index[people["id"] == pid]]
+        problems.append(Problem(str(csv_path), f"duplicate person id {pid!r} on lines {', '.join(lines)}"))
+    listed = set()
+    for i, person in people.iterrows():
+        if person["id"] in duplicated:
+            listed.add(person["path"])
+            continue  # two people sharing an id would share folds: neither is used
+        line = i + 2  # header is line 1
+        folder = images_dir / person["path"]
+        listed.add(person["path"])
+        gender = parse_label(person["gender"], GENDER_ALIASES, 2)
+        age = parse_age(person["age"])
+        bad = []
+        if gender is None:
+            bad.append(f"gender {person['gender']!r} is not male/female")
+        if age is None:
+            bad.append(f"age {person['age']!r} is not a whole number of years")
+        if not person["path"]:
+            bad.append("empty path")
+        if bad:
+            problems.append(Problem(str(csv_path), f"line {line}: " + "; ".join(bad)))
+            continue
+        if not folder.is_dir():
+            problems.append(Problem(str(folder), f"person folder listed in train.csv line {line} does not exist"))
+            continue
+        found = {}
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith("."):
+                continue  # hidden files (.DS_Store, macOS ._ forks) are not data
+            stem, ext = f.stem, f.suffix.lower()
+            if not f.is_file() or ext not in COMPETITION_EXTENSIONS:
+                problems.append(Problem(str(f), "not an image file (.jpg/.jpeg/.png) of the competition layout"))
+            elif stem not in COMPETITION_MASK:
+                problems.append(Problem(str(f), f"extra photo: names are {', '.join(COMPETITION_PHOTOS)}"))
+            elif stem in found:
+                problems.append(Problem(str(f), f"second file for photo {stem!r} (also {found[stem].name})"))
+            else:
+                found[stem] = f
+        missing = [s for s in COMPETITION_PHOTOS if s not in found]
+        if missing:
+            problems.append(Problem(str(folder), f"missing photo(s): {', '.join(missing)}"))
+        for stem, f in found.items():
+            rows.append(dict(path=str(f.resolve()), person_id=str(person["id"]), gender=gender, age=age,
+                             mask=COMPETITION_MASK[stem], race=person["race"], photo=stem))
+    if images_dir.is_dir():
+        for d in sorted(images_dir.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and d.name not in listed:
+                problems.append(Problem(str(d), "person folder not listed in train.csv"))
+    else:
+        problems.append(Problem(str(images_dir), "missing: the competition layout needs ROOT/images/"))
+    return finish_face_table(rows, thresholds), problems
+
+
+# --- manifest CSV -----------------------------------------------------------------------------------------
+
+
+def load_manifest(csv_path: Path, thresholds: Sequence[int] = (30, 60), require_labels: bool = True
+                  ) -> Tuple[pd.DataFrame, List[Problem]]:
+    """A user's CSV with path,person_id,gender,age (or age_group),mask; paths relative to the CSV."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError([Problem(str(csv_path), "manifest CSV does not exist")])
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise DataError([Problem(str(csv_path), f"cannot read CSV: {e}")]) from e
+    need = ["path"] + (["person_id", "gender", "mask"] if require_labels else [])
+    missing_cols = [c for c in need if c not in df.columns]
+    if require_labels and "age" not in df.columns and "age_group" not in df.columns:
+        missing_cols.append("age or age_group")
+    if missing_cols:
+        raise DataError([Problem(str(csv_path), f"missing column(s) {missing_cols}")])
+    problems: List[Problem] = []
+    rows = []
+    labeled = all(c in df.columns for c in ("gender", "mask")) and ("age" in df or "age_group" in df)
+    for i, r in df.iterrows():
+        line = i + 2
+        path = (csv_path.parent / r["path"]).resolve()
+        row = dict(r)
+        row.update(path=str(path), person_id=str(r.get("person_id") or r["path"]))
+        bad = []
+        if not path.is_file():
+            problems.append(Problem(str(path), f"listed in {csv_path.name} line {line} but does not exist"))
+            continue
+        if labeled:
+            row["gender"] = parse_label(r["gender"], GENDER_ALIASES, 2)
+            row["mask"] = parse_label(r["mask"], MASK_ALIASES, 3)
+            row["age"] = parse_age(r["age"]) if "age" in df.columns and r["age"] != "" else None
+            if "age_group" in df.columns and r["age_group"] != "":
+                row["age_group"] = parse_label(r["age_group"], AGE_GROUP_ALIASES, 3)
+                if row["age_group"] is None:
+                    bad.append(f"age_group {r['age_group']!r} is not one of {AGE_CLASSES}")
+            elif row["age"] is None:
+                bad.append(f"age {r.get('age', '')!r} is not a whole number of years")
+            if row["gender"] is None:
+                bad.append(f"gender {r['gender']!r} is not one of {GENDER_CLASSES}")
+            if row["mask"] is None:
+                bad.append(f"mask {r['mask']!r} is not one of {MASK_CLASSES}")
+        if bad:
+            problems.append(Problem(str(csv_path), f"line {line}: " + "; ".join(bad)))
+            continue
+        rows.append(row)
+    if not labeled:
+        return pd.DataFrame(rows, columns=list(df.columns)), problems
+    return finish_face_table(rows, thresholds), problems
+
+
+# --- UTKFace-style folders --------------------------------------------------------------------------------
+
+UTK_NAME = re.compile(r"^(\d+)_([01])_(\d+)_[^.]*\.(jpg|jpeg|png)", re.IGNORECASE)
+
+
+def load_utkface(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+    """<age>_<gender 0=male 1=female>_<race>_<date>.jpg[.chip.jpg]: unmasked faces, one person per file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError([Problem(str(root), "UTKFace folder does not exist")])
+    problems, rows = [], []
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        m = UTK_NAME.match(f.name)
+        if not m:
+            problems.append(Problem(str(f), "name is not <age>_<gender 0/1>_<race>_<date>.jpg"))
+            continue
+        rows.append(dict(path=str(f.resolve()), person_id=f"utk:{f.name}", gender=int(m.group(2)),
+                         age=int(m.group(1)), mask=2, race=m.group(3)))
+    return finish_face_table(rows, thresholds), problems
+
+
+# --- image folders ----------------------------------------------------------------------------------------
+
+
+def load_imagefolder(root: Path) -> Tuple[pd.DataFrame, List[Problem], List[str]]:
+    """ROOT/<class>/<image>, or ROOT/train/<class>/... and ROOT/test/<class>/...; returns (table, problems, classes).
+
+    Each image is its own group for the folds (no notion of person)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError([Problem(str(root), "image folder does not exist")])
+    split_dirs = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
+    if not split_dirs:
+        split_dirs = {"train": root}
+    class_dirs = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError([Problem(str(split_dirs["train"]), "no class folders (expected ROOT/<class>/<image>)")])
+    problems, rows = [], []
+    for split, base in split_dirs.items():
+        for d in sorted(base.iterdir()):
+            if d.name.startswith("."):
+                continue
+            if not d.is_dir():
+                problems.append(Problem(str(d), "file outside a class folder"))
+                continue
+            if d.name not in class_dirs:
+                problems.append(Problem(str(d), f"class folder not in {split_dirs['train']}"))
+                continue
+            for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if not is_image_name(f):
+                    problems.append(Problem(str(f), "not an image file"))
+                    continue
+                rel = f.relative_to(root).as_posix()
+                rows.append({"path": str(f.resolve()), "person_id": rel, "class": class_dirs.index(d.name),
+                             "split": split})
+    return pd.DataFrame(rows, columns=["path", "person_id", "class", "split"]), problems, class_dirs
+
+
+def image_files(root: Path) -> Iterable[Path]:
+    """All image files under a folder (recursively), hidden files left out, sorted."""
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.is_file() and not p.name.startswith(".") and is_image_name(p))

@@ -1,0 +1,82 @@
+"""Preprocessing (deterministic, cacheable) and augmentation presets (albumentations).
+
+A photo goes through ``Prepare`` once (decode, centre crop to the face region, resize to a little more than the
+network size); that result is what the cache stores. ``train_transform`` and ``eval_transform`` then run on it.
+Prediction uses exactly ``Prepare`` + ``eval_transform`` built from the run's saved config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+from multitask.config import AugmentConfig, DataConfig
+from multitask.data.images import read_rgb
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_size(data: DataConfig) -> tuple[int, int]:
+    h, w = data.size
+    return round(h * (1 + data.load_margin)), round(w * (1 + data.load_margin))
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Photo file (or RGB array) -> H x W x 3 uint8 at ``size``: centre crop when it fits, then resize."""
+
+    crop: Optional[tuple[int, int]]
+    size: tuple[int, int]
+
+    @classmethod
+    def from_config(cls, data: DataConfig) -> "Prepare":
+        return cls(tuple(data.crop) if data.crop else None, load_size(data))
+
+    def __call__(self, image) -> np.ndarray:
+        rgb = read_rgb(image) if not isinstance(image, np.ndarray) else image
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = rgb.shape[:2]
+            if h >= ch and w >= cw:
+                y, x = (h - ch) // 2, (w - cw) // 2
+                rgb = rgb[y:y + ch, x:x + cw]
+        h, w = self.size
+        interp = cv2.INTER_AREA if rgb.shape[0] > h else cv2.INTER_LINEAR
+        return np.ascontiguousarray(cv2.resize(rgb, (w, h), interpolation=interp))
+
+
+def _finish() -> list:
+    return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
+
+
+def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
+    h, w = data.size
+    steps = [A.RandomCrop(h, w), A.HorizontalFlip(p=aug.hflip)]
+    if aug.brightness_contrast > 0:
+        steps.append(A.RandomBrightnessContrast(0.2, 0.2, p=aug.brightness_contrast))
+    if aug.coarse_dropout > 0:
+        steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
+                                     hole_width_range=(0.05, 0.15), p=aug.coarse_dropout))
+    return A.Compose(steps + _finish())
+
+
+def eval_transform(data: DataConfig, scale: float = 1.0) -> A.Compose:
+    """Centre crop to the network size; ``scale`` != 1 (multi-scale TTA) resizes the prepared photo first."""
+    h, w = data.size
+    steps = []
+    if scale != 1.0:
+        lh, lw = load_size(data)
+        steps.append(A.Resize(max(h, round(lh * scale)), max(w, round(lw * scale))))
+    return A.Compose(steps + [A.CenterCrop(h, w)] + _finish())
+
+
+def denormalize(tensor) -> np.ndarray:
+    """Network input (C x H x W, normalised) -> H x W x 3 float in [0, 1], for overlays."""
+    a = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
+    return np.clip(a * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
+

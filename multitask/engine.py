@@ -1,0 +1,141 @@
+"""One epoch of training, one pass of evaluation; device, precision and memory format."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from multitask.config import AugmentConfig, ConfigError, TrainConfig
+from multitask.losses import MultiHeadLoss, mix_batch
+from multitask.model import MultiHeadNet
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls in hardware. Without them autocast emulates bf16 and is slower."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; on CPU use bf16 or auto")
+    if precision == "bf16":
+        if not cpu_has_fast_bf16():
+            warnings.warn("train.precision=bf16: this CPU has no AVX512-BF16/AMX; bf16 is emulated and slow")
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def configure_threads(cfg: TrainConfig) -> int:
+    threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def loader_workers(requested: int, device: torch.device, cached: bool) -> int:
+    """-1: no worker processes on CPU with the cache (augmenting small cached arrays costs less than the cores a
+    worker would take from the arithmetic); otherwise up to 4, leaving one core to the main process."""
+    if requested >= 0:
+        return requested
+    if device.type == "cpu" and cached:
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,
+                seed: int = 0, drop_last: bool = False) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
+                      pin_memory=device.type == "cuda", persistent_workers=False, drop_last=drop_last)
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(model: MultiHeadNet, loader: DataLoader, loss_fn: MultiHeadLoss, optimizer, device,
+                    dtype: Optional[torch.dtype], channels_last: bool, column: Dict[str, int], aug: AugmentConfig,
+                    mix_rng: np.random.Generator, epoch: int, scaler=None, progress: bool = True,
+                    desc: str = "train") -> Dict[str, float]:
+    model.train()
+    totals: Dict[str, float] = {}
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch, (x, y) in enumerate(bar):
+        x, y = _to_device(x, device, channels_last), y.to(device)
+        x, y, y_b, lam = mix_batch(x, y, aug, mix_rng)
+        with autocast(device, dtype):
+            logits = model.split(model(x))
+        loss, parts = loss_fn(logits, y, column, y_b, lam)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch}: "
+                                f"{ {k: round(v.item(), 4) for k, v in parts.items()} }; try a lower learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = len(x)
+        seen += n
+        for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * n
+        bar.set_postfix(loss=f"{totals['loss'] / seen:.3f}")
+    out = {k: v / max(seen, 1) for k, v in totals.items()}
+    out["images_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
+    return out
+
+
+@torch.inference_mode()
+def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optional[torch.dtype],
+                   channels_last: bool, flip: bool = False, progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Concatenated logits for every sample, in loader order; ``flip`` averages with the mirrored photo's."""
+    model.eval()
+    out = []
+    for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x = _to_device(x, device, channels_last)
+        with autocast(device, dtype):
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros(0, sum(model.head_sizes))
+
+
+def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:
+    return {k: v.softmax(1).numpy() for k, v in model.split(logits).items()}

@@ -1,0 +1,81 @@
+"""Per-head losses (label smoothing, class weights, focal) and mixup / CutMix on batches."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multitask.config import AugmentConfig, LossConfig
+
+
+def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Weights proportional to 1/count (mean 1 over present classes); unseen classes get 0."""
+    labels = labels[labels >= 0]
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    w *= (counts > 0).sum() / max(w.sum(), 1e-12)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+class MultiHeadLoss(nn.Module):
+    """Weighted sum of one cross-entropy per active head; targets of -1 (no label) are ignored."""
+
+    def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__()
+        self.heads, self.loss_weights = list(heads), list(loss_weights)
+        self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
+        for name, w in (class_weights or {}).items():
+            self.register_buffer(f"w_{name}", w)
+
+    def _head_loss(self, name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, f"w_{name}", None)
+        valid = target >= 0
+        if not valid.any():
+            return logits.sum() * 0.0
+        logits, target = logits[valid].float(), target[valid]
+        ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.smoothing, reduction="none")
+        if self.gamma > 0:
+            p_true = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+            ce = ce * (1 - p_true).pow(self.gamma)
+        norm = weight[target].sum() if weight is not None else torch.tensor(float(len(target)))
+        return ce.sum() / norm.clamp_min(1e-12)
+
+    def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor, column: Dict[str, int],
+                targets_b: Optional[torch.Tensor] = None, lam: float = 1.0):
+        """(total loss, per-head losses); with mixing, lam * loss(targets) + (1 - lam) * loss(targets_b)."""
+        parts = {}
+        for name in self.heads:
+            t = targets[:, column[name]]
+            loss = self._head_loss(name, logits[name], t)
+            if targets_b is not None and lam < 1.0:
+                loss = lam * loss + (1 - lam) * self._head_loss(name, logits[name], targets_b[:, column[name]])
+            parts[name] = loss
+        total = sum(w * parts[n] for n, w in zip(self.heads, self.loss_weights))
+        return total, parts
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, gen: np.random.Generator):
+    """(mixed images, targets, partner targets or None, lam) per ``augment.mix``."""
+    if aug.mix == "none" or gen.random() >= aug.mix_prob or len(x) < 2:
+        return x, y, None, 1.0
+    perm = torch.from_numpy(gen.permutation(len(x)))
+    h, w = x.shape[-2:]
+    if aug.mix == "mixup":
+        lam = float(gen.beta(aug.mix_alpha, aug.mix_alpha))
+        return lam * x + (1 - lam) * x[perm], y, y[perm], lam
+    x = x.clone()
+    if aug.mix == "cutmix_vertical":
+        # Left half of one photo, right half of another: both halves keep a face's layout.
+        x[..., w // 2:] = x[perm][..., w // 2:]
+        return x, y, y[perm], (w // 2) / w
+    lam = float(gen.beta(aug.mix_alpha, aug.mix_alpha))
+    ch, cw = int(h * np.sqrt(1 - lam)), int(w * np.sqrt(1 - lam))
+    cy, cx = int(gen.integers(h)), int(gen.integers(w))
+    y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
+    x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    return x, y, y[perm], 1 - (y1 - y0) * (x1 - x0) / (h * w)

@@ -1,0 +1,152 @@
+"""A torchvision trunk shared by one linear head per task.
+
+The network returns the heads' logits concatenated (``MultiHeadNet.split`` cuts them apart), so Grad-CAM, TTA
+and ensembling see one plain tensor.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from multitask.config import HeadConfig, ModelConfig
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights were asked for and cannot be had."""
+
+
+class MultiHeadNet(nn.Module):
+    def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0):
+        super().__init__()
+        self.trunk = trunk
+        self.head_names = [h.name for h in heads]
+        self.head_sizes = [len(h.classes) for h in heads]
+        self.heads = nn.ModuleDict(
+            {h.name: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, len(h.classes))) for h in heads})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.trunk(x)
+        return torch.cat([self.heads[n](f) for n in self.head_names], dim=1)
+
+    def split(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return dict(zip(self.head_names, torch.split(logits, self.head_sizes, dim=1)))
+
+    def head_offset(self, name: str) -> int:
+        i = self.head_names.index(name)
+        return sum(self.head_sizes[:i])
+
+
+def _strip_classifier(net: nn.Module) -> int:
+    """Replace the classifier's last Linear with Identity in place; returns its input width."""
+    last = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(net).__name__}: no Linear classifier to replace")
+    parent_name, _, child = last.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    features = getattr(parent, child).in_features
+    setattr(parent, child, nn.Identity())
+    return features
+
+
+def imagenet_weights(arch: str):
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"model.arch={arch}: torchvision has no ImageNet weights for it ({e})") from e
+
+
+def _load_imagenet(arch: str) -> nn.Module:
+    weights = imagenet_weights(arch)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except Exception as e:  # offline: URLError/OSError; a corrupt cache file: RuntimeError
+        raise WeightsError(
+            f"model.pretrained=imagenet: the ImageNet weights for {arch} are not in the torch hub cache "
+            f"({cached}) and could not be downloaded ({type(e).__name__}: {e}).\n"
+            f"On a connected machine, run: python -c \"import torchvision; torchvision.models.get_model("
+            f"'{arch}', weights='DEFAULT')\" and copy {cached.name} into {cached.parent} (or set TORCH_HOME); "
+            f"or use model.pretrained=none, or model.pretrained=PATH to a state_dict file.") from e
+
+
+def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
+    if not path.is_file():
+        raise WeightsError(f"model.pretrained={path}: file does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable state_dict ({type(e).__name__}: {e})") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # one of our checkpoints, or the torchvision references' format
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state_dict (parameter name -> tensor)")
+    own = net.state_dict()
+    wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if not any(k in own for k in state) or unexpected or wrong_shape:
+        raise WeightsError(
+            f"{path}: does not fit torchvision {arch}: {len(unexpected)} unexpected key(s) {unexpected[:3]}, "
+            f"{len(wrong_shape)} of the wrong shape {wrong_shape[:3]}; is model.arch right?")
+    classifier = [k for k in missing if not k.startswith(("fc.", "classifier.", "head.", "heads."))]
+    if classifier:
+        raise WeightsError(f"{path}: trunk weights missing for {arch}: {classifier[:5]}")
+    net.load_state_dict(state, strict=False)
+
+
+def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig]) -> tuple[MultiHeadNet, bool]:
+    """(model, whether pretrained weights were loaded into the trunk)."""
+    if cfg.arch not in torchvision.models.list_models(module=torchvision.models):
+        raise WeightsError(f"model.arch={cfg.arch}: not a torchvision classifier")
+    if cfg.pretrained == "imagenet":
+        net, loaded = _load_imagenet(cfg.arch), True
+    else:
+        net, loaded = torchvision.models.get_model(cfg.arch, weights=None), False
+        if cfg.pretrained != "none":
+            _load_state_dict_file(net, Path(cfg.pretrained), cfg.arch)
+            loaded = True
+    features = _strip_classifier(net)
+    return MultiHeadNet(net, features, heads, cfg.dropout), loaded
+
+
+def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> "OrderedDict[str, nn.Module]":
+    """The trunk's stages, shallow to deep, for per-layer CAMs: ResNets' layer1..layer4; otherwise the last
+    block of ``features`` at each of the four deepest spatial resolutions."""
+    trunk = model.trunk
+    if all(hasattr(trunk, f"layer{i}") for i in range(1, 5)):
+        return OrderedDict((f"layer{i}", getattr(trunk, f"layer{i}")) for i in range(1, 5))
+    blocks = getattr(trunk, "features", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ValueError(f"{type(trunk).__name__}: no layer1..4 or features to take CAM layers from")
+    sizes: List[tuple] = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: sizes.append((k, tuple(o.shape[-2:]))))
+             for k, b in enumerate(blocks)]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *image_size))
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    last_at: Dict[tuple, int] = {}
+    for k, shape in sizes:
+        last_at[shape] = k
+    chosen = sorted(last_at.values())[-4:]
+    return OrderedDict((f"features.{k}", blocks[k]) for k in chosen)
+
+
+def param_groups(model: MultiHeadNet, lr_trunk: float, lr_heads: float, weight_decay: float) -> List[dict]:
+    return [
+        {"params": list(model.trunk.parameters()), "lr": lr_trunk, "weight_decay": weight_decay, "name": "trunk"},
+        {"params": list(model.heads.parameters()), "lr": lr_heads, "weight_decay": weight_decay, "name": "heads"},
+    ]

@@ -1,0 +1,169 @@
+"""Fold results -> report.md, report.json and PNG plots (confusion matrices, learning curves).
+
+Reads the run directory only, so a report can be rebuilt at any time: ``python -m multitask.report RUN_DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from multitask.config import Config, HeadConfig  # noqa: E402
+from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
+from multitask.metrics import JOINT, joint_name, score  # noqa: E402
+from multitask.tasks import joint_class_names  # noqa: E402
+
+
+def frame_arrays(heads: Sequence[HeadConfig], df: pd.DataFrame):
+    """(targets, probabilities) per head from an oof/predictions frame."""
+    targets = {h.name: df[f"true_{h.name}"].to_numpy(dtype=np.int64) for h in heads}
+    probs = {h.name: df[[f"p_{h.name}_{c}" for c in h.classes]].to_numpy(dtype=np.float64) for h in heads}
+    return targets, probs
+
+
+def collect_oof(run_dir: Path) -> pd.DataFrame:
+    parts = [pd.read_csv(p, dtype={"person_id": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))]
+    if not parts:
+        raise FileNotFoundError(f"{run_dir}: no fold*/oof.csv yet; has a fold finished?")
+    return pd.concat(parts, ignore_index=True)
+
+
+def label(key: str, heads: Sequence[HeadConfig]) -> str:
+    return joint_name(heads) if key == JOINT else key
+
+
+def plot_confusion(matrix, classes: Sequence[str], title: str, path: Path) -> None:
+    m = np.asarray(matrix, dtype=float)
+    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5)))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=7 if n > 6 else 9)
+    ax.set_yticks(range(n), classes, fontsize=7 if n > 6 else 9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 18:
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6 if n > 6 else 9,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(metrics: pd.DataFrame, title: str, path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(metrics["epoch"], metrics["loss"], marker="o", label="train loss")
+    a.set_xlabel("epoch")
+    a.set_title("training loss")
+    for col in [c for c in metrics.columns if c.startswith("val_f1_")]:
+        b.plot(metrics["epoch"], metrics[col], marker="o", label=col.replace("val_f1_", ""))
+    b.set_xlabel("epoch")
+    b.set_title("validation macro-F1")
+    b.set_ylim(0, 1)
+    b.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_confusions(scores: dict, heads: Sequence[HeadConfig], out: Path, prefix: str = "") -> List[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for key, s in scores.items():
+        classes = joint_class_names(heads) if key == JOINT else next(h.classes for h in heads if h.name == key)
+        name = f"{prefix}confusion_{label(key, heads)}.png"
+        plot_confusion(s["confusion"], classes, f"{label(key, heads)} (macro-F1 {s['f1_macro']:.3f})", out / name)
+        names.append(name)
+    return names
+
+
+def per_class_table(scores: dict, heads) -> List[str]:
+    lines = []
+    for key, s in scores.items():
+        lines += [f"\n**{label(key, heads)}**\n", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                  for c, v in s["per_class"].items()]
+    return lines
+
+
+def summarize(cfg: Config, heads: Sequence[HeadConfig], oof: pd.DataFrame) -> dict:
+    folds = {}
+    for k, part in oof.groupby("fold"):
+        folds[int(k)] = score(heads, *frame_arrays(heads, part))
+    keys = list(next(iter(folds.values())))
+    mean = {k: {m: float(np.mean([f[k][m] for f in folds.values()])) for m in ("f1_macro", "accuracy")} for k in keys}
+    std = {k: {m: float(np.std([f[k][m] for f in folds.values()])) for m in ("f1_macro", "accuracy")} for k in keys}
+    pooled = score(heads, *frame_arrays(heads, oof))
+    return {"folds": folds, "mean": mean, "std": std, "pooled": pooled}
+
+
+def write_report(run_dir: Path) -> dict:
+    from multitask.config import load_config
+    from multitask.cv import final_heads
+
+    run_dir = Path(run_dir)
+    cfg = load_config(base=run_dir / "config.yaml")
+    heads = final_heads(cfg)
+    oof = collect_oof(run_dir)
+    atomic_to_csv(oof, run_dir / "oof.csv")
+    s = summarize(cfg, heads, oof)
+    plots = run_dir / "plots"
+    confusions = write_confusions(s["pooled"], heads, plots)
+    curves = []
+    for metrics_path in sorted(run_dir.glob("fold*/stage*/metrics.csv")):
+        fold, stage = metrics_path.parent.parent.name, metrics_path.parent.name
+        name = f"curves_{fold}_{stage}.png"
+        plot_curves(pd.read_csv(metrics_path), f"{fold} {stage}", plots / name)
+        curves.append(name)
+    seconds = {p.parent.name: json.loads(p.read_text()).get("seconds") for p in run_dir.glob("fold*/done.json")}
+
+    keys = list(s["mean"])
+    head_line = "| fold | " + " | ".join(f"{label(k, heads)} F1 | {label(k, heads)} acc" for k in keys) + " |"
+    lines = [f"# Report: {run_dir.name}", "",
+             f"{cfg.model.arch} (pretrained: {cfg.model.pretrained}), {cfg.data.size[0]}x{cfg.data.size[1]} px, "
+             f"data: {cfg.data.source} {cfg.data.root or ''}; {len(oof)} out-of-fold photos of "
+             f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
+             f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
+             f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
+             f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1.", "",
+             "## Macro-F1 and accuracy per fold", "", head_line, "|---" * (1 + 2 * len(keys)) + "|"]
+    for k, f in s["folds"].items():
+        lines.append(f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f} | {f[x]['accuracy']:.4f}" for x in keys) + " |")
+    lines.append("| **mean ± std** | " + " | ".join(
+        f"**{s['mean'][x]['f1_macro']:.4f} ± {s['std'][x]['f1_macro']:.4f}** | "
+        f"{s['mean'][x]['accuracy']:.4f} ± {s['std'][x]['accuracy']:.4f}" for x in keys) + " |")
+    if seconds:
+        lines += ["", "Training time per fold: " + ", ".join(
+            f"{k} {v / 60:.1f} min" for k, v in sorted(seconds.items()) if v is not None)]
+    lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)
+    lines += ["", "## Confusion matrices", ""] + [f"![{c}](plots/{c})" for c in confusions]
+    lines += ["", "## Learning curves", ""] + [f"![{c}](plots/{c})" for c in curves]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+    result = {"run": run_dir.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds}
+    atomic_write_text(run_dir / "report.json", json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m multitask.report", description="Rebuild a run's report.")
+    p.add_argument("run_dir", type=Path)
+    a = p.parse_args(argv)
+    write_report(a.run_dir)
+    print((a.run_dir / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
