@@ -127,10 +127,10 @@ def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
     if epoch < o.warmup_epochs:
         return (epoch + 1) / (o.warmup_epochs + 1)
     if o.scheduler == "step":
-        return o.step_gamma ** (epoch // o.step_every)
+        return float(o.step_gamma ** (epoch // o.step_every))
     if o.scheduler == "cosine":
         span = max(1, epochs - o.warmup_epochs)
-        return 0.5 * (1 + np.cos(np.pi * (epoch - o.warmup_epochs) / span)) * 0.99 + 0.01
+        return float(0.5 * (1 + np.cos(np.pi * (epoch - o.warmup_epochs) / span)) * 0.99 + 0.01)
     return 1.0
 
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: a small synthetic data set made once per session, and a tiny CPU config."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from multitask.config import load_config  # noqa: E402
+from multitask.data.synth import generate  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def faces_root(tmp_path_factory) -> Path:
+    """24 synthetic people (168 photos) at 96x128, competition layout. Treat as read-only."""
+    return generate(tmp_path_factory.mktemp("synth") / "faces", people=24, size=(96, 128), seed=3)
+
+
+@pytest.fixture
+def faces_copy(faces_root, tmp_path) -> Path:
+    """A writable copy, for tests that break the data on purpose."""
+    return Path(shutil.copytree(faces_root, tmp_path / "faces"))
+
+
+def tiny_overrides(root: Path, tmp_path: Path) -> list[str]:
+    return [f"data.root={root}", "data.source=competition", "data.crop=null", "data.size=[40,32]",
+            "data.batch_size=32", f"data.cache_dir={tmp_path / 'cache'}", f"out_dir={tmp_path / 'runs'}",
+            "cv.folds=3", "stage1.epochs=1", "stage2.epochs=1", "train.device=cpu", "train.progress=false"]
+
+
+@pytest.fixture
+def tiny_config(faces_root, tmp_path):
+    """Factory: the tiny CPU config on the session's synthetic faces, plus any overrides."""
+    return lambda *extra: load_config(tiny_overrides(faces_root, tmp_path) + list(extra))

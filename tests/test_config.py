@@ -1,0 +1,58 @@
+"""Configs: typed defaults, presets, key=value overrides; unknown keys and wrong types are errors."""
+import pytest
+
+from multitask.config import CONFIG_DIR, ConfigError, load_config, to_yaml
+
+
+def test_defaults_are_the_face_task_with_two_stages():
+    cfg = load_config()
+    assert [h.name for h in cfg.heads] == ["mask", "gender", "age"]
+    assert cfg.stage1.heads == ["gender", "age"] and cfg.stage1.only == {"mask": "not_worn"}
+    assert cfg.stage2.heads == [] and cfg.model.arch == "resnet18"
+    assert cfg.optim.lr_trunk is None  # chosen by whether weights were loaded
+
+
+def test_overrides_reach_nested_fields_with_types():
+    cfg = load_config(["model.arch=resnet34", "stage2.epochs=10", "data.size=[160,128]", "optim.lr_trunk=0.001"])
+    assert cfg.model.arch == "resnet34" and cfg.stage2.epochs == 10
+    assert cfg.data.size == [160, 128] and cfg.optim.lr_trunk == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.archh=resnet18", "archh"),
+    ("nonsense=1", "nonsense"),
+    ("stage2.epochs=many", "epochs"),
+    ("optim.scheduler=linear", "optim.scheduler='linear': must be one of cosine, step, none"),
+    ("stage1.heads=[gender,beard]", "unknown head(s) ['beard']"),
+    ("data=nowhere", "no preset"),
+    ("cv.folds=1", "at least 2 folds"),
+    ("justaword", "expected key=value"),
+])
+def test_bad_overrides_are_errors_that_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config([override])
+    assert message in str(e.value)
+
+
+def test_presets_merge_into_their_section():
+    cfg = load_config(["data=dev_faces"])
+    assert cfg.data.source == "competition" and cfg.data.crop is None
+    assert cfg.model.arch == "resnet18"  # other sections untouched
+
+
+def test_every_preset_file_loads():
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        load_config([f"{path.parent.name}={path.stem}"])
+
+
+def test_a_yaml_file_with_an_unknown_key_is_named(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match="mine.yaml"):
+        load_config([str(bad)])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["augment.mix=cutmix_vertical", "data.train_age_thresholds=[30,58]"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert load_config(base=tmp_path / "c.yaml") == cfg

@@ -1,0 +1,39 @@
+import numpy as np
+
+from multitask.config import face_heads
+from multitask.tasks import (age_group, decode_joint, encode_joint, joint_class_names, joint_probabilities,
+                             joint_sizes)
+
+
+def test_the_18_classes_follow_the_competition_code():
+    sizes = joint_sizes(face_heads())
+    assert sizes == [3, 2, 3]
+    for mask in range(3):
+        for gender in range(2):
+            for age in range(3):
+                code = encode_joint([np.array([mask]), np.array([gender]), np.array([age])], sizes)[0]
+                assert code == 6 * mask + 3 * gender + age
+                assert [int(v[0]) for v in decode_joint([code], sizes)] == [mask, gender, age]
+
+
+def test_joint_names_are_in_code_order():
+    names = joint_class_names(face_heads())
+    assert len(names) == 18
+    assert names[0] == "worn/male/<30"
+    assert names[6 * 1 + 3 * 1 + 2] == "incorrect/female/60+"
+    assert names[17] == "not_worn/female/60+"
+
+
+def test_joint_probability_is_the_product_of_head_probabilities():
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(n), size=5) for n in (3, 2, 3)]
+    joint = joint_probabilities(probs)
+    assert joint.shape == (5, 18)
+    np.testing.assert_allclose(joint.sum(1), 1.0)
+    m, g, a = 2, 1, 0
+    np.testing.assert_allclose(joint[:, 6 * m + 3 * g + a], probs[0][:, m] * probs[1][:, g] * probs[2][:, a])
+
+
+def test_age_groups_use_the_thresholds():
+    assert age_group([0, 29, 30, 59, 60, 99]).tolist() == [0, 0, 1, 1, 2, 2]
+    assert age_group([57, 58, 59], (30, 58)).tolist() == [1, 2, 2]

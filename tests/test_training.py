@@ -1,0 +1,166 @@
+"""Two-stage training under person-grouped cross-validation, its reports, and resuming after kill -9."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+import multitask.cv as cv
+from multitask.config import load_config
+from multitask.cv import make_folds, run_cv
+from multitask.data.sources import load_competition
+from multitask.report import write_report
+from multitask.tasks import encode_joint
+
+from conftest import tiny_overrides
+
+
+def test_folds_never_put_a_person_in_train_and_validation(faces_root):
+    table, _ = load_competition(faces_root)
+    table = table.assign(extra=False)
+    cfg = load_config()
+    folds = make_folds(table, cfg.heads, 5, seed=1)
+    assert folds["person_id"].is_unique  # one fold per person, so no photo of a person can leak
+    merged = table.merge(folds, on="person_id")
+    assert merged.groupby("person_id")["fold"].nunique().max() == 1
+    for k in range(5):
+        train = set(merged.loc[merged["fold"] != k, "person_id"])
+        val = set(merged.loc[merged["fold"] == k, "person_id"])
+        assert val and not train & val
+    assert make_folds(table, cfg.heads, 5, seed=1).equals(folds)  # reproducible
+
+
+def test_extra_unmasked_persons_never_enter_validation(faces_root):
+    table, _ = load_competition(faces_root)
+    extra = table[table["mask"] == 2].head(5).assign(person_id=lambda d: "utk:" + d["person_id"], extra=True)
+    folds = make_folds(pd.concat([table.assign(extra=False), extra]), load_config().heads, 3, seed=0)
+    assert set(folds.loc[folds["fold"] == -1, "person_id"]) == set(extra["person_id"])
+
+
+@pytest.fixture
+def spy_training(monkeypatch):
+    """Records, per (fold, stage), which photos each training epoch's loader served."""
+    seen = {}
+    original = cv.train_one_epoch
+
+    def spy(model, loader, *args, desc="", **kw):
+        seen.setdefault(desc.rsplit(" epoch", 1)[0], set()).update(loader.dataset.paths)
+        return original(model, loader, *args, desc=desc, **kw)
+
+    monkeypatch.setattr(cv, "train_one_epoch", spy)
+    return seen
+
+
+@pytest.mark.slow
+def test_stage1_trains_on_unmasked_photos_only(tiny_config, tmp_path, spy_training):
+    cfg = tiny_config("cv.run_folds=[0]")
+    run_cv(cfg, tmp_path / "run", log=lambda s: None)
+    table = pd.read_csv(tmp_path / "run" / "data.csv")
+    mask_of = dict(zip(table["path"], table["mask"]))
+    fold_of = dict(zip(table["path"], table["fold"]))
+    stage1, stage2 = spy_training["fold 0 stage 1"], spy_training["fold 0 stage 2"]
+    assert stage1 and {mask_of[p] for p in stage1} == {2}
+    assert {mask_of[p] for p in stage2} == {0, 1, 2}
+    assert {fold_of[p] for p in stage1 | stage2} == {1, 2}  # never the validation fold
+
+
+@pytest.mark.slow
+def test_report_f1_equals_scikit_learn_on_oof(tiny_config, tmp_path):
+    cfg = tiny_config()
+    run = tmp_path / "run"
+    run_cv(cfg, run, log=lambda s: None)
+    report = write_report(run)
+    for name in ["config.yaml", "folds.csv", "oof.csv", "report.md", "report.json", "plots/confusion_mask.png",
+                 "plots/confusion_18-class.png", "plots/curves_fold0_stage2.png", "fold2/stage2/best.pt",
+                 "fold2/stage2/last.pt", "fold0/stage1/metrics.csv"]:
+        assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 24 * 7 and oof["path"].is_unique
+    for k, part in oof.groupby("fold"):
+        for head in ("mask", "gender", "age"):
+            expected = f1_score(part[f"true_{head}"], part[f"pred_{head}"], average="macro")
+            assert report["folds"][k][head]["f1_macro"] == pytest.approx(expected)
+        p = {h: part[[c for c in part.columns if c.startswith(f"p_{h}_")]].to_numpy() for h in ("mask", "gender", "age")}
+        joint = (p["mask"][:, :, None, None] * p["gender"][:, None, :, None] * p["age"][:, None, None, :]).reshape(
+            len(part), 18).argmax(1)
+        true = encode_joint([part["true_mask"], part["true_gender"], part["true_age"]], [3, 2, 3])
+        assert report["folds"][k]["joint"]["f1_macro"] == pytest.approx(f1_score(true, joint, average="macro"))
+    md = (run / "report.md").read_text()
+    assert "mean ± std" in md and "18-class F1" in md
+    assert f"{report['mean']['joint']['f1_macro']:.4f}" in md
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "runs").glob("*") if p.is_dir())
+
+
+@pytest.mark.slow
+def test_kill_9_in_fold_2_then_resume_finishes_with_the_same_folds(faces_root, tmp_path):
+    args = [sys.executable, "-m", "multitask.train", *tiny_overrides(faces_root, tmp_path), "stage2.epochs=3",
+            "name=killme"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        runs = run_dirs(tmp_path)
+        if runs and (runs[0] / "fold1" / "stage2" / "last.pt").exists():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = run_dirs(tmp_path)[0]
+    assert not (run / "fold1" / "done.json").exists()
+    folds_before = (run / "folds.csv").read_text()
+    fold0_oof = (run / "fold0" / "oof.csv").stat().st_mtime_ns
+    epochs_done = len(pd.read_csv(run / "fold1" / "stage2" / "metrics.csv"))
+
+    out = subprocess.run([sys.executable, "-m", "multitask.train", "--resume", str(run)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "fold 0: done, kept" in out.stdout
+    assert f"fold 1 stage 2: resuming at epoch {epochs_done + 1}/3" in out.stdout
+    assert (run / "folds.csv").read_text() == folds_before
+    assert (run / "fold0" / "oof.csv").stat().st_mtime_ns == fold0_oof  # the finished fold was not retrained
+    assert pd.read_csv(run / "fold1" / "stage2" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    assert len(pd.read_csv(run / "oof.csv")) == 24 * 7
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_resume_refuses_overrides(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "multitask.train", "--resume", str(tmp_path), "stage2.epochs=9"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "overrides would change the run" in out.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_results(faces_root, tmp_path):
+    args = [sys.executable, "-m", "multitask.train", *tiny_overrides(faces_root, tmp_path), "optim.lr_heads=1e30",
+            "optim.lr_trunk=1e30", "loss.class_weights=false", "name=nan"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert "non-finite loss" in out.stderr and "at epoch" in out.stderr and "batch" in out.stderr
+    run = run_dirs(tmp_path)[0]
+    assert (run / "config.yaml").exists() and (run / "folds.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_short_run_learns_mask_and_gender(faces_root, tmp_path):
+    """Well above chance on synthetic faces: mask F1 >= 0.9, gender F1 >= 0.8 (1/3 and 1/2 are chance)."""
+    cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
+        "data.size=[64,48]", "cv.folds=3", "cv.run_folds=[0]", "stage1.epochs=3", "stage2.epochs=8",
+        "data.batch_size=16"])
+    run = tmp_path / "learn"
+    run_cv(cfg, run, log=lambda s: None)
+    report = write_report(run)
+    assert report["folds"][0]["mask"]["f1_macro"] >= 0.9
+    assert report["folds"][0]["gender"]["f1_macro"] >= 0.8
