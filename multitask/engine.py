@@ -123,17 +123,14 @@ def train_one_epoch(model: MultiHeadNet, loader: DataLoader, loss_fn: MultiHeadL
 
 @torch.inference_mode()
 def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optional[torch.dtype],
-                   channels_last: bool, flip: bool = False, progress: bool = False, desc: str = "eval") -> torch.Tensor:
-    """Concatenated logits for every sample, in loader order; ``flip`` averages with the mirrored photo's."""
+                   channels_last: bool, progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Concatenated logits for every sample, in loader order."""
     model.eval()
     out = []
     for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         x = _to_device(x, device, channels_last)
         with autocast(device, dtype):
-            logits = model(x).float()
-            if flip:
-                logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
-        out.append(logits.cpu())
+            out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, sum(model.head_sizes))
 
 

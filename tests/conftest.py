@@ -35,3 +35,17 @@ def tiny_overrides(root: Path, tmp_path: Path) -> list[str]:
 def tiny_config(faces_root, tmp_path):
     """Factory: the tiny CPU config on the session's synthetic faces, plus any overrides."""
     return lambda *extra: load_config(tiny_overrides(faces_root, tmp_path) + list(extra))
+
+
+@pytest.fixture(scope="session")
+def trained_run(faces_root, tmp_path_factory) -> Path:
+    """A tiny 3-fold run on the session's synthetic faces, trained once for predict/explain/dashboard tests."""
+    from multitask.cv import run_cv
+    from multitask.report import write_report
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = load_config(tiny_overrides(faces_root, tmp) + ["stage2.epochs=2", "data.size=[48,40]"])
+    run = tmp / "runs" / "tiny"
+    run_cv(cfg, run, log=lambda s: None)
+    write_report(run)
+    return run

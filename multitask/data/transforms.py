@@ -22,8 +22,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_size(data: DataConfig) -> tuple[int, int]:
-    h, w = data.size
-    return round(h * (1 + data.load_margin)), round(w * (1 + data.load_margin))
+    """Network size plus the margin, an even number of pixels more, so a centre crop is mirror-symmetric."""
+    return tuple(s + 2 * round(s * data.load_margin / 2) for s in data.size)
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,18 @@ def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
     return A.Compose(steps + _finish())
 
 
-def eval_transform(data: DataConfig, scale: float = 1.0) -> A.Compose:
-    """Centre crop to the network size; ``scale`` != 1 (multi-scale TTA) resizes the prepared photo first."""
+def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False) -> A.Compose:
+    """Centre crop to the network size. Test-time views: ``scale`` != 1 resizes the prepared photo first,
+    ``flip`` mirrors it."""
     h, w = data.size
     steps = []
     if scale != 1.0:
         lh, lw = load_size(data)
         steps.append(A.Resize(max(h, round(lh * scale)), max(w, round(lw * scale))))
-    return A.Compose(steps + [A.CenterCrop(h, w)] + _finish())
+    steps.append(A.CenterCrop(h, w))
+    if flip:
+        steps.append(A.HorizontalFlip(p=1.0))
+    return A.Compose(steps + _finish())
 
 
 def denormalize(tensor) -> np.ndarray:

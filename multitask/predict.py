@@ -1,0 +1,237 @@
+"""``python -m multitask.predict --run RUN_DIR INPUT --out OUT_DIR``: fold ensemble + TTA on new photos.
+
+INPUT: an image, a folder of images (recursively), a manifest CSV (``path`` column, labels optional), the
+competition's train layout (labeled) or its evaluation layout (``info.csv`` with ``ImageID,ans`` + ``images/``).
+Writes ``predictions.csv``; ``submission.csv`` for the evaluation layout; ``report.md``/``report.json`` and
+confusion matrices when the input has labels. Preprocessing is the run's validation transform, read from the
+run's saved config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from multitask.config import Config, ConfigError, load_config
+from multitask.cv import final_heads, final_stage
+from multitask.data.dataset import PhotoDataset, cached_images
+from multitask.data.images import is_image_name
+from multitask.data.sources import DataError, Problem, image_files, load_competition, load_manifest
+from multitask.data.transforms import Prepare, eval_transform
+from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,
+                              resolve_precision)
+from multitask.io import atomic_to_csv, atomic_write_text
+from multitask.metrics import joint_name, score
+from multitask.model import MultiHeadNet, WeightsError, build_model
+from multitask.report import frame_arrays, per_class_table, write_confusions
+from multitask.tasks import encode_joint, joint_class_names
+
+
+def available_folds(run_dir: Path, cfg: Config) -> List[int]:
+    return sorted(int(p.parent.parent.name[4:]) for p in
+                  Path(run_dir).glob(f"fold*/stage{final_stage(cfg)}/best.pt"))
+
+
+def load_fold_models(run_dir: Path, cfg: Config, folds: Optional[Sequence[int]] = None,
+                     device: torch.device = torch.device("cpu")) -> Dict[int, MultiHeadNet]:
+    """The best checkpoint of each fold's final stage."""
+    have = available_folds(run_dir, cfg)
+    folds = list(folds) if folds else have
+    missing = [k for k in folds if k not in have]
+    if not have or missing:
+        raise WeightsError(f"{run_dir}: no trained checkpoint for fold(s) {missing or 'any'} (have {have})")
+    model_cfg = type(cfg.model)(arch=cfg.model.arch, pretrained="none", dropout=cfg.model.dropout)
+    models = {}
+    for k in folds:
+        model, _ = build_model(model_cfg, cfg.heads)
+        state = torch.load(Path(run_dir) / f"fold{k}" / f"stage{final_stage(cfg)}" / "best.pt",
+                           map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        models[k] = model.to(device).eval()
+    return models
+
+
+def tta_views(cfg: Config, flip: Optional[bool] = None) -> List[tuple]:
+    """(scale, flip) pairs: the plain view, its mirror, and each extra scale (mirrored too)."""
+    flip = cfg.predict.tta_flip if flip is None else flip
+    scales = [1.0] + [s for s in cfg.predict.tta_scales if s != 1.0]
+    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+
+
+def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
+                   views: Sequence[tuple], batch_size: int = 128, progress: bool = False
+                   ) -> Dict[int, Dict[str, np.ndarray]]:
+    """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
+    dtype = resolve_precision(cfg.train.precision, device)
+    rows = np.arange(len(images))
+    out = {}
+    for k, model in models.items():
+        acc: Dict[str, np.ndarray] = {}
+        for scale, flip in views:
+            ds = PhotoDataset([""] * len(images), np.zeros(len(images)), eval_transform(cfg.data, scale, flip),
+                              None, images, rows)
+            loader = make_loader(ds, batch_size, loader_workers(cfg.data.workers, device, True), device)
+            logits = predict_logits(model, loader, device, dtype, cfg.train.channels_last, progress,
+                                    desc=f"fold {k} view {scale}{' flip' if flip else ''}")
+            for name, part in model.split(logits).items():
+                acc[name] = acc.get(name, 0) + part.softmax(1).numpy() / len(views)
+        out[k] = acc
+    return out
+
+
+def ensemble(per_fold: Dict[int, Dict[str, np.ndarray]], how: str = "mean") -> tuple[dict, dict]:
+    """(mean probabilities per head, predicted class per head). ``vote``: majority of the folds' classes,
+    ties broken by the mean probability."""
+    heads = next(iter(per_fold.values())).keys()
+    probs = {h: np.mean([f[h] for f in per_fold.values()], axis=0) for h in heads}
+    if how == "mean":
+        return probs, {h: p.argmax(1) for h, p in probs.items()}
+    preds = {}
+    for h, p in probs.items():
+        votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for f in per_fold.values())
+        preds[h] = (votes + p * 1e-3).argmax(1)
+    return probs, preds
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+
+
+def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem]]:
+    """(table with a ``path`` column and labels when known, kind, structural problems)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError([Problem(str(path), "input does not exist")])
+    if path.is_file() and path.suffix.lower() == ".csv":
+        table, problems = load_manifest(path, cfg.data.age_thresholds, require_labels=False)
+        return table, "manifest", problems
+    if path.is_file():
+        if not is_image_name(path):
+            raise DataError([Problem(str(path), "not an image file")])
+        return pd.DataFrame({"path": [str(path.resolve())]}), "image", []
+    if (path / "info.csv").is_file():
+        info = pd.read_csv(path / "info.csv", dtype=str, keep_default_na=False)
+        if "ImageID" not in info.columns:
+            raise DataError([Problem(str(path / "info.csv"), "missing column ImageID (expected ImageID,ans)")])
+        table = info.assign(path=[str((path / "images" / i).resolve()) for i in info["ImageID"]])
+        problems = [Problem(p, "listed in info.csv but does not exist") for p in table["path"]
+                    if not Path(p).is_file()]
+        return table, "evaluation", problems
+    if (path / "train.csv").is_file():
+        table, problems = load_competition(path, cfg.data.age_thresholds)
+        return table, "competition", problems
+    files = image_files(path)
+    if not files:
+        raise DataError([Problem(str(path), "no image files found")])
+    return pd.DataFrame({"path": [str(p.resolve()) for p in files]}), "folder", []
+
+
+def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict) -> pd.DataFrame:
+    heads = [h for h in cfg.heads if h.name in probs]
+    df = table.reset_index(drop=True).copy()
+    for h in heads:
+        for j, c in enumerate(h.classes):
+            df[f"p_{h.name}_{c}"] = probs[h.name][:, j]
+        df[f"pred_{h.name}"] = preds[h.name]
+        df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
+        if h.column in df.columns and df[h.column].notna().all():
+            df[f"true_{h.name}"] = df[h.column].astype(np.int64)
+    sizes = [len(h.classes) for h in heads]
+    df["label"] = encode_joint([preds[h.name] for h in heads], sizes)
+    df["label_name"] = [joint_class_names(heads)[i] for i in df["label"]]
+    df["label_prob"] = np.prod([probs[h.name][np.arange(len(df)), preds[h.name]] for h in heads], axis=0)
+    return df
+
+
+def write_labeled_report(cfg: Config, df: pd.DataFrame, out: Path) -> dict:
+    heads = final_heads(cfg)
+    scores = score(heads, *frame_arrays(heads, df))
+    plots = write_confusions(scores, heads, out / "plots")
+    keys = list(scores)
+    name = lambda k: joint_name(heads) if k == "joint" else k  # noqa: E731
+    lines = [f"# Prediction report: {len(df)} labeled photos", "",
+             "| | " + " | ".join(name(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
+             "| macro-F1 | " + " | ".join(f"{scores[k]['f1_macro']:.4f}" for k in keys) + " |",
+             "| accuracy | " + " | ".join(f"{scores[k]['accuracy']:.4f}" for k in keys) + " |"]
+    lines += per_class_table(scores, heads) + [""] + [f"![{p}](plots/{p})" for p in plots]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(scores, indent=1))
+    return scores
+
+
+def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence[int]] = None,
+            how: Optional[str] = None, flip: Optional[bool] = None, batch_size: int = 128,
+            progress: bool = True, log=print) -> pd.DataFrame:
+    cfg = load_config(base=Path(run_dir) / "config.yaml")
+    how = how or cfg.predict.ensemble
+    if how not in ("mean", "vote"):
+        raise ConfigError(f"ensemble {how!r}: must be mean or vote")
+    device = resolve_device(cfg.train.device)
+    table, kind, problems = read_input(input_path, cfg)
+    models = load_fold_models(run_dir, cfg, folds, device)
+    missing = {p.path for p in problems}
+    todo = table[~table["path"].isin(missing)].reset_index(drop=True)
+    images, unreadable = cached_images(todo["path"].tolist(), Prepare.from_config(cfg.data),
+                                       Path(cfg.data.cache_dir), log=lambda s: None)
+    problems = problems + unreadable
+    if problems and kind == "evaluation":
+        raise DataError(problems, f"{input_path} (the submission needs every image)")
+    bad = {p.path for p in unreadable}
+    keep = ~todo["path"].isin(bad).to_numpy()
+    todo = todo[keep].reset_index(drop=True)
+    views = tta_views(cfg, flip)
+    per_fold = predict_arrays(models, np.asarray(images)[keep], cfg, device, views, batch_size, progress)
+    probs, preds = ensemble(per_fold, how)
+    df = predictions_frame(cfg, todo, probs, preds)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_to_csv(df, out / "predictions.csv")
+    if problems:
+        atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]).rename(columns={"message": "reason"}),
+                      out / "skipped.csv")
+    if kind == "evaluation":
+        atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
+    labeled = [h for h in final_heads(cfg) if f"true_{h.name}" in df.columns]
+    if labeled and len(labeled) == len(final_heads(cfg)):
+        scores = write_labeled_report(cfg, df, out)
+        log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
+    log(f"{len(df)} photos predicted with folds {sorted(models)} x {len(views)} view(s) ({how}); "
+        f"{len(problems)} skipped" + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
+    return df
+
+
+def parse_folds(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected e.g. 0,2") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="run directory of python -m multitask.train")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold)")
+    p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with mirrored photos (default: the run's predict.tta_flip)")
+    p.add_argument("--batch-size", type=int, default=128)
+    a = p.parse_args(argv)
+    try:
+        if not (a.run / "config.yaml").exists():
+            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
+        configure_threads(load_config(base=a.run / "config.yaml").train)
+        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size)
+    except (ConfigError, DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

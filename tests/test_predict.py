@@ -1,0 +1,109 @@
+"""Prediction with a fold ensemble and TTA; submission files; reports on labeled input."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score
+
+from multitask.config import load_config
+from multitask.data.sources import DataError
+from multitask.predict import ensemble, predict
+
+pytestmark = pytest.mark.slow
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+def probs_of(df: pd.DataFrame) -> np.ndarray:
+    return df[[c for c in df.columns if c.startswith("p_")]].to_numpy()
+
+
+def test_the_ensemble_is_the_mean_of_the_folds(trained_run, faces_root, tmp_path):
+    folder = faces_root / "images"
+    single = [probs_of(predict(trained_run, folder, tmp_path / f"f{k}", folds=[k], **QUIET)) for k in range(3)]
+    both = probs_of(predict(trained_run, folder, tmp_path / "all", **QUIET))
+    np.testing.assert_allclose(both, np.mean(single, axis=0), atol=1e-6)
+    assert not np.allclose(single[0], single[1])  # the folds really differ
+
+
+def test_vote_takes_the_majority_of_fold_classes():
+    fold = lambda c: {"h": np.eye(3)[[c]] * 0.6 + 0.1}  # noqa: E731
+    probs, preds = ensemble({0: fold(2), 1: fold(2), 2: fold(0)}, "vote")
+    assert preds["h"].tolist() == [2]
+    _, mean_preds = ensemble({0: fold(2), 1: fold(0)}, "mean")
+    assert mean_preds["h"].tolist() == [0]  # a tie in the mean goes to the first class
+
+
+def test_flip_tta_changes_nothing_on_a_mirror_symmetric_photo(trained_run, tmp_path):
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 255, (64, 24, 3), dtype=np.uint8)
+    Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1)).save(tmp_path / "sym.png")
+    Image.fromarray(rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(tmp_path / "asym.png")
+    plain = predict(trained_run, tmp_path, tmp_path / "plain", flip=False, **QUIET)
+    flipped = predict(trained_run, tmp_path, tmp_path / "flip", flip=True, **QUIET)
+    sym = plain["path"].str.endswith("sym.png") & ~plain["path"].str.endswith("asym.png")
+    np.testing.assert_allclose(probs_of(flipped)[sym], probs_of(plain)[sym], atol=1e-5)
+    assert not np.allclose(probs_of(flipped)[~sym], probs_of(plain)[~sym], atol=1e-5)
+
+
+def make_eval_layout(faces_root, root, n=12):
+    (root / "images").mkdir(parents=True)
+    sources = sorted((faces_root / "images").rglob("*.jpg"))[:n]
+    ids = [f"{i:03d}_{p.parent.name[:6]}_{p.name}" for i, p in enumerate(sources)]
+    for i, p in zip(ids, sources):
+        shutil.copy(p, root / "images" / i)
+    order = list(np.random.default_rng(1).permutation(ids))
+    pd.DataFrame({"ImageID": order, "ans": -1}).to_csv(root / "info.csv", index=False)
+    return order
+
+
+def test_submission_follows_info_csv_order(trained_run, faces_root, tmp_path):
+    order = make_eval_layout(faces_root, tmp_path / "eval")
+    out = subprocess.run([sys.executable, "-m", "multitask.predict", "--run", str(trained_run),
+                          str(tmp_path / "eval"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    sub = pd.read_csv(tmp_path / "out" / "submission.csv")
+    assert list(sub.columns) == ["ImageID", "ans"]
+    assert sub["ImageID"].tolist() == order
+    assert sub["ans"].between(0, 17).all() and sub["ans"].notna().all()
+
+
+def test_a_missing_image_in_the_evaluation_layout_is_an_error(trained_run, faces_root, tmp_path):
+    order = make_eval_layout(faces_root, tmp_path / "eval")
+    (tmp_path / "eval" / "images" / order[3]).unlink()
+    (tmp_path / "eval" / "images" / order[5]).write_bytes(b"garbage")
+    with pytest.raises(DataError) as e:
+        predict(trained_run, tmp_path / "eval", tmp_path / "out", **QUIET)
+    assert order[3] in str(e.value) and order[5] in str(e.value)
+    assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+def test_bad_files_in_a_folder_are_skipped_and_listed(trained_run, faces_root, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(sorted((faces_root / "images").iterdir())[0], folder)
+    (folder / "broken.jpg").write_bytes(b"not a photo")
+    df = predict(trained_run, folder, tmp_path / "out", **QUIET)
+    assert len(df) == 7
+    skipped = pd.read_csv(tmp_path / "out" / "skipped.csv")
+    assert skipped["path"].tolist() == [str((folder / "broken.jpg").resolve())]
+    assert "unreadable" in skipped["reason"][0]
+
+
+def test_labeled_input_reports_scikit_learn_macro_f1(trained_run, faces_root, tmp_path):
+    df = predict(trained_run, faces_root, tmp_path / "out", **QUIET)
+    report = pd.read_json(tmp_path / "out" / "report.json")
+    for head in ("mask", "gender", "age"):
+        expected = f1_score(df[f"true_{head}"], df[f"pred_{head}"], average="macro")
+        assert report[head]["f1_macro"] == pytest.approx(expected)
+    assert report["joint"]["f1_macro"] == pytest.approx(f1_score(df["label18"], df["label"], average="macro"))
+    assert (tmp_path / "out" / "plots" / "confusion_18-class.png").exists()
+
+
+def test_preprocessing_comes_from_the_run(trained_run):
+    cfg = load_config(base=trained_run / "config.yaml")
+    assert cfg.data.size == [48, 40]  # predict builds its transforms from this, never from defaults
