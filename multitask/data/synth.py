@@ -30,6 +30,8 @@ from multitask.data.sources import COMPETITION_PHOTOS
 SKIN = np.array([[255, 224, 196], [234, 192, 160], [198, 145, 110], [160, 110, 80], [110, 72, 50]], float)
 HAIR = np.array([[30, 25, 20], [90, 60, 35], [200, 170, 110], [150, 70, 35]], float)
 GREY = np.array([200, 200, 200], float)
+MASK_COLORS = np.array([[235, 240, 245], [120, 180, 230], [30, 30, 35], [90, 160, 120], [230, 150, 180],
+                        [70, 90, 160], [200, 60, 50]], float)
 RACES = ["White", "Asian", "Black", "Indian", "Others"]
 
 
@@ -49,10 +51,10 @@ def person_traits(rng: np.random.Generator) -> dict:
         gender=gender, age=age, oldness=oldness, skin=skin,
         race=RACES[rng.integers(len(RACES))],
         hair=HAIR[rng.integers(len(HAIR))] * (1 - oldness) + GREY * oldness + rng.normal(0, 8, 3),
-        long_hair=rng.random() < (0.8 if gender else 0.12),
-        jaw=rng.normal(0.92 if gender else 1.0, 0.04),  # face width factor
-        beard=(not gender) and rng.random() < 0.35,
-        lips=np.array([185, 80, 95]) if gender and rng.random() < 0.7 else skin * 0.75,
+        long_hair=rng.random() < (0.88 if gender else 0.08),
+        jaw=rng.normal(0.88 if gender else 1.0, 0.035),  # face width factor
+        beard=(not gender) and rng.random() < 0.45,
+        lips=np.array([190, 60, 90]) if gender and rng.random() < 0.8 else skin * 0.75,
         wrinkles=int(np.clip(round(oldness * 5 + rng.normal(0, 0.6)), 0, 6)),
         recede=(not gender) and oldness > 0.55 and rng.random() < 0.6,
         clothes=rng.integers(0, 255, 3),
@@ -109,7 +111,7 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
         y = cy - fh * 0.42 - k * 7 * s
         d.arc([fx - fw * 0.5, y - 6 * s, fx + fw * 0.5, y + 6 * s], 200, 340, fill=color(t["skin"] * 0.72),
               width=max(1, int(2 * s)))
-    d.polygon([(fx, eye_y + 8 * s), (fx - 13 * s, nose_y), (fx + 13 * s, nose_y)], fill=color(t["skin"] * 0.8))
+    d.polygon([(fx, eye_y + 8 * s), (fx - 16 * s, nose_y), (fx + 16 * s, nose_y)], fill=color(t["skin"] * 0.7))
     d.ellipse([fx - 30 * s, mouth_y - 8 * s, fx + 30 * s, mouth_y + 8 * s], fill=color(t["lips"]))
     if t["beard"]:
         d.chord([cx - fw * 0.95, cy + fh * 0.05, cx + fw * 0.95, cy + fh * 1.02], 0, 180,
@@ -118,14 +120,15 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
 
     mask_box = None
     if photo != "normal":
-        mask_color = color(rng.integers(0, 255, 3))
+        mask_color = color(MASK_COLORS[rng.integers(len(MASK_COLORS))] + rng.normal(0, 12, 3))
         if photo == "incorrect_mask":
             # Nose out (mask under the nose) or pulled down to the chin.
             mask_top = nose_y + 4 * s if rng.random() < 0.6 else mouth_y + 14 * s
         else:
             mask_top = eye_y + 16 * s
         mask_box = [cx - fw * 0.9, mask_top, cx + fw * 0.9, cy + fh * 0.98]
-        d.rounded_rectangle(mask_box, radius=int(25 * s), fill=mask_color)
+        d.rounded_rectangle(mask_box, radius=int(25 * s), fill=mask_color, outline=color(np.array(mask_color) * 0.6),
+                            width=max(1, int(3 * s)))
         if rng.random() < 0.5:  # pleats or stripes
             for k in range(1, 4):
                 y = mask_top + (mask_box[3] - mask_top) * k / 4

@@ -1,0 +1,249 @@
+"""Class activation maps for every trunk stage x every head, with pytorch-grad-cam.
+
+One forward pass records the activations of all stages; each head then costs one backward pass (gradients of
+all stages at once), so a grid of 4 layers x 3 heads costs 1 forward + 3 backwards, not 12 CAM calls.
+
+CLI: ``python -m multitask.explain --run RUN_DIR [--fold K] IMAGE_OR_FOLDER --out DIR`` writes one grid PNG per
+photo (rows: layers, columns: heads) and ``predictions.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
+from pytorch_grad_cam.metrics.road import ROADCombined
+from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from multitask.config import Config, ConfigError, load_config
+from multitask.data.sources import DataError, Problem, image_files
+from multitask.data.transforms import Prepare, denormalize, eval_transform
+from multitask.io import atomic_to_csv
+from multitask.model import MultiHeadNet, WeightsError, stage_layers
+
+METHODS = {
+    "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "layercam": LayerCAM,
+    "xgradcam": XGradCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM,
+}
+
+
+@dataclass
+class CamGrid:
+    """CAMs of a batch: ``cams[layer][head]`` is B x H x W in [0, 1]; ``probs[head]`` is B x classes;
+    ``targets[head]`` the class each head's CAM explains."""
+
+    layers: List[str]
+    heads: List[str]
+    cams: Dict[str, Dict[str, np.ndarray]]
+    probs: Dict[str, np.ndarray]
+    targets: Dict[str, np.ndarray]
+
+
+class HeadProbability:
+    """A pytorch-grad-cam target: the softmax probability of ``cls`` within one head's logits."""
+
+    def __init__(self, offset: int, size: int, cls: int):
+        self.offset, self.size, self.cls = offset, size, cls
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(output[..., self.offset:self.offset + self.size], -1)[..., self.cls]
+
+
+@contextlib.contextmanager
+def input_gradients_only(model: torch.nn.Module, x: torch.Tensor):
+    """Backward passes need gradients at the layers, not for the weights: skip the weight gradients."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str = "gradcam",
+             target_classes: Optional[Dict[str, int]] = None, heads: Optional[Sequence[str]] = None,
+             layers: Optional[Sequence[str]] = None) -> CamGrid:
+    """CAMs for a batch of network inputs ``x``; each head explains its predicted class unless
+    ``target_classes`` names one."""
+    if method not in METHODS:
+        raise ConfigError(f"CAM method {method!r}: choose one of {', '.join(METHODS)}")
+    model.eval()
+    all_layers = stage_layers(model, tuple(x.shape[-2:]))
+    layer_names = list(layers or all_layers)
+    heads = list(heads or model.head_names)
+    cam = METHODS[method](model=model, target_layers=[all_layers[n] for n in layer_names])
+    size = (x.shape[-1], x.shape[-2])
+    try:
+        with input_gradients_only(model, x):
+            outputs = cam.activations_and_grads(x)
+            activations = [a.float().numpy() for a in cam.activations_and_grads.activations]
+            probs = {n: p.softmax(1).detach().float().numpy() for n, p in model.split(outputs).items()}
+            cams: Dict[str, Dict[str, np.ndarray]] = {n: {} for n in layer_names}
+            chosen = {}
+            for head in heads:
+                cls = (np.full(len(x), target_classes[head]) if target_classes and head in target_classes
+                       else probs[head].argmax(1))
+                chosen[head] = cls
+                offset = model.head_offset(head)
+                targets = [ClassifierOutputTarget(offset + int(c)) for c in cls]
+                grads = [None] * len(layer_names)
+                if cam.uses_gradients:
+                    cam.activations_and_grads.gradients = []
+                    x.grad = None
+                    sum(t(o) for t, o in zip(targets, outputs)).backward(retain_graph=True)
+                    grads = [g.float().numpy() for g in cam.activations_and_grads.gradients]
+                for i, name in enumerate(layer_names):
+                    c = cam.get_cam_image(x.detach(), all_layers[name], targets, activations[i], grads[i], False)
+                    cams[name][head] = scale_cam_image(np.maximum(c, 0), size)
+    finally:
+        cam.activations_and_grads.release()
+    return CamGrid(layer_names, heads, cams, probs, chosen)
+
+
+def faithfulness(model: MultiHeadNet, x: torch.Tensor, grid: CamGrid, layer: Optional[str] = None,
+                 road_percentiles: Sequence[int] = (20, 40, 60, 80)) -> Dict[str, Dict[str, float]]:
+    """Per head, on ``layer`` (default: the deepest): the change of the target's probability when the
+    CAM-weighted photo is fed back (higher: the CAM kept what mattered), and ROAD combined (higher: better)."""
+    layer = layer or grid.layers[-1]
+    out = {}
+    with torch.no_grad():
+        for head in grid.heads:
+            targets = [HeadProbability(model.head_offset(head), model.head_sizes[model.head_names.index(head)],
+                                       int(c)) for c in grid.targets[head]]
+            cams = grid.cams[layer][head].astype(np.float32)
+            change = CamMultImageConfidenceChange()(x, cams, targets, model)
+            road = ROADCombined(percentiles=list(road_percentiles))(x, cams, targets, model)
+            out[head] = {"confidence_change": float(np.mean(change)), "road": float(np.mean(road))}
+    return out
+
+
+def overlay(rgb: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
+    """H x W x 3 uint8: the CAM as a heat map over the photo (rgb float in [0, 1])."""
+    return show_cam_on_image(rgb.astype(np.float32), cam, use_rgb=True, image_weight=1 - opacity)
+
+
+def class_name(cfg: Config, head: str, cls: int) -> str:
+    return next(h.classes for h in cfg.heads if h.name == head)[cls]
+
+
+def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(grid.layers), len(grid.heads)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    for r, layer in enumerate(grid.layers):
+        for c, head in enumerate(grid.heads):
+            ax = axes[r][c]
+            ax.imshow(overlay(rgb, grid.cams[layer][head][i]))
+            cls = int(grid.targets[head][i])
+            ax.set_title(f"{head}: {class_name(cfg, head, cls)} {grid.probs[head][i, cls]:.2f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(layer, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:
+    """(network inputs, the photos as shown under the CAMs, unreadable files)."""
+    prepare, transform = Prepare.from_config(cfg.data), eval_transform(cfg.data)
+    xs, problems = [], []
+    for p in paths:
+        try:
+            xs.append(transform(image=prepare(p))["image"])
+        except Exception as e:  # a bad file is reported, the others are explained
+            problems.append(Problem(str(p), f"unreadable image ({type(e).__name__}: {e})"))
+    x = torch.stack(xs) if xs else torch.zeros(0, 3, *cfg.data.size)
+    return x, [denormalize(t) for t in x], problems
+
+
+def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = None, method: str = "gradcam",
+                  target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16) -> pd.DataFrame:
+    from multitask.predict import available_folds, load_fold_models
+
+    cfg = load_config(base=Path(run_dir) / "config.yaml")
+    fold = available_folds(run_dir, cfg)[0] if fold is None else fold
+    model = load_fold_models(run_dir, cfg, [fold])[fold]
+    paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
+    if not paths:
+        raise DataError([Problem(str(inputs), "no image files found")])
+    rows, problems = [], []
+    for start in range(0, len(paths), batch_size):
+        batch = paths[start:start + batch_size]
+        x, rgbs, bad = prepare_inputs(cfg, batch)
+        problems += bad
+        good = [p for p in batch if str(p) not in {b.path for b in bad}]
+        if not good:
+            continue
+        grid = cam_grid(model, x, method, target_classes)
+        for i, p in enumerate(good):
+            name = f"{Path(p).parent.name}_{Path(p).stem}_cams.png" if Path(inputs).is_dir() else f"{Path(p).stem}_cams.png"
+            save_grid_png(cfg, rgbs[i], grid, i, out / name, f"{Path(p).name}  ({method}, fold {fold})")
+            row = {"path": str(p), "grid": name}
+            for head in grid.heads:
+                row.update({f"p_{head}_{c}": float(grid.probs[head][i, j])
+                            for j, c in enumerate(next(h.classes for h in cfg.heads if h.name == head))})
+                row[f"{head}_class"] = class_name(cfg, head, int(grid.probs[head][i].argmax()))
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    atomic_to_csv(df, out / "predictions.csv")
+    if problems:
+        atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), out / "skipped.csv")
+    return df
+
+
+def parse_targets(items: Sequence[str], cfg: Config) -> Dict[str, int]:
+    out = {}
+    for item in items:
+        head, _, cls = item.partition("=")
+        h = next((h for h in cfg.heads if h.name == head), None)
+        if h is None or cls not in h.classes:
+            raise ConfigError(f"--target {item!r}: expected HEAD=CLASS, e.g. mask={cfg.heads[0].classes[0]}")
+        out[head] = h.classes.index(cls)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--fold", type=int, help="default: the first trained fold")
+    p.add_argument("input", type=Path, help="an image or a folder of images")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    p.add_argument("--target", action="append", default=[], metavar="HEAD=CLASS",
+                   help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
+    a = p.parse_args(argv)
+    try:
+        if not (a.run / "config.yaml").exists():
+            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
+        targets = parse_targets(a.target, load_config(base=a.run / "config.yaml"))
+        df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets)
+    except (ConfigError, DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"explained {len(df)} photo(s) into {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Grad-CAM for every stage x every head: shapes, cost, CLI output, and sanity checks that can fail."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from multitask.config import load_config
+from multitask.data.transforms import load_size
+from multitask.explain import METHODS, cam_grid, faithfulness, prepare_inputs
+from multitask.predict import load_fold_models
+
+pytestmark = pytest.mark.slow
+
+
+def fold0(run):
+    cfg = load_config(base=run / "config.yaml")
+    return cfg, load_fold_models(run, cfg, [0])[0]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_gives_a_map_per_layer_and_head(trained_run, method):
+    cfg, model = fold0(trained_run)
+    x = torch.randn(2, 3, *cfg.data.size)
+    grid = cam_grid(model, x, method)
+    assert grid.layers == ["layer1", "layer2", "layer3", "layer4"] and grid.heads == ["mask", "gender", "age"]
+    for layer in grid.layers:
+        for head in grid.heads:
+            cam = grid.cams[layer][head]
+            assert cam.shape == (2, *cfg.data.size) and np.isfinite(cam).all()
+            assert cam.min() >= 0 and cam.max() <= 1 + 1e-6
+
+
+def test_one_forward_and_one_backward_per_head(trained_run):
+    cfg, model = fold0(trained_run)
+    calls = {"forward": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    backward = []
+    model.heads["mask"].register_full_backward_hook(lambda *a: backward.append("mask"))
+    cam_grid(model, torch.randn(3, 3, *cfg.data.size), "gradcam")
+    assert calls["forward"] == 1
+    assert len(backward) == 3  # the graph is walked once per head (each passes the mask head's output node)
+
+
+def test_target_class_can_be_chosen(trained_run):
+    cfg, model = fold0(trained_run)
+    x = torch.randn(2, 3, *cfg.data.size)
+    grid = cam_grid(model, x, "gradcam", target_classes={"mask": 1})
+    assert grid.targets["mask"].tolist() == [1, 1]
+    assert grid.targets["gender"].tolist() == grid.probs["gender"].argmax(1).tolist()
+
+
+def test_faithfulness_readout_per_head(trained_run):
+    cfg, model = fold0(trained_run)
+    x = torch.randn(2, 3, *cfg.data.size)
+    scores = faithfulness(model, x, cam_grid(model, x))
+    assert set(scores) == {"mask", "gender", "age"}
+    assert all(np.isfinite(v["confidence_change"]) and np.isfinite(v["road"]) for v in scores.values())
+
+
+def test_cli_writes_a_grid_per_photo_and_predictions(trained_run, faces_root, tmp_path):
+    person = sorted((faces_root / "images").iterdir())[0]
+    out = subprocess.run([sys.executable, "-m", "multitask.explain", "--run", str(trained_run), str(person),
+                          "--out", str(tmp_path), "--method", "gradcam++", "--target", "mask=worn"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(list(tmp_path.glob("*_cams.png"))) == 7
+    df = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(df) == 7 and {"p_mask_worn", "gender_class", "grid"} <= set(df.columns)
+    bad = subprocess.run([sys.executable, "-m", "multitask.explain", "--run", str(trained_run), str(person),
+                          "--out", str(tmp_path), "--target", "mask=sideways"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "mask=sideways" in bad.stderr
+
+
+def to_original(cfg, u, v, width, height):
+    """Network-input pixel (u, v) -> pixel of the original photo, undoing crop, resize and centre crop."""
+    ch, cw = cfg.data.crop if cfg.data.crop and height >= cfg.data.crop[0] and width >= cfg.data.crop[1] \
+        else (height, width)
+    lh, lw = load_size(cfg.data)
+    h, w = cfg.data.size
+    x = (u + 0.5 + (lw - w) / 2) * cw / lw + (width - cw) / 2
+    y = (v + 0.5 + (lh - h) / 2) * ch / lh + (height - ch) / 2
+    return x, y
+
+
+def masked_validation_photos(run):
+    data = pd.read_csv(run / "data.csv")
+    oof = pd.read_csv(run / "fold0" / "oof.csv")
+    worn = oof[(oof["true_mask"] == 0) & (oof["pred_mask"] == 0)]
+    root = run.parent.parent / "faces"
+    boxes = pd.read_csv(root / "boxes.csv")
+    boxes["path"] = [str((root / p).resolve()) for p in boxes["path"]]
+    return worn.merge(boxes, on="path"), data
+
+
+def test_mask_head_looks_at_the_mask(learned_run):
+    """Sanity check (a): layer4's mask-head CAM peaks inside the mask box on >= 80% of correctly classified
+    photos with a mask worn correctly."""
+    cfg, model = fold0(learned_run)
+    photos, _ = masked_validation_photos(learned_run)
+    assert len(photos) >= 100
+    x, _, problems = prepare_inputs(cfg, photos["path"].tolist())
+    assert not problems
+    inside = []
+    for start in range(0, len(x), 64):
+        cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=["layer4"])
+        for i, cam in enumerate(cams.cams["layer4"]["mask"]):
+            row = photos.iloc[start + i]
+            v, u = np.unravel_index(cam.argmax(), cam.shape)
+            px, py = to_original(cfg, u, v, 96, 128)
+            inside.append(row.mask_x0 <= px <= row.mask_x1 and row.mask_y0 <= py <= row.mask_y1)
+    assert np.mean(inside) >= 0.8, f"CAM peak inside the mask box on {np.mean(inside):.0%} of photos"
+
+
+def test_cams_change_when_the_trunk_is_randomized(learned_run):
+    """Sanity check (b), model randomization: CAMs of a trained model and of the same model with a random
+    trunk must not agree (mean Spearman rank correlation below 0.5)."""
+    cfg, model = fold0(learned_run)
+    photos, _ = masked_validation_photos(learned_run)
+    x, _, _ = prepare_inputs(cfg, photos["path"].tolist()[:24])
+    random_model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    for m in random_model.trunk.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    trained = cam_grid(model, x, "gradcam")
+    randomized = cam_grid(random_model, x, "gradcam")
+    for layer in ("layer3", "layer4"):
+        rhos = [spearmanr(trained.cams[layer][h][i].ravel(), randomized.cams[layer][h][i].ravel())[0]
+                for h in trained.heads for i in range(len(x))]
+        rho = np.nanmean(rhos)
+        assert rho < 0.5, f"{layer}: rank correlation {rho:.2f} with a randomized trunk"
