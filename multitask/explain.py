@@ -247,3 +247,25 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, method: str = "gradcam",
+                  target_classes: Optional[Dict[str, int]] = None, layers: Optional[Sequence[str]] = None
+                  ) -> tuple[np.ndarray, CamGrid]:
+    """One RGB photo through one model or a fold ensemble: (the photo as the network sees it, CAM grid).
+
+    With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
+    predicted class (or the chosen one), so the maps answer for the prediction shown."""
+    x = eval_transform(cfg.data)(image=Prepare.from_config(cfg.data)(photo))["image"][None]
+    if len(models) == 1:
+        return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
+    with torch.no_grad():
+        fold_probs = [{h: p.softmax(1).numpy() for h, p in m.split(m.eval()(x)).items()} for m in models.values()]
+    probs = {h: np.mean([f[h] for f in fold_probs], 0) for h in fold_probs[0]}
+    targets = {h: int(p.argmax()) for h, p in probs.items()}
+    targets.update(target_classes or {})
+    grids = [cam_grid(m, x, method, targets, layers=layers) for m in models.values()]
+    cams = {layer: {h: np.mean([g.cams[layer][h] for g in grids], 0) for h in grids[0].heads}
+            for layer in grids[0].layers}
+    return denormalize(x[0]), CamGrid(grids[0].layers, grids[0].heads, cams, probs,
+                                      {h: np.array([c]) for h, c in targets.items()})

@@ -1,0 +1,261 @@
+"""Inspection dashboard: ``streamlit run apps/dashboard.py`` (or ``make dashboard``).
+
+Reads run directories only (``runs/`` by default; set MULTITASK_RUNS or the sidebar field): predictions and
+Grad-CAM grids (trunk stages x heads) for an uploaded photo or one of the run's own photos, the per-fold report,
+confusion matrices, learning curves, and the most confident mistakes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image, UnidentifiedImageError
+
+from multitask.config import load_config
+from multitask.data.images import to_rgb
+from multitask.explain import METHODS, explain_photo, overlay
+from multitask.predict import available_folds, load_fold_models
+from multitask.tasks import joint_class_names, joint_probabilities
+
+MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml
+MAX_PIXELS = 40_000_000
+
+st.set_page_config(page_title="multitask inspector", layout="wide")
+
+
+@st.cache_resource(show_spinner="loading models")
+def models_for(run: str, folds: tuple):
+    cfg = load_config(base=Path(run) / "config.yaml")
+    return cfg, load_fold_models(Path(run), cfg, list(folds))
+
+
+@st.cache_data
+def read_csv(path: str, mtime: float) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"person_id": str})
+
+
+def csv(path: Path) -> pd.DataFrame | None:
+    return read_csv(str(path), path.stat().st_mtime) if path.exists() else None
+
+
+@st.cache_data(show_spinner="computing Grad-CAM")
+def cams_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
+    cfg, models = models_for(run, folds)
+    return explain_photo(models, cfg, _photo, method, dict(targets) or None)
+
+
+def list_runs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if (p / "config.yaml").exists()), key=lambda p: p.stat().st_mtime,
+                  reverse=True)
+
+
+def read_upload(upload) -> np.ndarray | None:
+    """The uploaded photo as RGB, or None after a friendly message."""
+    if upload.size > MAX_UPLOAD_MB * 1024 * 1024:
+        st.error(f"{upload.name} is {upload.size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+        return None
+    try:
+        with Image.open(io.BytesIO(upload.getvalue())) as img:
+            if img.width * img.height > MAX_PIXELS:
+                st.error(f"{upload.name} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,} pixels.")
+                return None
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        st.error(f"Could not read {upload.name} as an image ({type(e).__name__}). "
+                 "Upload a JPEG, PNG, BMP, WebP or TIFF photo.")
+        return None
+
+
+def show_prediction(cfg, grid) -> None:
+    heads = [h for h in cfg.heads if h.name in grid.probs]
+    cols = st.columns(len(heads) + (1 if len(heads) > 1 else 0))
+    for col, h in zip(cols, heads):
+        p = grid.probs[h.name][0]
+        col.markdown(f"**{h.name}**: {h.classes[int(p.argmax())]} ({p.max():.2f})")
+        col.bar_chart(pd.DataFrame({"probability": p}, index=h.classes), height=160, horizontal=True)
+    if len(heads) > 1:
+        joint = joint_probabilities([grid.probs[h.name] for h in heads])[0]
+        names = joint_class_names(heads)
+        top = np.argsort(joint)[::-1][:3]
+        cols[-1].markdown(f"**{len(names)}-class top 3**")
+        cols[-1].dataframe(pd.DataFrame({"class": [int(i) for i in top], "label": [names[i] for i in top],
+                                         "probability": [round(float(joint[i]), 3) for i in top]}),
+                           hide_index=True)
+
+
+def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str) -> None:
+    """Photo, predictions and the CAM grid with its pickers."""
+    cfg, _ = models_for(str(run), folds)
+    c1, c2, c3 = st.columns([2, 3, 2])
+    method = c1.selectbox("CAM method", list(METHODS), key=f"{key}_method")
+    opacity = c3.slider("CAM opacity", 0.0, 1.0, 0.5, 0.05, key=f"{key}_opacity")
+    target_cols = c2.columns(len(cfg.heads))
+    targets = {}
+    for col, h in zip(target_cols, cfg.heads):
+        choice = col.selectbox(f"{h.name} target", ["predicted"] + list(h.classes), key=f"{key}_t_{h.name}")
+        if choice != "predicted":
+            targets[h.name] = h.classes.index(choice)
+    if method == "scorecam":
+        st.caption("ScoreCAM runs one forward pass per channel: expect tens of seconds.")
+    rgb, grid = cams_for(str(run), folds, photo_key, photo, method, tuple(sorted(targets.items())))
+    left, right = st.columns([1, 3])
+    left.image(rgb, caption="network input", width="stretch")
+    with right:
+        show_prediction(cfg, grid)
+    layers = st.multiselect("layers", grid.layers, default=grid.layers, key=f"{key}_layers")
+    st.markdown("**Grad-CAM grid** (rows: trunk layers, columns: heads; each head explains the class in its title)")
+    header = st.columns(len(grid.heads) + 1)
+    for col, head in zip(header[1:], grid.heads):
+        h = next(x for x in cfg.heads if x.name == head)
+        cls = int(grid.targets[head][0])
+        col.markdown(f"**{head}**: {h.classes[cls]} ({grid.probs[head][0, cls]:.2f})")
+    for layer in layers:
+        row = st.columns(len(grid.heads) + 1)
+        row[0].markdown(f"`{layer}`")
+        for col, head in zip(row[1:], grid.heads):
+            col.image(overlay(rgb, grid.cams[layer][head][0], opacity), width="stretch")
+
+
+def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
+    oof = csv(run / "oof.csv")
+    data = csv(run / "data.csv")
+    table = oof if oof is not None else data
+    if table is None:
+        st.info("This run has no photos listed yet (data.csv / oof.csv appear as training goes).")
+        return None
+    names = joint_class_names(cfg.heads)
+    heads = [h.name for h in cfg.heads]
+    if oof is not None and all(f"true_{h}" in oof for h in heads):
+        sizes = [len(h.classes) for h in cfg.heads]
+        table = oof.assign(true_class=np.ravel_multi_index([oof[f"true_{h}"] for h in heads], sizes),
+                           pred_class=np.ravel_multi_index([oof[f"pred_{h}"] for h in heads], sizes))
+        c = st.columns(4)
+        folds = c[0].multiselect("fold", sorted(table["fold"].unique()), key=f"{key}_ff")
+        true = c[1].multiselect("true class", names, key=f"{key}_tc")
+        pred = c[2].multiselect("predicted class", names, key=f"{key}_pc")
+        wrong = c[3].checkbox("only misclassified", key=f"{key}_wrong")
+        if folds:
+            table = table[table["fold"].isin(folds)]
+        if true:
+            table = table[table["true_class"].isin([names.index(t) for t in true])]
+        if pred:
+            table = table[table["pred_class"].isin([names.index(t) for t in pred])]
+        if wrong:
+            table = table[table["true_class"] != table["pred_class"]]
+    if table.empty:
+        st.warning("No photo matches these filters.")
+        return None
+    label = lambda p: f"{Path(p).parent.name}/{Path(p).name}"  # noqa: E731
+    path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(), format_func=label, key=f"{key}_pick")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img), path
+    except OSError as e:
+        st.error(f"Cannot read {path}: {e}")
+        return None
+
+
+def report_page(run: Path) -> None:
+    report = run / "report.json"
+    if not report.exists():
+        st.info("No report yet: it is written when the cross-validation finishes "
+                "(or run `python -m multitask.report RUN_DIR`).")
+        return
+    r = json.loads(report.read_text())
+    keys = list(r["mean"])
+    name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
+    rows = [{"fold": k, **{f"{name(x)} F1": round(v[x]["f1_macro"], 4) for x in keys},
+             **{f"{name(x)} acc": round(v[x]["accuracy"], 4) for x in keys}} for k, v in r["folds"].items()]
+    rows.append({"fold": "mean ± std", **{f"{name(x)} F1": f"{r['mean'][x]['f1_macro']:.4f} ± "
+                                                            f"{r['std'][x]['f1_macro']:.4f}" for x in keys},
+                 **{f"{name(x)} acc": f"{r['mean'][x]['accuracy']:.4f}" for x in keys}})
+    st.subheader("Macro-F1 and accuracy per fold")
+    st.dataframe(pd.DataFrame(rows).astype(str), hide_index=True)
+    st.subheader("Per-class scores (all out-of-fold photos)")
+    pick = st.selectbox("head", keys, format_func=name, key="report_head")
+    st.dataframe(pd.DataFrame(r["pooled"][pick]["per_class"]).T)
+    st.subheader("Confusion matrices")
+    pngs = sorted((run / "plots").glob("confusion_*.png"))
+    for col, png in zip(st.columns(max(1, len(pngs))), pngs):
+        col.image(str(png), width="stretch")
+    st.subheader("Learning curves")
+    for png in sorted((run / "plots").glob("curves_*.png")):
+        st.image(str(png))
+
+
+def mistakes_page(run: Path, cfg, folds: tuple) -> None:
+    oof = csv(run / "oof.csv")
+    heads = [h.name for h in cfg.heads]
+    if oof is None or not all(f"true_{h}" in oof for h in heads):
+        st.info("No out-of-fold predictions yet.")
+        return
+    probs = [oof[[f"p_{h.name}_{c}" for c in h.classes]].to_numpy() for h in cfg.heads]
+    joint = joint_probabilities(probs)
+    sizes = [len(h.classes) for h in cfg.heads]
+    true = np.ravel_multi_index([oof[f"true_{h}"] for h in heads], sizes)
+    pred = joint.argmax(1)
+    names = joint_class_names(cfg.heads)
+    wrong = pd.DataFrame({"path": oof["path"], "fold": oof["fold"], "true": [names[i] for i in true],
+                          "predicted": [names[i] for i in pred], "confidence": joint.max(1)})[true != pred]
+    wrong = wrong.sort_values("confidence", ascending=False).head(25)
+    st.subheader(f"Most confident mistakes ({int((true != pred).sum())} mistakes of {len(oof)} photos)")
+    st.dataframe(wrong.assign(photo=[Path(p).parent.name + "/" + Path(p).name for p in wrong["path"]])
+                 .drop(columns="path"), hide_index=True)
+    if wrong.empty:
+        return
+    path = st.selectbox("show the CAMs of", wrong["path"].tolist(),
+                        format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key="mistake_pick")
+    row = wrong[wrong["path"] == path].iloc[0]
+    st.caption(f"true {row['true']}, predicted {row['predicted']} ({row['confidence']:.2f}), fold {row['fold']}")
+    with Image.open(path) as img:
+        inspect(run, folds, to_rgb(img), path, "mistake")
+
+
+def main() -> None:
+    st.title("multitask inspector")
+    root = Path(st.sidebar.text_input("runs folder", os.environ.get("MULTITASK_RUNS", "runs")))
+    runs = list_runs(root)
+    if not runs:
+        st.info(f"No runs in {root.resolve()}. Train one with `make train` (or `python -m multitask.train`).")
+        return
+    run = st.sidebar.selectbox("run", runs, format_func=lambda p: p.name)
+    cfg = load_config(base=run / "config.yaml")
+    have = available_folds(run, cfg)
+    if not have:
+        st.info(f"{run.name} has no trained fold yet.")
+        report_page(run)
+        return
+    choice = st.sidebar.selectbox("model", ["ensemble of folds"] + [f"fold {k}" for k in have])
+    folds = tuple(have) if choice.startswith("ensemble") else (int(choice.split()[1]),)
+    st.sidebar.caption(f"{cfg.model.arch}, {cfg.data.size[0]}x{cfg.data.size[1]} px, heads: "
+                       + ", ".join(h.name for h in cfg.heads))
+    photo_tab, report_tab, mistakes_tab = st.tabs(["Inspect a photo", "Report", "Mistakes"])
+    with photo_tab:
+        source = st.radio("photo", ["upload", "from the run's data"], horizontal=True)
+        picked = None
+        if source == "upload":
+            upload = st.file_uploader(f"a photo (up to {MAX_UPLOAD_MB} MB)",
+                                      type=["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"])
+            if upload is not None:
+                rgb = read_upload(upload)
+                picked = (rgb, f"upload:{upload.file_id}") if rgb is not None else None
+        else:
+            picked = photo_picker(run, cfg, "data")
+        if picked is not None:
+            inspect(run, folds, picked[0], picked[1], "photo")
+    with report_tab:
+        report_page(run)
+    with mistakes_tab:
+        mistakes_page(run, cfg, folds)
+
+
+main()

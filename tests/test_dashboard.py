@@ -1,0 +1,74 @@
+"""The Streamlit dashboard, driven with AppTest: choose a run, upload a photo, change the CAM method."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+pytestmark = pytest.mark.slow
+APP = str(Path(__file__).resolve().parent.parent / "apps" / "dashboard.py")
+
+
+@pytest.fixture
+def app(trained_run, monkeypatch):
+    monkeypatch.setenv("MULTITASK_RUNS", str(trained_run.parent))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def jpeg_bytes(faces_root) -> bytes:
+    return next((faces_root / "images").rglob("mask1.jpg")).read_bytes()
+
+
+def all_text(at) -> str:
+    return " ".join(str(e.value) for kind in (at.markdown, at.caption, at.info, at.error, at.warning) for e in kind)
+
+
+def test_choose_run_upload_and_change_method(app, trained_run, faces_root):
+    assert app.sidebar.selectbox[0].value == trained_run  # the run
+    app.sidebar.selectbox[1].set_value("fold 1").run()
+    app.file_uploader[0].set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
+    assert not app.exception, app.exception
+    text = all_text(app)
+    assert "Grad-CAM grid" in text and "18-class top 3" in text
+    n_images = len(app.get("image"))
+    assert n_images >= 1 + 4 * 3  # the input + a layer x head grid
+    app.selectbox(key="photo_method").set_value("layercam").run()
+    assert not app.exception, app.exception
+    app.slider(key="photo_opacity").set_value(0.8).run()
+    app.selectbox(key="photo_t_mask").set_value("incorrect").run()
+    assert not app.exception, app.exception
+    assert "mask**: incorrect" in all_text(app)
+
+
+def test_bad_uploads_get_a_message_not_a_traceback(app):
+    app.file_uploader[0].set_value(("notes.png", b"this is text", "image/png")).run()
+    assert not app.exception
+    assert any("Could not read notes.png" in e.value for e in app.error)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, format="PNG")
+    app.file_uploader[0].set_value(("cut.png", buf.getvalue()[:60], "image/png")).run()
+    assert not app.exception
+    assert any("Could not read cut.png" in e.value for e in app.error)
+
+
+def test_pick_from_the_run_with_filters_and_pages(app):
+    app.radio[0].set_value("from the run's data").run()
+    assert not app.exception, app.exception
+    app.checkbox(key="data_wrong").check().run()
+    assert not app.exception, app.exception
+    assert "Grad-CAM grid" in all_text(app) or "No photo matches" in all_text(app)
+    assert any("Macro-F1 and accuracy per fold" in s.value for s in app.subheader)
+    assert any("Most confident mistakes" in s.value for s in app.subheader)
+
+
+def test_no_runs_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception and "No runs in" in at.info[0].value
