@@ -219,7 +219,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"heads: need at least one head and unique names, got {names}")
     for stage_name in ("stage1", "stage2"):
         stage = getattr(cfg, stage_name)
-        unknown = set(stage.heads) - set(names)
+        if not stage.enabled:
+            continue
+        unknown = (set(stage.heads) | set(stage.only)) - set(names)
         if unknown:
             raise ConfigError(f"{stage_name}.heads: unknown head(s) {sorted(unknown)}; heads are {names}")
     if not (cfg.stage1.enabled or cfg.stage2.enabled):

@@ -22,7 +22,8 @@ from multitask.config import Config, ConfigError, load_config
 from multitask.cv import final_heads, final_stage
 from multitask.data.dataset import PhotoDataset, cached_images
 from multitask.data.images import is_image_name
-from multitask.data.sources import DataError, Problem, image_files, load_competition, load_manifest
+from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,
+                                    read_csv_or_fail)
 from multitask.data.transforms import Prepare, eval_transform
 from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,
                               resolve_precision)
@@ -115,7 +116,7 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
             raise DataError([Problem(str(path), "not an image file")])
         return pd.DataFrame({"path": [str(path.resolve())]}), "image", []
     if (path / "info.csv").is_file():
-        info = pd.read_csv(path / "info.csv", dtype=str, keep_default_na=False)
+        info = read_csv_or_fail(path / "info.csv", "missing")
         if "ImageID" not in info.columns:
             raise DataError([Problem(str(path / "info.csv"), "missing column ImageID (expected ImageID,ans)")])
         table = info.assign(path=[str((path / "images" / i).resolve()) for i in info["ImageID"]])

@@ -159,3 +159,32 @@ def test_a_short_run_learns_mask_and_gender(learned_run):
     report = json.loads((learned_run / "report.json").read_text())
     assert report["folds"]["0"]["mask"]["f1_macro"] >= 0.9
     assert report["folds"]["0"]["gender"]["f1_macro"] >= 0.8
+
+
+@pytest.mark.slow
+def test_a_single_head_image_folder_task_trains_reports_and_explains(tmp_path):
+    from PIL import Image
+
+    from multitask.explain import cam_grid
+    from multitask.predict import load_fold_models
+
+    rng = np.random.default_rng(0)
+    colors = {"red_sign": (220, 30, 30), "blue_sign": (30, 30, 220), "green_sign": (30, 200, 30)}
+    for cls, rgb in colors.items():
+        (tmp_path / "signs" / cls).mkdir(parents=True)
+        for i in range(12):
+            a = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+            a[10:30, 10:30] = rgb
+            Image.fromarray(a).save(tmp_path / "signs" / cls / f"{i}.png")
+    cfg = load_config(["experiment=imagefolder", f"data.root={tmp_path / 'signs'}", "data.size=[32,32]",
+                       f"data.cache_dir={tmp_path / 'cache'}", "cv.folds=2", "stage2.epochs=2",
+                       "train.progress=false", "data.batch_size=8"])
+    run = tmp_path / "run"
+    run_cv(cfg, run, log=lambda s: None)
+    report = write_report(run)
+    assert set(report["mean"]) == {"class"}  # one head, no joint label
+    saved = load_config(base=run / "config.yaml")
+    assert saved.heads[0].classes == ["blue_sign", "green_sign", "red_sign"]
+    model = load_fold_models(run, saved, [0])[0]
+    grid = cam_grid(model, torch.randn(1, 3, 32, 32))
+    assert grid.heads == ["class"] and len(grid.layers) == 4

@@ -95,6 +95,16 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     return table
 
 
+def read_csv_or_fail(path: Path, missing: str) -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""), or a DataError naming the file."""
+    if not path.is_file():
+        raise DataError([Problem(str(path), missing)])
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # parser errors, encoding errors, permissions: all name the file
+        raise DataError([Problem(str(path), f"cannot read CSV: {e}")]) from e
+
+
 # --- competition layout -----------------------------------------------------------------------------------
 
 
@@ -102,12 +112,7 @@ def load_competition(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[
     """ROOT/train.csv (id,gender,race,age,path) + ROOT/images/<path>/{mask1..5,incorrect_mask,normal}.<ext>."""
     root = Path(root)
     csv_path = root / "train.csv"
-    if not csv_path.is_file():
-        raise DataError([Problem(str(csv_path), "missing: the competition layout needs ROOT/train.csv")])
-    try:
-        people = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DataError([Problem(str(csv_path), f"cannot read CSV: {e}")]) from e
+    people = read_csv_or_fail(csv_path, "missing: the competition layout needs ROOT/train.csv")
     missing_cols = [c for c in TRAIN_CSV_COLUMNS if c not in people.columns]
     if missing_cols:
         raise DataError([Problem(str(csv_path), f"missing column(s) {missing_cols}; expected {TRAIN_CSV_COLUMNS}")])
@@ -177,12 +182,7 @@ def load_manifest(csv_path: Path, thresholds: Sequence[int] = (30, 60), require_
                   ) -> Tuple[pd.DataFrame, List[Problem]]:
     """A user's CSV with path,person_id,gender,age (or age_group),mask; paths relative to the CSV."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DataError([Problem(str(csv_path), "manifest CSV does not exist")])
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except Exception as e:
-        raise DataError([Problem(str(csv_path), f"cannot read CSV: {e}")]) from e
+    df = read_csv_or_fail(csv_path, "manifest CSV does not exist")
     need = ["path"] + (["person_id", "gender", "mask"] if require_labels else [])
     missing_cols = [c for c in need if c not in df.columns]
     if require_labels and "age" not in df.columns and "age_group" not in df.columns:

@@ -1,0 +1,81 @@
+"""The trunk + heads model: architectures, CAM layers, and where pretrained weights come from."""
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+from multitask.config import ModelConfig, load_config
+from multitask.cv import trunk_lr
+from multitask.model import WeightsError, build_model, stage_layers
+
+HEADS = load_config().heads
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
+def test_any_torchvision_classifier_gets_the_heads_and_four_cam_layers(arch):
+    model, loaded = build_model(ModelConfig(arch=arch), HEADS)
+    assert not loaded
+    logits = model.eval()(torch.randn(2, 3, 64, 48))
+    assert logits.shape == (2, 8)
+    assert {k: v.shape for k, v in model.split(logits).items()} == {
+        "mask": (2, 3), "gender": (2, 2), "age": (2, 3)}
+    layers = stage_layers(model, (64, 48))
+    assert len(layers) == 4
+    if arch.startswith("resnet"):
+        assert list(layers) == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_a_state_dict_file_is_loaded_into_the_trunk_and_sets_the_trunk_lr(tmp_path):
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    model, loaded = build_model(ModelConfig(pretrained=str(tmp_path / "r18.pth")), HEADS)
+    assert loaded
+    assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+    cfg = load_config()
+    assert trunk_lr(cfg, weights_loaded=True) == cfg.optim.lr_trunk_pretrained == 1e-5
+    assert trunk_lr(cfg, weights_loaded=False) == cfg.optim.lr_heads
+
+
+def test_mobilenet_features_without_classifier_load(tmp_path):
+    """The shape of ImageNet trunk files shipped as features only (classifier keys missing)."""
+    state = {k: v for k, v in torchvision.models.mobilenet_v2().state_dict().items() if k.startswith("features.")}
+    torch.save(state, tmp_path / "mnv2.pth")
+    _, loaded = build_model(ModelConfig(arch="mobilenet_v2", pretrained=str(tmp_path / "mnv2.pth")), HEADS)
+    assert loaded
+
+
+def test_weights_for_another_architecture_are_refused_naming_the_file(tmp_path):
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / "wrong.pth")
+    with pytest.raises(WeightsError, match="wrong.pth.*does not fit torchvision resnet18"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "wrong.pth")), HEADS)
+    (tmp_path / "junk.pth").write_bytes(b"nonsense")
+    with pytest.raises(WeightsError, match="junk.pth: not a readable state_dict"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "junk.pth")), HEADS)
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "nowhere.pth")), HEADS)
+
+
+def test_missing_imagenet_weights_offline_stop_with_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError) as e:
+        build_model(ModelConfig(pretrained="imagenet"), HEADS)
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in msg
+    assert "model.pretrained=none" in msg
+
+
+def test_imagenet_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model, loaded = build_model(ModelConfig(pretrained="imagenet"), HEADS)
+    assert loaded and torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
