@@ -45,7 +45,7 @@ def face_heads() -> List[HeadConfig]:
 class DataConfig:
     source: str = "synthetic"  # synthetic | competition | manifest | utkface | imagefolder
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = 250
+    synthetic_people: int = 200
     synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
     synthetic_seed: int = 0
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
@@ -54,7 +54,7 @@ class DataConfig:
     extra_unmasked: List[str] = field(default_factory=list)  # UTKFace-style folders added to stage 1 training
     on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
-    size: List[int] = field(default_factory=lambda: [128, 96])  # H x W fed to the network
+    size: List[int] = field(default_factory=lambda: [96, 72])  # H x W fed to the network (competition preset: 128x96)
     load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
     cache_dir: str = ".cache/multitask"
