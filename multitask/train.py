@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     a = p.parse_args(argv)
+    run_dir = None
     try:
         if a.resume:
             if a.overrides:
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
             cfg, run_dir = load_config(base=a.resume / "config.yaml"), a.resume
         else:
             cfg = load_config(a.overrides)
-            run_dir = None
         if a.show_config:
             print(to_yaml(cfg))
             return 0
