@@ -1,0 +1,126 @@
+"""The decoded-image cache gives exactly the photos it replaces and is rebuilt when data or preprocessing
+change; ``precision=auto`` only picks what the hardware runs; bf16 keeps the model's F1."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import f1_score
+
+from multitask.config import ConfigError, load_config
+from multitask.cv import prepare_data
+from multitask.data.dataset import PhotoDataset, cached_images
+from multitask.data.sources import DataError, load_competition
+from multitask.data.transforms import Prepare
+from multitask.engine import autocast, cpu_has_fast_bf16, resolve_precision
+from multitask.predict import load_fold_models, predict_arrays
+
+
+@pytest.fixture
+def photos(faces_root) -> list[str]:
+    table, _ = load_competition(faces_root)
+    return table["path"].tolist()[:20]
+
+
+def cache_files(cache_dir) -> set[str]:
+    return {p.name for p in cache_dir.glob("images-*.npy")}
+
+
+def test_cached_photos_equal_freshly_prepared_ones(photos, tmp_path):
+    prepare = Prepare(crop=(100, 80), size=(54, 46))
+    images, problems = cached_images(photos, prepare, tmp_path, log=lambda s: None)
+    assert problems == [] and images.shape == (20, 54, 46, 3)
+    targets = np.zeros((20, 3))
+    cached = PhotoDataset(photos, targets, None, prepare, images=images, rows=np.arange(20))
+    fresh = PhotoDataset(photos, targets, None, prepare)
+    for i in range(20):
+        np.testing.assert_array_equal(cached.image(i), fresh.image(i))
+
+
+def test_a_second_run_reuses_the_cache(photos, tmp_path):
+    prepare = Prepare(crop=None, size=(40, 32))
+    cached_images(photos, prepare, tmp_path, log=lambda s: None)
+    messages = []
+    cached_images(photos, prepare, tmp_path, log=messages.append)
+    assert messages == [] and len(cache_files(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("changed", [Prepare(crop=(100, 80), size=(40, 32)), Prepare(crop=None, size=(44, 32))])
+def test_changing_crop_or_size_builds_a_new_cache(photos, tmp_path, changed):
+    cached_images(photos, Prepare(crop=None, size=(40, 32)), tmp_path, log=lambda s: None)
+    images, _ = cached_images(photos, changed, tmp_path, log=lambda s: None)
+    assert len(cache_files(tmp_path)) == 2
+    np.testing.assert_array_equal(images[3], changed(photos[3]))
+
+
+def test_a_changed_photo_builds_a_new_cache(faces_copy, tmp_path):
+    table, _ = load_competition(faces_copy)
+    paths = table["path"].tolist()[:10]
+    prepare = Prepare(crop=None, size=(40, 32))
+    cached_images(paths, prepare, tmp_path / "cache", log=lambda s: None)
+    flipped = np.ascontiguousarray(np.asarray(prepare(paths[0]))[:, ::-1])
+    from PIL import Image
+    Image.open(paths[0]).transpose(Image.FLIP_LEFT_RIGHT).save(paths[0], quality=95)
+    os.utime(paths[0], ns=(1, 1))  # a different mtime even on coarse-grained file systems
+    images, _ = cached_images(paths, prepare, tmp_path / "cache", log=lambda s: None)
+    assert len(cache_files(tmp_path / "cache")) == 2
+    assert np.abs(images[0].astype(int) - flipped.astype(int)).mean() < 8  # the new photo, not the old one
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_unreadable_photos_follow_the_bad_file_policy(faces_copy, tmp_path, tiny_config, policy):
+    bad = sorted((faces_copy / "images").iterdir())[2] / "mask4.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated
+    cfg = tiny_config(f"data.root={faces_copy}", f"data.on_bad_file={policy}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if policy == "error":
+        with pytest.raises(DataError, match=str(bad.resolve())):
+            prepare_data(cfg, run_dir, log=lambda s: None)
+        assert not (run_dir / "skipped.csv").exists()
+        return
+    table, _, _ = prepare_data(cfg, run_dir, log=lambda s: None)
+    skipped = pd.read_csv(run_dir / "skipped.csv")
+    assert skipped["path"].tolist() == [str(bad.resolve())]
+    assert "unreadable image" in skipped["message"].iloc[0]
+    assert len(table) == 24 * 7 - 1 and str(bad.resolve()) not in set(table["path"])
+
+
+def test_auto_precision_picks_a_mode_this_machine_runs():
+    cpu = torch.device("cpu")
+    dtype = resolve_precision("auto", cpu)
+    assert dtype == (torch.bfloat16 if cpu_has_fast_bf16() else None)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with autocast(cpu, dtype):
+        out = model(torch.randn(2, 3, 8, 8))
+    assert torch.isfinite(out).all()
+    assert resolve_precision("fp32", cpu) is None
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_bf16_keeps_the_validation_f1_of_fp32(learned_run):
+    """The trained model's validation predictions under bf16 autocast score within 0.02 of fp32's, per head."""
+    cfg = load_config(base=learned_run / "config.yaml")
+    oof = pd.read_csv(learned_run / "oof.csv")
+    prepare = Prepare.from_config(cfg.data)
+    images = np.stack([prepare(p) for p in oof["path"]])
+    models = load_fold_models(learned_run, cfg, folds=[0])
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        cfg.train.precision = precision
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "bf16 is emulated" on CPUs without AVX512-BF16
+            probs = predict_arrays(models, images, cfg, torch.device("cpu"), views=[(1.0, False)])[0]
+        scores[precision] = {h: f1_score(oof[f"true_{h}"], p.argmax(1), average="macro") for h, p in probs.items()}
+    assert set(scores["fp32"]) == {"mask", "gender", "age"}
+    for head, f1 in scores["fp32"].items():
+        assert abs(scores["bf16"][head] - f1) <= 0.02, scores
