@@ -34,7 +34,7 @@ from multitask.engine import (head_probabilities, loader_workers, make_loader, p
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, inverse_frequency_weights
 from multitask.metrics import score, selection_score
-from multitask.model import MultiHeadNet, build_model, param_groups
+from multitask.model import MultiHeadNet, build_model, learning_rates, param_groups
 from multitask.tasks import age_group
 
 Log = Callable[[str], None]
@@ -134,8 +134,8 @@ def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
     return 1.0
 
 
-def make_optimizer(cfg: Config, model: MultiHeadNet, lr_trunk: float, sgd: bool):
-    groups = param_groups(model, lr_trunk, cfg.optim.lr_heads, cfg.optim.weight_decay)
+def make_optimizer(cfg: Config, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
+    groups = param_groups(model, *lrs, cfg.optim.weight_decay)
     if sgd or cfg.optim.optimizer == "sgd":
         scale = cfg.optim.sgd_lr_scale if sgd else 1.0
         for g in groups:
@@ -158,7 +158,7 @@ def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
     return int(np.random.default_rng([cfg.train.seed, fold, stage, epoch]).integers(2**31))
 
 
-def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lr_trunk: float,
+def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: tuple[float, float],
               writer: SummaryWriter) -> MultiHeadNet:
     """Train one stage of one fold (resuming from its last.pt if there is one); returns the best model."""
     cfg = ctx.cfg
@@ -205,7 +205,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lr_tr
         history = pd.read_csv(out / "metrics.csv").to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
     use_sgd = sgd_at is not None and start >= sgd_at
-    optimizer = make_optimizer(cfg, model, lr_trunk, use_sgd)
+    optimizer = make_optimizer(cfg, model, lrs, use_sgd)
     scheduler = make_scheduler(cfg, optimizer, stage.epochs, start)
     if last.exists():
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -215,7 +215,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lr_tr
     for epoch in range(start, stage.epochs):
         if sgd_at is not None and epoch == sgd_at and not use_sgd:
             use_sgd = True
-            optimizer = make_optimizer(cfg, model, lr_trunk, True)
+            optimizer = make_optimizer(cfg, model, lrs, True)
             scheduler = make_scheduler(cfg, optimizer, stage.epochs, epoch)
             ctx.log(f"fold {fold} stage {stage_no}: switching to SGD at epoch {epoch + 1}")
         seed = epoch_seed(cfg, fold, stage_no, epoch)
@@ -298,12 +298,6 @@ def write_fold_oof(ctx: Context, fold: int, rows, targets, probs) -> None:
 # --- the whole cross-validation --------------------------------------------------------------------------
 
 
-def trunk_lr(cfg: Config, weights_loaded: bool) -> float:
-    if cfg.optim.lr_trunk is not None:
-        return cfg.optim.lr_trunk
-    return cfg.optim.lr_trunk_pretrained if weights_loaded else cfg.optim.lr_heads
-
-
 def prepare_data(cfg: Config, run_dir: Path, log: Log) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
     table, problems = load_table(cfg)
@@ -351,11 +345,13 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
                 continue
             torch.manual_seed(cfg.train.seed + fold)
             model, loaded = build_model(cfg.model, cfg.heads)
-            lr_trunk = trunk_lr(cfg, loaded)
+            lrs = learning_rates(cfg.optim, loaded)
+            log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
+                f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")
             tick = time.perf_counter()
             for stage_no in (1, 2):
                 if getattr(cfg, f"stage{stage_no}").enabled:
-                    model = run_stage(ctx, fold, stage_no, model, lr_trunk, writer)
+                    model = run_stage(ctx, fold, stage_no, model, lrs, writer)
             atomic_write_text(run_dir / f"fold{fold}" / "done.json",
                               json.dumps({"seconds": time.perf_counter() - tick}))
     finally:

@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from multitask.config import Config, HeadConfig  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
+from multitask.model import learning_rates  # noqa: E402
 from multitask.tasks import joint_class_names  # noqa: E402
 
 
@@ -110,6 +111,16 @@ def summarize(cfg: Config, heads: Sequence[HeadConfig], oof: pd.DataFrame) -> di
     return {"folds": folds, "mean": mean, "std": std, "pooled": pooled}
 
 
+def recipe(cfg: Config) -> str:
+    """The training settings in one sentence, for the report's header."""
+    o, lrs = cfg.optim, learning_rates(cfg.optim, weights_loaded=cfg.model.pretrained != "none")
+    sgd = f", SGD after epoch {o.sgd_after}" if o.sgd_after is not None else ""
+    return (f"{o.optimizer} (lr trunk {lrs[0]:g}, heads {lrs[1]:g}, weight decay {o.weight_decay:g}{sgd}), "
+            f"{o.scheduler} schedule, label smoothing {cfg.loss.label_smoothing:g}, class weights "
+            f"{'on' if cfg.loss.class_weights else 'off'}, mix {cfg.augment.mix}, batch {cfg.data.batch_size}, "
+            f"seed {cfg.train.seed}.")
+
+
 def write_report(run_dir: Path) -> dict:
     from multitask.config import load_config
     from multitask.cv import final_heads
@@ -138,7 +149,8 @@ def write_report(run_dir: Path) -> dict:
              f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
              f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
              f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
-             f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1.", "",
+             f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1. "
+             + recipe(cfg), "",
              "## Macro-F1 and accuracy per fold", "", head_line, "|---" * (1 + 2 * len(keys)) + "|"]
     for k, f in s["folds"].items():
         lines.append(f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f} | {f[x]['accuracy']:.4f}" for x in keys) + " |")

@@ -9,7 +9,7 @@ def test_defaults_are_the_face_task_with_two_stages():
     assert [h.name for h in cfg.heads] == ["mask", "gender", "age"]
     assert cfg.stage1.heads == ["gender", "age"] and cfg.stage1.only == {"mask": "not_worn"}
     assert cfg.stage2.heads == [] and cfg.model.arch == "resnet18"
-    assert cfg.optim.lr_trunk is None  # chosen by whether weights were loaded
+    assert cfg.optim.lr_trunk is None and cfg.optim.lr_heads is None  # chosen by whether weights were loaded
 
 
 def test_overrides_reach_nested_fields_with_types():

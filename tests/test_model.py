@@ -8,8 +8,7 @@ import torch
 import torchvision
 
 from multitask.config import ModelConfig, load_config
-from multitask.cv import trunk_lr
-from multitask.model import WeightsError, build_model, stage_layers
+from multitask.model import WeightsError, build_model, learning_rates, stage_layers
 
 HEADS = load_config().heads
 
@@ -28,15 +27,17 @@ def test_any_torchvision_classifier_gets_the_heads_and_four_cam_layers(arch):
         assert list(layers) == ["layer1", "layer2", "layer3", "layer4"]
 
 
-def test_a_state_dict_file_is_loaded_into_the_trunk_and_sets_the_trunk_lr(tmp_path):
+def test_a_state_dict_file_is_loaded_into_the_trunk_and_sets_the_learning_rates(tmp_path):
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     model, loaded = build_model(ModelConfig(pretrained=str(tmp_path / "r18.pth")), HEADS)
     assert loaded
     assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
     cfg = load_config()
-    assert trunk_lr(cfg, weights_loaded=True) == cfg.optim.lr_trunk_pretrained == 1e-5
-    assert trunk_lr(cfg, weights_loaded=False) == cfg.optim.lr_heads
+    assert learning_rates(cfg.optim, weights_loaded=True) == (1e-5, 6e-4)  # the seed recipe for a trained trunk
+    assert learning_rates(cfg.optim, weights_loaded=False) == (1e-3, 1e-3)  # from random init the trunk learns as fast
+    cfg.optim.lr_heads = 2e-3
+    assert learning_rates(cfg.optim, weights_loaded=True) == (1e-5, 2e-3)
 
 
 def test_mobilenet_features_without_classifier_load(tmp_path):
