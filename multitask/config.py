@@ -45,7 +45,7 @@ def face_heads() -> List[HeadConfig]:
 class DataConfig:
     source: str = "synthetic"  # synthetic | competition | manifest | utkface | imagefolder
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = 160
+    synthetic_people: int = 120
     synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
     synthetic_seed: int = 0
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
@@ -151,7 +151,7 @@ class Config:
     stage1: StageConfig = field(
         default_factory=lambda: StageConfig(epochs=4, heads=["gender", "age"], only={"mask": "not_worn"})
     )
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=6))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
