@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from multitask.config import load_config
 from multitask.data.images import to_rgb
-from multitask.explain import METHODS, explain_photo, overlay
+from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.predict import available_folds, load_fold_models
 from multitask.tasks import joint_class_names, joint_probabilities
 
@@ -35,7 +35,7 @@ def models_for(run: str, folds: tuple):
 
 
 @st.cache_data
-def read_csv(path: str, mtime: float) -> pd.DataFrame:
+def read_csv(path: str, mtime: float) -> pd.DataFrame:  # mtime: a rewritten file is read again
     return pd.read_csv(path, dtype={"person_id": str})
 
 
@@ -47,6 +47,13 @@ def csv(path: Path) -> pd.DataFrame | None:
 def cams_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
     cfg, models = models_for(run, folds)
     return explain_photo(models, cfg, _photo, method, dict(targets) or None)
+
+
+@st.cache_data(show_spinner="scoring faithfulness")
+def faithfulness_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
+    cfg, models = models_for(run, folds)
+    _, grid = cams_for(run, folds, photo_key, _photo, method, targets)
+    return photo_faithfulness(models, cfg, _photo, grid)
 
 
 def list_runs(root: Path) -> list[Path]:
@@ -105,7 +112,8 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
             targets[h.name] = h.classes.index(choice)
     if method == "scorecam":
         st.caption("ScoreCAM runs one forward pass per channel: expect tens of seconds.")
-    rgb, grid = cams_for(str(run), folds, photo_key, photo, method, tuple(sorted(targets.items())))
+    target_key = tuple(sorted(targets.items()))
+    rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key)
     left, right = st.columns([1, 3])
     left.image(rgb, caption="network input", width="stretch")
     with right:
@@ -122,6 +130,11 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
         row[0].markdown(f"`{layer}`")
         for col, head in zip(row[1:], grid.heads):
             col.image(overlay(rgb, grid.cams[layer][head][0], opacity), width="stretch")
+    if st.checkbox("faithfulness of the deepest layer's CAMs", key=f"{key}_faith"):
+        st.caption("confidence_change: how the explained class's probability changes when only the CAM-weighted "
+                   "photo is shown (higher: the CAM kept what mattered). road: ROAD combined score, removing "
+                   "the most and least relevant pixels (higher: more faithful). Averaged over the models shown.")
+        st.dataframe(faithfulness_for(str(run), folds, photo_key, photo, method, target_key).round(4), hide_index=True)
 
 
 def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:

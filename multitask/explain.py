@@ -113,8 +113,8 @@ def cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str = "gradcam",
 
 
 def faithfulness(model: MultiHeadNet, x: torch.Tensor, grid: CamGrid, layer: Optional[str] = None,
-                 road_percentiles: Sequence[int] = (20, 40, 60, 80)) -> Dict[str, Dict[str, float]]:
-    """Per head, on ``layer`` (default: the deepest): the change of the target's probability when the
+                 road_percentiles: Sequence[int] = (20, 40, 60, 80)) -> Dict[str, Dict[str, np.ndarray]]:
+    """Per head and image, on ``layer`` (default: the deepest): the change of the target's probability when the
     CAM-weighted photo is fed back (higher: the CAM kept what mattered), and ROAD combined (higher: better)."""
     layer = layer or grid.layers[-1]
     out = {}
@@ -125,7 +125,8 @@ def faithfulness(model: MultiHeadNet, x: torch.Tensor, grid: CamGrid, layer: Opt
             cams = grid.cams[layer][head].astype(np.float32)
             change = CamMultImageConfidenceChange()(x, cams, targets, model)
             road = ROADCombined(percentiles=list(road_percentiles))(x, cams, targets, model)
-            out[head] = {"confidence_change": float(np.mean(change)), "road": float(np.mean(road))}
+            out[head] = {"confidence_change": np.asarray(change, np.float64).reshape(-1),
+                         "road": np.asarray(road, np.float64).reshape(-1)}
     return out
 
 
@@ -178,7 +179,8 @@ def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, Li
 
 
 def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = None, method: str = "gradcam",
-                  target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16) -> pd.DataFrame:
+                  target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16,
+                  with_faithfulness: bool = False) -> pd.DataFrame:
     from multitask.predict import available_folds, load_fold_models
 
     cfg = load_config(base=Path(run_dir) / "config.yaml")
@@ -196,6 +198,7 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
         if not good:
             continue
         grid = cam_grid(model, x, method, target_classes)
+        faith = faithfulness(model, x, grid) if with_faithfulness else {}
         for i, p in enumerate(good):
             name = f"{Path(p).parent.name}_{Path(p).stem}_cams.png" if Path(inputs).is_dir() else f"{Path(p).stem}_cams.png"
             save_grid_png(cfg, rgbs[i], grid, i, out / name, f"{Path(p).name}  ({method}, fold {fold})")
@@ -204,6 +207,8 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
                 row.update({f"p_{head}_{c}": float(grid.probs[head][i, j])
                             for j, c in enumerate(next(h.classes for h in cfg.heads if h.name == head))})
                 row[f"{head}_class"] = class_name(cfg, head, int(grid.probs[head][i].argmax()))
+                for metric, values in faith.get(head, {}).items():
+                    row[f"{head}_{metric}"] = float(values[i])
             rows.append(row)
     df = pd.DataFrame(rows)
     atomic_to_csv(df, out / "predictions.csv")
@@ -223,30 +228,18 @@ def parse_targets(items: Sequence[str], cfg: Config) -> Dict[str, int]:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--fold", type=int, help="default: the first trained fold")
-    p.add_argument("input", type=Path, help="an image or a folder of images")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--method", default="gradcam", choices=sorted(METHODS))
-    p.add_argument("--target", action="append", default=[], metavar="HEAD=CLASS",
-                   help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
-    a = p.parse_args(argv)
-    try:
-        if not (a.run / "config.yaml").exists():
-            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
-        targets = parse_targets(a.target, load_config(base=a.run / "config.yaml"))
-        df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets)
-    except (ConfigError, DataError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"explained {len(df)} photo(s) into {a.out}")
-    return 0
+def photo_input(cfg: Config, photo: np.ndarray) -> torch.Tensor:
+    """One RGB photo as a batch of one, preprocessed like the run's validation photos."""
+    return eval_transform(cfg.data)(image=Prepare.from_config(cfg.data)(photo))["image"][None]
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def photo_faithfulness(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, grid: CamGrid
+                       ) -> pd.DataFrame:
+    """Faithfulness of ``explain_photo``'s deepest-layer CAMs, a row per head, averaged over the models."""
+    x = photo_input(cfg, photo)
+    scores = [faithfulness(m, x, grid) for m in models.values()]
+    return pd.DataFrame([{"head": h, **{metric: float(np.mean([s[h][metric] for s in scores]))
+                                        for metric in ("confidence_change", "road")}} for h in grid.heads])
 
 
 def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, method: str = "gradcam",
@@ -256,7 +249,7 @@ def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarra
 
     With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
     predicted class (or the chosen one), so the maps answer for the prediction shown."""
-    x = eval_transform(cfg.data)(image=Prepare.from_config(cfg.data)(photo))["image"][None]
+    x = photo_input(cfg, photo)
     if len(models) == 1:
         return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
     with torch.no_grad():
@@ -269,3 +262,32 @@ def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarra
             for layer in grids[0].layers}
     return denormalize(x[0]), CamGrid(grids[0].layers, grids[0].heads, cams, probs,
                                       {h: np.array([c]) for h, c in targets.items()})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--fold", type=int, help="default: the first trained fold")
+    p.add_argument("input", type=Path, help="an image or a folder of images")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    p.add_argument("--target", action="append", default=[], metavar="HEAD=CLASS",
+                   help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="add per head the confidence change and ROAD score of the deepest layer's CAM")
+    a = p.parse_args(argv)
+    try:
+        if not (a.run / "config.yaml").exists():
+            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
+        targets = parse_targets(a.target, load_config(base=a.run / "config.yaml"))
+        df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets, with_faithfulness=a.faithfulness)
+    except (ConfigError, DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"explained {len(df)} photo(s) into {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -45,6 +45,10 @@ def test_choose_run_upload_and_change_method(app, trained_run, faces_root):
     app.selectbox(key="photo_t_mask").set_value("incorrect").run()
     assert not app.exception, app.exception
     assert "mask**: incorrect" in all_text(app)
+    app.checkbox(key="photo_faith").check().run()
+    assert not app.exception, app.exception
+    faith = next(d.value for d in app.dataframe if "road" in d.value.columns)
+    assert faith["head"].tolist() == ["mask", "gender", "age"] and faith[["confidence_change", "road"]].notna().all().all()
 
 
 def test_bad_uploads_get_a_message_not_a_traceback(app):

@@ -61,18 +61,20 @@ def test_faithfulness_readout_per_head(trained_run):
     x = torch.randn(2, 3, *cfg.data.size)
     scores = faithfulness(model, x, cam_grid(model, x))
     assert set(scores) == {"mask", "gender", "age"}
-    assert all(np.isfinite(v["confidence_change"]) and np.isfinite(v["road"]) for v in scores.values())
+    for v in scores.values():
+        assert v["confidence_change"].shape == v["road"].shape == (2,)
+        assert np.isfinite(v["confidence_change"]).all() and np.isfinite(v["road"]).all()
 
 
 def test_cli_writes_a_grid_per_photo_and_predictions(trained_run, faces_root, tmp_path):
     person = sorted((faces_root / "images").iterdir())[0]
     out = subprocess.run([sys.executable, "-m", "multitask.explain", "--run", str(trained_run), str(person),
-                          "--out", str(tmp_path), "--method", "gradcam++", "--target", "mask=worn"],
+                          "--out", str(tmp_path), "--method", "gradcam++", "--target", "mask=worn", "--faithfulness"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert len(list(tmp_path.glob("*_cams.png"))) == 7
     df = pd.read_csv(tmp_path / "predictions.csv")
-    assert len(df) == 7 and {"p_mask_worn", "gender_class", "grid"} <= set(df.columns)
+    assert len(df) == 7 and {"p_mask_worn", "gender_class", "grid", "mask_road", "age_confidence_change"} <= set(df.columns)
     bad = subprocess.run([sys.executable, "-m", "multitask.explain", "--run", str(trained_run), str(person),
                           "--out", str(tmp_path), "--target", "mask=sideways"], capture_output=True, text=True)
     assert bad.returncode == 2 and "mask=sideways" in bad.stderr
