@@ -13,7 +13,7 @@ import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -165,13 +165,19 @@ def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Pat
     plt.close(fig)
 
 
+def network_input(cfg: Config) -> Callable[[Union[Path, np.ndarray]], torch.Tensor]:
+    """Photo file or RGB array -> C x H x W tensor, preprocessed like the run's validation photos."""
+    prepare, transform = Prepare.from_config(cfg.data), eval_transform(cfg.data)
+    return lambda photo: transform(image=prepare(photo))["image"]
+
+
 def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:
     """(network inputs, the photos as shown under the CAMs, unreadable files)."""
-    prepare, transform = Prepare.from_config(cfg.data), eval_transform(cfg.data)
+    to_input = network_input(cfg)
     xs, problems = [], []
     for p in paths:
         try:
-            xs.append(transform(image=prepare(p))["image"])
+            xs.append(to_input(p))
         except Exception as e:  # a bad file is reported, the others are explained
             problems.append(Problem(str(p), f"unreadable image ({type(e).__name__}: {e})"))
     x = torch.stack(xs) if xs else torch.zeros(0, 3, *cfg.data.size)
@@ -228,15 +234,10 @@ def parse_targets(items: Sequence[str], cfg: Config) -> Dict[str, int]:
     return out
 
 
-def photo_input(cfg: Config, photo: np.ndarray) -> torch.Tensor:
-    """One RGB photo as a batch of one, preprocessed like the run's validation photos."""
-    return eval_transform(cfg.data)(image=Prepare.from_config(cfg.data)(photo))["image"][None]
-
-
 def photo_faithfulness(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, grid: CamGrid
                        ) -> pd.DataFrame:
     """Faithfulness of ``explain_photo``'s deepest-layer CAMs, a row per head, averaged over the models."""
-    x = photo_input(cfg, photo)
+    x = network_input(cfg)(photo)[None]
     scores = [faithfulness(m, x, grid) for m in models.values()]
     return pd.DataFrame([{"head": h, **{metric: float(np.mean([s[h][metric] for s in scores]))
                                         for metric in ("confidence_change", "road")}} for h in grid.heads])
@@ -249,7 +250,7 @@ def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarra
 
     With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
     predicted class (or the chosen one), so the maps answer for the prediction shown."""
-    x = photo_input(cfg, photo)
+    x = network_input(cfg)(photo)[None]
     if len(models) == 1:
         return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
     with torch.no_grad():

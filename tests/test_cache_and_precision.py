@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import f1_score
 
 from multitask.config import ConfigError, load_config
@@ -63,7 +64,6 @@ def test_a_changed_photo_builds_a_new_cache(faces_copy, tmp_path):
     prepare = Prepare(crop=None, size=(40, 32))
     cached_images(paths, prepare, tmp_path / "cache", log=lambda s: None)
     flipped = np.ascontiguousarray(np.asarray(prepare(paths[0]))[:, ::-1])
-    from PIL import Image
     Image.open(paths[0]).transpose(Image.FLIP_LEFT_RIGHT).save(paths[0], quality=95)
     os.utime(paths[0], ns=(1, 1))  # a different mtime even on coarse-grained file systems
     images, _ = cached_images(paths, prepare, tmp_path / "cache", log=lambda s: None)
