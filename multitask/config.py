@@ -52,6 +52,15 @@ class DataConfig:
     train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
     extra_unmasked: List[str] = field(default_factory=list)  # UTKFace-style folders added to stage 1 training
+    extra_unmasked_people: int = 0  # at most this many of them, drawn evenly by gender x age (0: all)
+    # Labeled sets (competition layout, manifest) added to the training side of every fold, both stages, never
+    # validated: e.g. masks painted on extra people by `python -m multitask.data paint-masks`.
+    extra_train: List[str] = field(default_factory=list)
+    extra_train_people: int = 0  # at most this many persons of them, drawn evenly by gender x age (0: all)
+    # Labeled sets scored at the end of every fold (fold model) and in the report (ensemble), never trained on:
+    # a folder per mask class (worn_correctly/, worn_incorrectly/, not_worn/), a manifest or the competition layout.
+    # This is where domain shift shows, e.g. real masks when training on painted ones.
+    extra_val: List[str] = field(default_factory=list)
     on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
     size: List[int] = field(default_factory=lambda: [96, 72])  # H x W fed to the network (competition preset: 128x96)
@@ -112,6 +121,10 @@ class AugmentConfig:
     hflip: float = 0.5
     brightness_contrast: float = 0.5
     coarse_dropout: float = 0.0
+    # Aimed at the gap between clean painted training photos and real ones (probabilities per photo):
+    degrade: float = 0.0  # low resolution, blur, JPEG, sensor noise, low light: real crops are small and rough
+    color: float = 0.0  # hue, saturation, colour cast, grey photos
+    affine: float = 0.0  # tilt, zoom and shift: real faces are not aligned like the training crops
     mix: str = "none"  # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
     mix_alpha: float = 1.0
     mix_prob: float = 0.5

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from multitask.config import Config, HeadConfig, StageConfig, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all
 from multitask.data.sources import DataError, Problem
-from multitask.data.table import apply_policy, load_table
+from multitask.data.table import apply_policy, load_labeled, load_table
 from multitask.data.transforms import Prepare, eval_transform, train_transform
 from multitask.engine import (head_probabilities, loader_workers, make_loader, predict_logits,
                               resolve_device, resolve_precision, train_one_epoch)
@@ -171,7 +171,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
 
     t = ctx.table
     keep = stage_rows(t, stage, cfg.heads)
-    train_rows = t[keep & (t["fold"] != fold) & (~t["extra"] | (stage_no == 1))]
+    train_rows = t[keep & (t["fold"] != fold) & (~t["stage1_only"] | (stage_no == 1))]
     if cfg.data.drop_train_ages and "age" in t:
         train_rows = train_rows[~train_rows["age"].isin(cfg.data.drop_train_ages)]
     val_rows = t[keep & (t["fold"] == fold)]
@@ -295,6 +295,45 @@ def write_fold_oof(ctx: Context, fold: int, rows, targets, probs) -> None:
     atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs), ctx.run_dir / f"fold{fold}" / "oof.csv")
 
 
+# --- extra validation sets: scored by every fold model, never trained on ---------------------------------
+
+
+def extra_val_names(cfg: Config) -> List[str]:
+    """A short unique name per ``data.extra_val`` entry: the folder or file name."""
+    names = []
+    for i, root in enumerate(cfg.data.extra_val):
+        name = Path(root).stem or f"set{i}"
+        names.append(name if name not in names else f"{name}{i}")
+    return names
+
+
+def load_extra_val(cfg: Config, prepare: Prepare, log: Log) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    """name -> (table, prepared images) of each extra validation set; unreadable files follow data.on_bad_file."""
+    sets = {}
+    for name, root in zip(extra_val_names(cfg), cfg.data.extra_val):
+        table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
+        images, unreadable = cached_images(table["path"].tolist(), prepare, Path(cfg.data.cache_dir), log)
+        apply_policy(problems + unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
+        keep = ~table["path"].isin({p.path for p in unreadable}).to_numpy()
+        sets[name] = (table[keep].reset_index(drop=True), np.asarray(images)[keep])
+        log(f"extra validation set {name}: {int(keep.sum())} photos from {root}")
+    return sets
+
+
+def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
+    """fold<k>/extra_val/<name>.csv: the fold model's probabilities on each extra validation set."""
+    cfg = ctx.cfg
+    for name, (table, images) in sets.items():
+        targets = eval_targets(cfg, table)
+        ds = PhotoDataset(table["path"].tolist(), targets, eval_transform(cfg.data), ctx.prepare, images,
+                          np.arange(len(table)))
+        loader = make_loader(ds, cfg.data.batch_size * 2, 0, ctx.device)
+        probs = head_probabilities(model, predict_logits(model, loader, ctx.device, ctx.dtype,
+                                                         cfg.train.channels_last))
+        frame = oof_frame(cfg, table.assign(fold=fold), targets, probs)
+        atomic_to_csv(frame, ctx.run_dir / f"fold{fold}" / "extra_val" / f"{name}.csv")
+
+
 # --- the whole cross-validation --------------------------------------------------------------------------
 
 
@@ -335,6 +374,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
     device = resolve_device(cfg.train.device)
     dtype = resolve_precision(cfg.train.precision, device)
     ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log)
+    extra_val = load_extra_val(cfg, prepare, log)
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}, "
         f"precision {dtype or 'fp32'}, size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     writer = SummaryWriter(str(run_dir / "tb"))
@@ -352,6 +392,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
             for stage_no in (1, 2):
                 if getattr(cfg, f"stage{stage_no}").enabled:
                     model = run_stage(ctx, fold, stage_no, model, lrs, writer)
+            score_extra_val(ctx, fold, model.eval(), extra_val)
             atomic_write_text(run_dir / f"fold{fold}" / "done.json",
                               json.dumps({"seconds": time.perf_counter() - tick}))
     finally:

@@ -111,6 +111,60 @@ def summarize(cfg: Config, heads: Sequence[HeadConfig], oof: pd.DataFrame) -> di
     return {"folds": folds, "mean": mean, "std": std, "pooled": pooled}
 
 
+def mask_on_accuracy(true: np.ndarray, pred: np.ndarray, not_worn: int) -> float:
+    """Accuracy of "a mask is on the face (worn or incorrect)" against "not worn": the mistake that matters most."""
+    return float(np.mean((true == not_worn) == (pred == not_worn))) if len(true) else float("nan")
+
+
+def extra_val_scores(run_dir: Path, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
+    """name -> {"folds": {k: scores}, "ensemble": scores} for each extra validation set, on its labeled heads
+    (a folder per mask class labels the mask only); mask scores add ``mask_on_accuracy``."""
+    from multitask.cv import extra_val_names
+
+    out = {}
+    for name in extra_val_names(cfg):
+        frames = {int(p.parent.parent.name[4:]): pd.read_csv(p) for p in sorted(run_dir.glob(f"fold*/extra_val/{name}.csv"))}
+        if not frames:
+            continue
+        first = next(iter(frames.values()))
+        labeled = [h for h in heads if f"true_{h.name}" in first and (first[f"true_{h.name}"] >= 0).any()]
+        if not labeled:
+            continue
+
+        def scores_of(df: pd.DataFrame) -> dict:
+            targets, probs = frame_arrays(labeled, df)
+            s = score(labeled, targets, probs)
+            for h in labeled:
+                if h.name == "mask" and "not_worn" in h.classes:
+                    s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], probs["mask"].argmax(1),
+                                                                     h.classes.index("not_worn"))
+            return s
+
+        mean = first.copy()
+        for col in [c for c in first.columns if c.startswith("p_")]:
+            mean[col] = np.mean([f[col].to_numpy() for f in frames.values()], axis=0)
+        out[name] = {"photos": len(first), "heads": [h.name for h in labeled],
+                     "folds": {k: scores_of(f) for k, f in frames.items()}, "ensemble": scores_of(mean)}
+    return out
+
+
+def extra_val_lines(results: dict) -> List[str]:
+    lines = []
+    for name, r in results.items():
+        cols = []
+        for h in r["heads"]:
+            cols.append((f"{h} F1", lambda s, h=h: s[h]["f1_macro"]))
+            if h == "mask":
+                classes = list(r["ensemble"]["mask"]["per_class"])
+                cols += [(f"{c} recall", lambda s, c=c: s["mask"]["per_class"][c]["recall"]) for c in classes]
+                cols.append(("mask on vs not worn acc", lambda s: s["mask"]["mask_on_accuracy"]))
+        lines += ["", f"### {name} ({r['photos']} photos, never trained on)", "",
+                  "| model | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        rows = [(f"fold {k}", s) for k, s in r["folds"].items()] + [("**ensemble**", r["ensemble"])]
+        lines += [f"| {who} | " + " | ".join(f"{get(s):.4f}" for _, get in cols) + " |" for who, s in rows]
+    return lines
+
+
 def recipe(cfg: Config) -> str:
     """The training settings in one sentence, for the report's header."""
     o, lrs = cfg.optim, learning_rates(cfg.optim, weights_loaded=cfg.model.pretrained != "none")
@@ -160,11 +214,17 @@ def write_report(run_dir: Path) -> dict:
     if seconds:
         lines += ["", "Training time per fold: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in sorted(seconds.items()) if v is not None)]
+    extra = extra_val_scores(run_dir, cfg, heads)
+    if extra:
+        lines += ["", "## Extra validation sets (data.extra_val)", "",
+                  "Scored by each fold's model and by their ensemble (mean probabilities). \"Mask on vs not worn\": "
+                  "a mask on the face, worn or incorrectly, against no mask."] + extra_val_lines(extra)
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)
     lines += ["", "## Confusion matrices", ""] + [f"![{c}](plots/{c})" for c in confusions]
     lines += ["", "## Learning curves", ""] + [f"![{c}](plots/{c})" for c in curves]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    result = {"run": run_dir.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds}
+    result = {"run": run_dir.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds,
+              "extra_val": extra}
     atomic_write_text(run_dir / "report.json", json.dumps(result, indent=1))
     return result
 

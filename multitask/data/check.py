@@ -10,7 +10,7 @@ from typing import List
 
 from multitask.data.dataset import prepare_all
 from multitask.data.sources import DataError, Problem
-from multitask.data.table import detect_source, load_source
+from multitask.data.table import balanced_people, detect_source, load_source
 from multitask.data.transforms import Prepare
 
 
@@ -25,13 +25,46 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
     return len(table), problems
 
 
+def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> int:
+    from multitask.data.faces import DetectorMissing
+    from multitask.data.paint import paint_folder
+
+    try:
+        source = detect_source(src)
+        if source == "imagefolder":
+            raise DataError([Problem(str(src), "paint-masks needs gender and age: a UTKFace-style folder, a labeled "
+                                               "manifest CSV or the competition layout")])
+        table, problems, _ = load_source(source, Path(src), (30, 60))
+        for prob in problems:
+            print(prob)
+        table = table[table["mask"] == 2]  # only unmasked photos are painted on
+        if table.empty:
+            raise DataError([Problem(str(src), "no unmasked photo to paint on")])
+        table = balanced_people(table.drop_duplicates("person_id"), people, seed)
+        paint_folder(table, out, seed, workers)
+    except (DataError, FileExistsError, DetectorMissing) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m multitask.data", description="Data set tools.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="report every problem of a data set, with file paths")
     c.add_argument("root", type=Path)
     c.add_argument("--source", choices=["competition", "manifest", "utkface", "imagefolder"])
+    m = sub.add_parser("paint-masks", help="paint masks on unmasked photos: SRC (UTKFace-style folder, labeled "
+                       "manifest, or the competition layout's normal photos) -> OUT in the competition layout")
+    m.add_argument("src", type=Path)
+    m.add_argument("out", type=Path)
+    m.add_argument("--people", type=int, default=0, help="at most this many persons, balanced by gender x age "
+                   "(default: all)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     a = p.parse_args(argv)
+    if a.command == "paint-masks":
+        return paint_masks(a.src, a.out, a.people, a.seed, a.workers)
     count, problems = check(a.root, a.source)
     for prob in problems:
         print(prob)

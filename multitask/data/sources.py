@@ -235,7 +235,7 @@ def load_utkface(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.D
     if not root.is_dir():
         raise DataError([Problem(str(root), "UTKFace folder does not exist")])
     problems, rows = [], []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for f in image_files(root):  # a README beside the photos is not a problem
         m = UTK_NAME.match(f.name)
         if not m:
             problems.append(Problem(str(f), "name is not <age>_<gender 0/1>_<race>_<date>.jpg"))
@@ -280,6 +280,25 @@ def load_imagefolder(root: Path) -> Tuple[pd.DataFrame, List[Problem], List[str]
                 rows.append({"path": str(f.resolve()), "person_id": rel, "class": class_dirs.index(d.name),
                              "split": split})
     return pd.DataFrame(rows, columns=["path", "person_id", "class", "split"]), problems, class_dirs
+
+
+def mask_folders(root: Path) -> bool:
+    """ROOT/<mask class>/<image>, e.g. worn_correctly/, worn_incorrectly/, not_worn/."""
+    dirs = [d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")]
+    return bool(dirs) and all(d.name.lower() in MASK_ALIASES for d in dirs)
+
+
+def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
+    """A folder per mask class: mask labels only (gender and age -1), each image its own person."""
+    problems, rows = [], []
+    for d in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in image_files(d):
+            rows.append(dict(path=str(f.resolve()), person_id=f.relative_to(root).as_posix(),
+                             mask=MASK_ALIASES[d.name.lower()]))
+    for f in sorted(p for p in Path(root).iterdir() if p.is_file() and is_image_name(p)):
+        problems.append(Problem(str(f), "image outside a mask class folder"))  # READMEs and the like are fine
+    table = pd.DataFrame(rows, columns=["path", "person_id", "mask"])
+    return table.assign(gender=-1, age=pd.array([pd.NA] * len(table), dtype="Int64"), age_group=-1, label18=-1), problems
 
 
 def image_files(root: Path) -> Iterable[Path]:

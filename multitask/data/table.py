@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
 
 from multitask.config import Config, ConfigError
 from multitask.data.sources import (DataError, Problem, load_competition, load_imagefolder, load_manifest,
-                                    load_utkface)
+                                    load_mask_folders, load_utkface, mask_folders)
 from multitask.data.synth import ensure_synthetic
 
 
@@ -62,11 +63,17 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
             cfg.heads[0].classes = classes
         elif list(cfg.heads[0].classes) != classes:
             raise ConfigError(f"heads[0].classes {cfg.heads[0].classes} differ from the folders {classes} in {root}")
-    table = table.assign(extra=False)
-    for folder in cfg.data.extra_unmasked:
-        extra, extra_problems = load_utkface(Path(folder), cfg.data.age_thresholds)
+    # extra: never validated (no fold); stage1_only: unmasked extras, kept out of the all-heads stage
+    table = table.assign(extra=False, stage1_only=False)
+    extras = [(f, load_utkface, cfg.data.extra_unmasked_people, True) for f in cfg.data.extra_unmasked]
+    extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
+    for i, (folder, load, people, stage1_only) in enumerate(extras):
+        extra, extra_problems = load(Path(folder), cfg.data.age_thresholds)
         problems += extra_problems
-        table = pd.concat([table, extra.assign(extra=True)], ignore_index=True)
+        extra = balanced_people(extra, people, cfg.cv.seed)
+        extra = extra.assign(person_id=f"extra{i}:" + extra["person_id"].astype(str), extra=True,
+                             stage1_only=stage1_only)
+        table = pd.concat([table, extra], ignore_index=True)
     missing = [h.column for h in cfg.heads if h.column not in table.columns]
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
@@ -75,7 +82,36 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     return table, problems
 
 
+def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+    """A labeled face set for extra training or validation: competition layout, labeled manifest, or a folder per
+    mask class (mask labels only)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError([Problem(str(root), "does not exist")])
+    if root.is_dir() and not (root / "train.csv").is_file() and mask_folders(root):
+        return load_mask_folders(root)
+    source = detect_source(root)
+    if source not in ("competition", "manifest"):
+        raise DataError([Problem(str(root), "not a labeled face set: expected the competition layout "
+                                            "(train.csv), a manifest CSV or folders named by mask class")])
+    return load_source(source, root, thresholds)[:2]
+
+
 def apply_policy(problems: List[Problem], policy: str, what: str) -> None:
     """``error``: raise with every problem listed; ``skip``: carry on (the caller records what was skipped)."""
     if problems and policy == "error":
         raise DataError(problems, f"{what} (data.on_bad_file=skip leaves these files out instead)")
+
+
+def balanced_people(table: pd.DataFrame, people: int, seed: int, by: Sequence[str] = ("gender", "age_group")
+                    ) -> pd.DataFrame:
+    """All photos of ``people`` persons drawn evenly across the cells of ``by`` (gender x age group): cells
+    take turns, so a small cell gives all it has and the others fill in. 0 or more than there are: everyone."""
+    persons = table.drop_duplicates("person_id")[["person_id", *by]]
+    if people <= 0 or people >= len(persons):
+        return table
+    rng = np.random.default_rng(seed)
+    persons = persons.iloc[rng.permutation(len(persons))]
+    turn = persons.groupby(list(by)).cumcount()  # the person's place in their cell's queue
+    chosen = persons.assign(_turn=turn.to_numpy()).sort_values("_turn", kind="stable").head(people)
+    return table[table["person_id"].isin(chosen["person_id"])]

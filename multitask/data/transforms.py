@@ -59,6 +59,21 @@ def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
     steps = [A.RandomCrop(h, w), A.HorizontalFlip(p=aug.hflip)]
     if aug.brightness_contrast > 0:
         steps.append(A.RandomBrightnessContrast(0.2, 0.2, p=aug.brightness_contrast))
+    if aug.affine > 0:
+        steps.append(A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-15, 15),
+                              border_mode=cv2.BORDER_REFLECT_101, p=aug.affine))
+    if aug.color > 0:
+        steps.append(A.OneOf([A.ColorJitter(0.2, 0.2, 0.3, 0.05), A.HueSaturationValue(10, 25, 15),
+                              A.RGBShift(15, 15, 15), A.ToGray()], p=aug.color))
+    if aug.degrade > 0:
+        # Real face crops are often 40-80 px, blurred, compressed and noisy: train on such copies too.
+        steps.append(A.Sequential([
+            A.Downscale(scale_range=(0.25, 0.7), p=0.6),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 7))], p=0.4),
+            A.OneOf([A.GaussNoise(std_range=(0.02, 0.08)), A.ISONoise()], p=0.3),
+            A.RandomGamma(gamma_limit=(80, 180), p=0.3),  # low light
+            A.ImageCompression(quality_range=(30, 90), p=0.5),
+        ], p=aug.degrade))
     if aug.coarse_dropout > 0:
         steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                                      hole_width_range=(0.05, 0.15), p=aug.coarse_dropout))
