@@ -133,15 +133,27 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     center = nose[0] * 0.7  # a turned head moves the nose, and the mask with it
     poly, top, bottom = outline(shape, wear, nose[1], mouth[1], center, rng)
 
+    # Everything below works on the mask's neighbourhood only (a portrait is mostly not mask).
+    pad = unit * 0.5
+    outline_xy = to_image(poly)
+    x0, y0 = np.maximum(np.floor(outline_xy.min(0) - pad), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(outline_xy.max(0) + pad), [w, h]).astype(int)
+    alpha_full = np.zeros((h, w), np.float32)
+    if x1 <= x0 or y1 <= y0:  # the face is outside the photo
+        return rgb.copy(), alpha_full, dict(wear=wear, shape=shape, color=color, pattern=pattern, occluded=False)
+    roi = rgb[y0:y1, x0:x1].astype(np.float32)
+    rh, rw = roi.shape[:2]
+    corner = np.array([x0, y0], np.float64)
+
     # Opacity: the outline filled at 4x and shrunk (anti-aliased), then softened.
     ss = 4
-    big = np.zeros((h * ss, w * ss), np.uint8)
-    cv2.fillPoly(big, [np.round(to_image(poly) * ss).astype(np.int32)], 255)
-    alpha = cv2.resize(big, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    big = np.zeros((rh * ss, rw * ss), np.uint8)
+    cv2.fillPoly(big, [np.round((outline_xy - corner) * ss).astype(np.int32)], 255)
+    alpha = cv2.resize(big, (rw, rh), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
     alpha = cv2.GaussianBlur(alpha, (0, 0), max(0.5, unit * rng.uniform(0.005, 0.02)))
 
     # Shading in face coordinates: round across the face, pleats or folds down it, light from the face itself.
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     fu = ((xx - origin[0]) * ax[0] + (yy - origin[1]) * ax[1]) / unit - center
     fv = ((xx - origin[0]) * ay[0] + (yy - origin[1]) * ay[1]) / unit
     depth = (top + bottom) / 2
@@ -155,21 +167,24 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
         shade *= 1 - rng.uniform(0.05, 0.15) * np.exp(-(fu ** 2) / 0.003)  # the centre seam or fold
     folds = rng.uniform(0, 0.06)
     shade *= 1 + folds * np.sin(fv * rng.uniform(8, 16) + fu * rng.uniform(-3, 3) + rng.uniform(0, 6.3))
-    light = cv2.GaussianBlur(rgb.astype(np.float32).mean(2), (0, 0), max(2.0, unit * 0.35))
+    light = cv2.GaussianBlur(roi.mean(2), (0, 0), max(2.0, unit * 0.35))
     inside = alpha > 0.5
     ref = float(np.median(light[inside])) if inside.any() else float(light.mean())
     shade *= np.clip(light / max(ref, 1.0), 0.6, 1.3) * np.clip(ref / 170.0, 0.45, 1.15) ** 0.7
 
     tint = np.array(COLORS[color], np.float32) + rng.normal(0, 10, 3)
-    tex = texture(h, w, tint, pattern, rng, unit) * shade[..., None].astype(np.float32)
-    if rng.random() < 0.12:  # a hand, a phone, hair: part of the mask hidden
-        occluder = np.zeros((h, w), np.float32)
-        c = to_image(np.array([rng.uniform(-1, 1) + center, rng.uniform(top, bottom)]))
-        cv2.ellipse(occluder, (int(c[0]), int(c[1])), (int(unit * rng.uniform(0.2, 0.5)),
-                    int(unit * rng.uniform(0.2, 0.5))), float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
-        alpha *= 1 - occluder
-    out = rgb.astype(np.float32) * (1 - alpha[..., None]) + np.clip(tex, 0, 255) * alpha[..., None]
-
+    tex = texture(rh, rw, tint, pattern, rng, unit) * shade[..., None].astype(np.float32)
+    out = roi * (1 - alpha[..., None]) + np.clip(tex, 0, 255) * alpha[..., None]
+    occluded = bool(rng.random() < 0.12)
+    if occluded:  # a hand or a phone in front of part of the mask (it hides the mask, not uncovers the face)
+        occluder = np.zeros((rh, rw), np.float32)
+        c = to_image(np.array([rng.uniform(-1, 1) + center, rng.uniform(top, bottom)])) - corner
+        cv2.ellipse(occluder, (int(c[0]), int(c[1])), (int(unit * rng.uniform(0.2, 0.45)),
+                    int(unit * rng.uniform(0.2, 0.45))), float(rng.uniform(0, 180)), 0, 360, 1.0, -1)
+        occluder = cv2.GaussianBlur(occluder, (0, 0), max(0.5, unit * 0.02))[..., None]
+        skin = np.median(roi[alpha < 0.05], axis=0) if (alpha < 0.05).any() else roi.mean((0, 1))
+        fill = skin * rng.uniform(0.8, 1.1) if rng.random() < 0.7 else rng.uniform(20, 90, 3)
+        out = out * (1 - occluder) + fill * (shade[..., None] * occluder)
     loops = shape != "n95" or rng.random() < 0.5
     if loops:  # ear loops (or N95 straps): thin lines from the mask's edge to the ear
         loop_color = tuple(float(v) for v in np.clip(tint * 1.05, 0, 255))
@@ -178,12 +193,14 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
         for side in (-1, 1):
             edge = side * np.abs(poly[:, 0] - center).max() * 0.97 + center
             for v_mask, v_ear in ((top + 0.1, 0.25), (bottom - 0.2, 0.65)):
-                a = to_image(np.array([edge, v_mask]))
-                b = to_image(np.array([edge + side * 0.12, v_ear]))
+                a = to_image(np.array([edge, v_mask])) - corner
+                b = to_image(np.array([edge + side * 0.12, v_ear])) - corner
                 cv2.line(layer, tuple(int(t) for t in a), tuple(int(t) for t in b), loop_color, thick, cv2.LINE_AA)
         out = out * 0.25 + layer * 0.75
-    info = dict(wear=wear, shape=shape, color=color, pattern=pattern, occluded=bool(alpha.max() < 0.99))
-    return np.clip(out, 0, 255).astype(np.uint8), alpha, info
+    painted = rgb.copy()
+    painted[y0:y1, x0:x1] = np.clip(out, 0, 255).astype(np.uint8)
+    alpha_full[y0:y1, x0:x1] = alpha
+    return painted, alpha_full, dict(wear=wear, shape=shape, color=color, pattern=pattern, occluded=occluded)
 
 
 # --- paint-masks: unmasked photos -> the competition layout ----------------------------------------------

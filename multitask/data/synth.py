@@ -1,14 +1,14 @@
 """Synthetic faces in the competition layout: ``python -m multitask.synth OUT --people N --size WxH --seed S``.
 
 Each person gets 7 portraits (mask1..5, incorrect_mask, normal) and a row in train.csv; ``boxes.csv`` holds each
-photo's face box and mask box (x0, y0, x1, y1 in pixels) for checking where a model looks.
+photo's face box and mask box (x0, y0, x1, y1 in pixels) and five landmarks, for checking where a model looks.
 
 The cues are learnable but not trivial:
 - gender: jaw width, hair length, lip colour and beards, each with exceptions, so no single cue decides;
 - age: a continuous cue (grey hair, forehead wrinkles, receding hairline) driven by the age in years plus noise,
   so ages near 30 and 60 are genuinely ambiguous, as in real photos;
-- mask: worn over nose and mouth, worn incorrectly (nose out, or pulled down to the chin), or absent, in varied
-  colours and patterns;
+- mask: painted from the drawn landmarks by the project's mask painter (``paint.py``: shapes, colours, prints,
+  shading, ear loops), worn over nose and mouth, worn incorrectly (nose out, or pulled down to the chin), or absent;
 - nuisance: skin tone, head position and scale, gaze, lighting, background, clothes and JPEG quality vary.
 Deterministic for a seed: person i draws from ``numpy.random.default_rng([seed, i])`` whatever the pool size.
 """
@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from multitask.data.faces import LANDMARKS
+from multitask.data.paint import paint_mask
 from multitask.data.sources import COMPETITION_PHOTOS
 
 SKIN = np.array([[255, 224, 196], [234, 192, 160], [198, 145, 110], [160, 110, 80], [110, 72, 50]], float)
 HAIR = np.array([[30, 25, 20], [90, 60, 35], [200, 170, 110], [150, 70, 35]], float)
 GREY = np.array([200, 200, 200], float)
-MASK_COLORS = np.array([[235, 240, 245], [120, 180, 230], [30, 30, 35], [90, 160, 120], [230, 150, 180],
-                        [70, 90, 160], [200, 60, 50]], float)
 RACES = ["White", "Asian", "Black", "Indian", "Others"]
 
 
@@ -118,24 +118,16 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
                 fill=color(t["hair"] * 0.7))
         d.ellipse([fx - 30 * s, mouth_y - 8 * s, fx + 30 * s, mouth_y + 8 * s], fill=color(t["lips"]))
 
+    # Five landmarks as a detector gives them (faces.LANDMARKS order); masks are painted from them.
+    landmarks = np.array([[fx - fw * 0.4, eye_y], [fx + fw * 0.4, eye_y], [fx, nose_y],
+                          [fx - 30 * s, mouth_y], [fx + 30 * s, mouth_y]])
     mask_box = None
     if photo != "normal":
-        mask_color = color(MASK_COLORS[rng.integers(len(MASK_COLORS))] + rng.normal(0, 12, 3))
-        if photo == "incorrect_mask":
-            # Nose out (mask under the nose) or pulled down to the chin.
-            mask_top = nose_y + 4 * s if rng.random() < 0.6 else mouth_y + 14 * s
-        else:
-            mask_top = eye_y + 16 * s
-        mask_box = [cx - fw * 0.9, mask_top, cx + fw * 0.9, cy + fh * 0.98]
-        d.rounded_rectangle(mask_box, radius=int(25 * s), fill=mask_color, outline=color(np.array(mask_color) * 0.6),
-                            width=max(1, int(3 * s)))
-        if rng.random() < 0.5:  # pleats or stripes
-            for k in range(1, 4):
-                y = mask_top + (mask_box[3] - mask_top) * k / 4
-                d.line([mask_box[0] + 8 * s, y, mask_box[2] - 8 * s, y], fill=color(np.array(mask_color) * 0.7),
-                       width=max(1, int(3 * s)))
-        d.line([mask_box[0], mask_top + 10 * s, cx - fw * 1.0, eye_y], fill=(240, 240, 240), width=max(1, int(2 * s)))
-        d.line([mask_box[2], mask_top + 10 * s, cx + fw * 1.0, eye_y], fill=(240, 240, 240), width=max(1, int(2 * s)))
+        wear = "worn" if photo != "incorrect_mask" else ("nose_out" if rng.random() < 0.6 else "chin")
+        painted, alpha, _ = paint_mask(np.asarray(img), landmarks, rng, wear)
+        img = Image.fromarray(painted)
+        ys, xs = np.nonzero(alpha > 0.5)
+        mask_box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
 
     # Lighting: a global gain and a left/right gradient, then sensor noise.
     a = np.asarray(img, dtype=np.float32)
@@ -145,7 +137,7 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     clip = lambda b: [int(np.clip(b[0], 0, width)), int(np.clip(b[1], 0, height)),  # noqa: E731
                       int(np.clip(b[2], 0, width)), int(np.clip(b[3], 0, height))]
-    return img, clip(face_box), (clip(mask_box) if mask_box else None)
+    return img, clip(face_box), (clip(mask_box) if mask_box else None), landmarks
 
 
 def draw_person(args) -> tuple[dict, list[dict]]:
@@ -158,11 +150,13 @@ def draw_person(args) -> tuple[dict, list[dict]]:
     (Path(out) / "images" / folder).mkdir(parents=True, exist_ok=True)
     boxes = []
     for photo in COMPETITION_PHOTOS:
-        img, face, mask = draw_photo(t, photo, rng, width, height)
+        img, face, mask, marks = draw_photo(t, photo, rng, width, height)
         rel = f"images/{folder}/{photo}.jpg"
         img.save(Path(out) / rel, quality=int(rng.integers(60, 96)))
         boxes.append(dict(path=rel, face_x0=face[0], face_y0=face[1], face_x1=face[2], face_y1=face[3],
-                          **{f"mask_{k}": (mask[i] if mask else None) for i, k in enumerate(["x0", "y0", "x1", "y1"])}))
+                          **{f"mask_{k}": (mask[i] if mask else None) for i, k in enumerate(["x0", "y0", "x1", "y1"])},
+                          **{f"{n}_{a}": round(float(marks[i][j]), 1) for i, n in enumerate(LANDMARKS)
+                             for j, a in enumerate("xy")}))
     person = dict(id=pid, gender=gender, race=t["race"], age=t["age"], path=folder)
     return person, boxes
 

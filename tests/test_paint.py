@@ -1,0 +1,91 @@
+"""Masks painted from landmarks: where they sit, how they vary, and the paint-masks command."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from multitask.data.check import check, main as data_main
+from multitask.data.paint import SHAPES, paint_mask
+from multitask.data.synth import draw_photo, person_traits
+
+
+def unmasked_face(seed: int):
+    """A synthetic portrait without a mask and its five drawn landmarks."""
+    rng = np.random.default_rng(seed)
+    img, _, _, landmarks = draw_photo(person_traits(rng), "normal", rng, 192, 256)
+    return np.asarray(img), landmarks
+
+
+def covered(alpha: np.ndarray, point) -> bool:
+    x, y = (int(round(v)) for v in point)
+    return alpha[y, x] > 0.5
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_worn_mask_covers_the_drawn_nose_and_mouth(shape):
+    for seed in range(8):
+        rgb, marks = unmasked_face(seed)
+        painted, alpha, info = paint_mask(rgb, marks, np.random.default_rng(seed), "worn", shape)
+        mouth = (marks[3] + marks[4]) / 2
+        assert covered(alpha, marks[2]) and covered(alpha, mouth), (shape, seed)
+        assert not covered(alpha, marks[0]) and not covered(alpha, marks[1])  # eyes stay free
+        assert info["shape"] == shape and info["wear"] == "worn"
+        changed = np.abs(painted.astype(int) - rgb.astype(int)).sum(2) > 0
+        assert changed[alpha > 0.5].mean() > 0.95 and not changed[: int(marks[:2, 1].min()) - 10].any()
+
+
+@pytest.mark.parametrize("wear", ["nose_out", "chin"])
+def test_an_incorrectly_worn_mask_leaves_the_nose_out(wear):
+    for seed in range(12):
+        rgb, marks = unmasked_face(seed)
+        _, alpha, _ = paint_mask(rgb, marks, np.random.default_rng(seed), wear)
+        mouth = (marks[3] + marks[4]) / 2
+        assert not covered(alpha, marks[2]), (wear, seed)
+        assert alpha.sum() > 0  # something was painted, below the nose
+        ys = np.nonzero(alpha > 0.5)[0]
+        assert ys.min() > marks[2, 1]
+        assert covered(alpha, mouth) == (wear == "nose_out")
+
+
+def test_masks_follow_a_tilted_head():
+    rgb, marks = unmasked_face(3)
+    center = marks.mean(0)
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    tilted = (marks - center) @ rot.T + center
+    _, alpha, _ = paint_mask(rgb, tilted, np.random.default_rng(0), "worn", "surgical")
+    assert covered(alpha, tilted[2]) and covered(alpha, (tilted[3] + tilted[4]) / 2)
+
+
+def test_masks_vary_in_shape_colour_and_pattern():
+    rgb, marks = unmasked_face(1)
+    infos = [paint_mask(rgb, marks, np.random.default_rng(s))[2] for s in range(60)]
+    assert {i["shape"] for i in infos} == set(SHAPES)
+    assert len({i["color"] for i in infos}) >= 6
+    assert len({i["pattern"] for i in infos}) >= 2
+
+
+def test_paint_masks_writes_a_competition_set_that_data_check_accepts(tmp_path):
+    """UTKFace-style input; photos where no face is found are listed, not painted on a guess."""
+    src = tmp_path / "utk"
+    src.mkdir()
+    for i in range(8):
+        rgb, _ = unmasked_face(i)
+        Image.fromarray(rgb).save(src / f"{25 + 5 * i}_{i % 2}_0_2017010{i}.jpg.chip.jpg")
+    Image.new("RGB", (192, 256), (120, 120, 120)).save(src / "40_1_0_20170109.jpg.chip.jpg")  # no face at all
+    out = tmp_path / "painted"
+    assert data_main(["paint-masks", str(src), str(out), "--workers", "1"]) == 0
+    no_face = pd.read_csv(out / "no_face.csv")
+    assert any(p.endswith("40_1_0_20170109.jpg.chip.jpg") for p in no_face["path"])
+    people = pd.read_csv(out / "train.csv")
+    assert len(people) + len(no_face) == 9 and len(people) >= 1
+    count, problems = check(out)
+    assert problems == [] and count == 7 * len(people)
+    labels = pd.read_csv(out / "labels.csv")
+    assert labels["mask"].value_counts().to_dict() == {"worn": 5 * len(people), "incorrect": len(people),
+                                                      "not_worn": len(people)}
+    assert set(labels.loc[labels["mask"] == "incorrect", "wear"]) <= {"nose_out", "chin"}
+    # Never over existing data.
+    assert data_main(["paint-masks", str(src), str(out), "--workers", "1"]) == 2
