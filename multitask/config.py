@@ -48,6 +48,7 @@ class DataConfig:
     synthetic_people: int = 120
     synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
     synthetic_seed: int = 0
+    synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
     train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
@@ -63,6 +64,11 @@ class DataConfig:
     extra_val: List[str] = field(default_factory=list)
     on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
+    # The face region: center (the centre crop above) | none (whole photo) | detector (a face detector's box,
+    # widened by face_margin of its size on each side; found once and cached; the centre crop where no face is
+    # found, flagged face_found=False in data.csv and predictions.csv)
+    face_crop: str = "center"
+    face_margin: float = 0.25
     size: List[int] = field(default_factory=lambda: [96, 72])  # H x W fed to the network (competition preset: 128x96)
     load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
@@ -176,6 +182,7 @@ class Config:
 CHOICES = {
     "data.source": ("synthetic", "competition", "manifest", "utkface", "imagefolder"),
     "data.on_bad_file": ("error", "skip"),
+    "data.face_crop": ("none", "center", "detector"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("cosine", "step", "none"),
     "augment.mix": ("none", "mixup", "cutmix", "cutmix_vertical"),

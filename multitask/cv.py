@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask.config import Config, HeadConfig, StageConfig, save_config
-from multitask.data.dataset import PhotoDataset, cached_images, prepare_all
+from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import apply_policy, load_labeled, load_table
 from multitask.data.transforms import Prepare, eval_transform, train_transform
@@ -279,7 +279,7 @@ def final_heads(cfg: Config) -> List[HeadConfig]:
 
 def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per photo: identity, true labels, every head's probabilities and prediction."""
-    keep = [c for c in ("path", "person_id", "fold", "age") if c in rows]
+    keep = [c for c in ("path", "person_id", "fold", "age", "face_found") if c in rows]
     df = rows[keep].reset_index(drop=True).copy()
     for i, h in enumerate(cfg.heads):
         if h.name not in probs:
@@ -307,11 +307,14 @@ def extra_val_names(cfg: Config) -> List[str]:
     return names
 
 
-def load_extra_val(cfg: Config, prepare: Prepare, log: Log) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
+def load_extra_val(cfg: Config, log: Log) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
     """name -> (table, prepared images) of each extra validation set; unreadable files follow data.on_bad_file."""
     sets = {}
     for name, root in zip(extra_val_names(cfg), cfg.data.extra_val):
         table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
+        prepare, face_found = preparation(cfg.data, table["path"].tolist(), log)
+        if face_found is not None:
+            table = table.assign(face_found=face_found)
         images, unreadable = cached_images(table["path"].tolist(), prepare, Path(cfg.data.cache_dir), log)
         apply_policy(problems + unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
         keep = ~table["path"].isin({p.path for p in unreadable}).to_numpy()
@@ -340,8 +343,11 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
 def prepare_data(cfg: Config, run_dir: Path, log: Log) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
     table, problems = load_table(cfg)
-    prepare = Prepare.from_config(cfg.data)
     paths = table["path"].tolist()
+    prepare, face_found = preparation(cfg.data, paths, log)
+    if face_found is not None:
+        table = table.assign(face_found=face_found)
+        log(f"face found in {int(face_found.sum())} of {len(paths)} photos; the others use the centre crop")
     if cfg.data.cache:
         images, unreadable = cached_images(paths, prepare, Path(cfg.data.cache_dir), log)
     else:
@@ -374,7 +380,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
     device = resolve_device(cfg.train.device)
     dtype = resolve_precision(cfg.train.precision, device)
     ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log)
-    extra_val = load_extra_val(cfg, prepare, log)
+    extra_val = load_extra_val(cfg, log)
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}, "
         f"precision {dtype or 'fp32'}, size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     writer = SummaryWriter(str(run_dir / "tb"))

@@ -20,11 +20,11 @@ import torch
 
 from multitask.config import Config, ConfigError, load_config
 from multitask.cv import final_heads, final_stage
-from multitask.data.dataset import PhotoDataset, cached_images
+from multitask.data.dataset import PhotoDataset, cached_images, preparation
 from multitask.data.images import is_image_name
 from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,
                                     read_csv_or_fail)
-from multitask.data.transforms import Prepare, eval_transform
+from multitask.data.transforms import eval_transform
 from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,
                               resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text
@@ -177,8 +177,10 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     models = load_fold_models(run_dir, cfg, folds, device)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    images, unreadable = cached_images(todo["path"].tolist(), Prepare.from_config(cfg.data),
-                                       Path(cfg.data.cache_dir), log=lambda s: None)
+    prepare, face_found = preparation(cfg.data, todo["path"].tolist(), log=lambda s: None)
+    if face_found is not None:
+        todo = todo.assign(face_found=face_found)  # False: no face found, the centre crop was used
+    images, unreadable = cached_images(todo["path"].tolist(), prepare, Path(cfg.data.cache_dir), log=lambda s: None)
     problems = problems + unreadable
     if problems and kind == "evaluation":
         raise DataError(problems, f"{input_path} (the submission needs every image)")

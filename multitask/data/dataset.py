@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from multitask.config import DataConfig
 from multitask.data.sources import Problem
 from multitask.data.transforms import Prepare
 
@@ -59,7 +60,7 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 
 def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
-    h = hashlib.sha1(repr((prepare.crop, prepare.size, 1)).encode())
+    h = hashlib.sha1(repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, 2)).encode())
     for p in paths:
         try:
             st = os.stat(p)
@@ -94,6 +95,19 @@ def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
     meta_tmp.write_text(json.dumps({"problems": [p.__dict__ for p in problems], "count": len(paths)}))
     os.replace(meta_tmp, meta_path)
     return np.load(array_path, mmap_mode="r"), problems
+
+
+def preparation(data: DataConfig, paths: Sequence[str], log: Callable[[str], None] = print
+                ) -> tuple[Prepare, Optional[np.ndarray]]:
+    """The run's ``Prepare`` for these photos and, under ``face_crop=detector``, whether each photo's face was
+    found (the boxes are found once and cached beside the image cache; None for the other face crops)."""
+    prepare = Prepare.from_config(data)
+    if data.face_crop != "detector":
+        return prepare, None
+    from multitask.data.faces import find_faces
+
+    faces = find_faces(paths, Path(data.cache_dir), log)
+    return prepare.with_boxes(faces), faces["found"].to_numpy(dtype=bool)
 
 
 class PhotoDataset(Dataset):

@@ -66,8 +66,9 @@ def color(c) -> tuple:
     return tuple(int(v) for v in np.clip(c, 0, 255))
 
 
-def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height: int):
-    """One portrait; returns (PIL image, face box, mask box or None)."""
+def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height: int, anywhere: bool = False):
+    """One portrait; returns (PIL image, face box, mask box or None, landmarks). ``anywhere``: the head's size
+    and place vary widely (a face detector has to find it), otherwise it sits near the centre."""
     bg = np.clip(t["background"] + rng.normal(0, 20, 3), 0, 255)
     img = Image.new("RGB", (width, height), color(bg))
     d = ImageDraw.Draw(img)
@@ -78,6 +79,10 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
     s = width / 384 * rng.uniform(0.85, 1.15)  # head scale
     cx = width / 2 + rng.uniform(-0.08, 0.08) * width
     cy = height * 0.42 + rng.uniform(-0.06, 0.06) * height
+    if anywhere:
+        s = width / 384 * rng.uniform(0.55, 1.0)
+        cx = rng.uniform(100 * s, width - 100 * s)
+        cy = rng.uniform(140 * s, height - 140 * s)
     fw, fh = 95 * s * t["jaw"], 125 * s  # face half-width, half-height
     gaze = rng.uniform(-0.15, 0.15) * fw  # features shift left/right: a turned head
 
@@ -141,7 +146,7 @@ def draw_photo(t: dict, photo: str, rng: np.random.Generator, width: int, height
 
 
 def draw_person(args) -> tuple[dict, list[dict]]:
-    out, seed, index, width, height = args
+    out, seed, index, width, height, anywhere = args
     rng = np.random.default_rng([seed, index])
     t = person_traits(rng)
     pid = f"{index + 1:06d}"
@@ -150,7 +155,7 @@ def draw_person(args) -> tuple[dict, list[dict]]:
     (Path(out) / "images" / folder).mkdir(parents=True, exist_ok=True)
     boxes = []
     for photo in COMPETITION_PHOTOS:
-        img, face, mask, marks = draw_photo(t, photo, rng, width, height)
+        img, face, mask, marks = draw_photo(t, photo, rng, width, height, anywhere)
         rel = f"images/{folder}/{photo}.jpg"
         img.save(Path(out) / rel, quality=int(rng.integers(60, 96)))
         boxes.append(dict(path=rel, face_x0=face[0], face_y0=face[1], face_x1=face[2], face_y1=face[3],
@@ -162,7 +167,7 @@ def draw_person(args) -> tuple[dict, list[dict]]:
 
 
 def generate(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: int = 0,
-             workers: int | None = None) -> Path:
+             workers: int | None = None, anywhere: bool = False) -> Path:
     """Write ``people`` synthetic persons to ``out`` (must not exist yet); built in a temp folder then renamed,
     so an interrupted run never leaves a half-written data set behind."""
     out = Path(out)
@@ -172,7 +177,7 @@ def generate(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: i
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         width, height = size
-        jobs = [(str(tmp), seed, i, width, height) for i in range(people)]
+        jobs = [(str(tmp), seed, i, width, height, anywhere) for i in range(people)]
         workers = workers or min(os.cpu_count() or 1, 8)
         if workers > 1 and people > 8:
             with ProcessPoolExecutor(workers) as pool:
@@ -188,11 +193,11 @@ def generate(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: i
     return out
 
 
-def ensure_synthetic(cache_dir: Path, people: int, size, seed: int) -> Path:
+def ensure_synthetic(cache_dir: Path, people: int, size, seed: int, anywhere: bool = False) -> Path:
     """The synthetic data set for these settings, generated once and reused."""
-    out = Path(cache_dir) / f"synthetic-{people}p-{size[0]}x{size[1]}-s{seed}"
+    out = Path(cache_dir) / f"synthetic-{people}p-{size[0]}x{size[1]}-s{seed}{'-anywhere' if anywhere else ''}"
     if not out.exists():
-        generate(out, people, tuple(size), seed)
+        generate(out, people, tuple(size), seed, anywhere=anywhere)
     return out
 
 
@@ -210,9 +215,10 @@ def main(argv=None) -> None:
     p.add_argument("--people", type=int, default=100)
     p.add_argument("--size", type=parse_size, default=(384, 512), help="W x H, default 384x512")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")
     a = p.parse_args(argv)
     try:
-        generate(a.out, a.people, a.size, a.seed)
+        generate(a.out, a.people, a.size, a.seed, anywhere=a.anywhere)
     except FileExistsError as e:
         p.exit(2, f"error: {e}\n")
     print(f"wrote {a.people} people ({a.people * 7} photos) to {a.out}")

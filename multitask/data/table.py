@@ -42,7 +42,7 @@ def resolve_root(cfg: Config) -> Path:
         if cfg.data.root:
             return Path(cfg.data.root)
         return ensure_synthetic(cfg.data.cache_dir, cfg.data.synthetic_people, cfg.data.synthetic_size,
-                                cfg.data.synthetic_seed)
+                                cfg.data.synthetic_seed, cfg.data.synthetic_anywhere)
     if not cfg.data.root:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
     return Path(cfg.data.root)

@@ -6,8 +6,8 @@ Prediction uses exactly ``Prepare`` + ``eval_transform`` built from the run's sa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional
 
 import albumentations as A
 import cv2
@@ -26,20 +26,69 @@ def load_size(data: DataConfig) -> tuple[int, int]:
     return tuple(s + 2 * round(s * data.load_margin / 2) for s in data.size)
 
 
+def widen(box, margin: float, aspect: float) -> np.ndarray:
+    """A face box grown by ``margin`` of its size on each side, then to ``aspect`` (height / width)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w, h = (x1 - x0) * (1 + 2 * margin), (y1 - y0) * (1 + 2 * margin)
+    if h / w < aspect:
+        h = w * aspect
+    else:
+        w = h / aspect
+    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+
+
+def crop_box(rgb: np.ndarray, box) -> np.ndarray:
+    """The box's pixels; parts outside the photo repeat its border (a face at the edge keeps its framing)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    pad = max(0, -x0, -y0, x1 - w, y1 - h)
+    if pad:
+        rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    return rgb[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+
+
 @dataclass(frozen=True)
 class Prepare:
-    """Photo file (or RGB array) -> H x W x 3 uint8 at ``size``: centre crop when it fits, then resize."""
+    """Photo file (or RGB array) -> H x W x 3 uint8 at ``size``: the face region, then resize.
+
+    The face region (``data.face_crop``): ``center``: the centre ``crop`` when the photo is large enough;
+    ``none``: the whole photo; ``detector``: the detected face box widened by ``face_margin`` (boxes looked up in
+    ``boxes``, found once by ``faces.find_faces``; other photos are detected on the spot), the centre crop when no
+    face is found."""
 
     crop: Optional[tuple[int, int]]
     size: tuple[int, int]
+    face_crop: str = "center"
+    face_margin: float = 0.25
+    boxes: Optional[Mapping[str, Optional[tuple]]] = field(default=None, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Prepare":
-        return cls(tuple(data.crop) if data.crop else None, load_size(data))
+        return cls(tuple(data.crop) if data.crop else None, load_size(data), data.face_crop, data.face_margin)
+
+    def with_boxes(self, faces) -> "Prepare":
+        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table)."""
+        boxes = {r.path: ((r.x0, r.y0, r.x1, r.y1) if r.found else None) for r in faces.itertuples()}
+        return replace(self, boxes=boxes)
+
+    def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
+        """The region cropped for this photo under ``face_crop=detector`` (None: no face found)."""
+        if self.boxes is not None and not isinstance(image, np.ndarray) and str(image) in self.boxes:
+            box = self.boxes[str(image)]
+        else:
+            from multitask.data.faces import detect
+
+            face = detect(rgb)
+            box = None if face is None else face.box
+        return None if box is None else widen(box, self.face_margin, self.size[0] / self.size[1])
 
     def __call__(self, image) -> np.ndarray:
         rgb = read_rgb(image) if not isinstance(image, np.ndarray) else image
-        if self.crop is not None:
+        box = self.face_box(image, rgb) if self.face_crop == "detector" else None
+        if box is not None:
+            rgb = crop_box(rgb, box)
+        elif self.crop is not None and self.face_crop != "none":
             ch, cw = self.crop
             h, w = rgb.shape[:2]
             if h >= ch and w >= cw:

@@ -1,0 +1,85 @@
+"""The face crop (data.face_crop=detector): boxes found once, cached, and used the same way everywhere."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multitask.config import load_config
+from multitask.data.dataset import preparation
+from multitask.data.faces import find_faces
+from multitask.data.synth import generate
+from multitask.data.transforms import widen
+
+
+@pytest.fixture(scope="module")
+def anywhere_root(tmp_path_factory) -> Path:
+    """Synthetic portraits whose faces vary in size and place."""
+    return generate(tmp_path_factory.mktemp("anywhere") / "faces", people=12, size=(384, 512), seed=4,
+                    anywhere=True)
+
+
+def overlap(inner, outer) -> float:
+    """Share of box ``inner`` that lies inside box ``outer``."""
+    w = max(0.0, min(inner[2], outer[2]) - max(inner[0], outer[0]))
+    h = max(0.0, min(inner[3], outer[3]) - max(inner[1], outer[1]))
+    return w * h / ((inner[2] - inner[0]) * (inner[3] - inner[1]))
+
+
+def test_the_crop_contains_the_drawn_face_wherever_it_is(anywhere_root, tmp_path):
+    boxes = pd.read_csv(anywhere_root / "boxes.csv")
+    boxes = boxes[boxes["path"].str.endswith("normal.jpg")].reset_index(drop=True)
+    paths = [str((anywhere_root / p).resolve()) for p in boxes["path"]]
+    faces = find_faces(paths, tmp_path)
+    found = faces["found"].to_numpy(dtype=bool)
+    assert found.sum() >= 2  # a detector for real faces finds some of these cartoon faces, not all
+    assert (boxes["face_x1"] - boxes["face_x0"]).max() > 1.7 * (boxes["face_x1"] - boxes["face_x0"]).min()
+    for (_, face), (_, drawn) in zip(faces[found].iterrows(), boxes[found].iterrows()):
+        crop = widen([face.x0, face.y0, face.x1, face.y1], 0.25, 1.0)
+        truth = [drawn.face_x0, drawn.face_y0, drawn.face_x1, drawn.face_y1]
+        assert overlap(truth, crop) >= 0.85, (drawn.path, crop, truth)
+
+
+def test_boxes_are_found_once_and_reused(anywhere_root, tmp_path):
+    paths = [str(p) for p in sorted(anywhere_root.rglob("normal.jpg"))]
+    logs = []
+    first = find_faces(paths, tmp_path, logs.append)
+    second = find_faces(paths, tmp_path, logs.append)
+    assert len(logs) == 1 and list(tmp_path.glob("faces-*.csv"))
+    pd.testing.assert_frame_equal(first, second, check_dtype=False)
+
+
+def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, tmp_path):
+    cfg = load_config([f"data.cache_dir={tmp_path}", "data.face_crop=detector", "data.crop=[120,96]",
+                       "data.size=[64,64]"])
+    paths = [str(p) for p in sorted(anywhere_root.rglob("normal.jpg"))]
+    prepare, found = preparation(cfg.data, paths, log=lambda s: None)
+    assert found is not None and found.any() and len(found) == len(paths)
+    i = int(np.argmax(found))
+    center = load_config([f"data.cache_dir={tmp_path}", "data.crop=[120,96]", "data.size=[64,64]"])
+    center_prepare, none_found = preparation(center.data, paths, log=lambda s: None)
+    assert none_found is None
+    assert prepare(paths[i]).shape == center_prepare(paths[i]).shape
+    assert not np.array_equal(prepare(paths[i]), center_prepare(paths[i]))
+    if not found.all():
+        j = int(np.argmin(found))  # no face: exactly the centre crop
+        assert np.array_equal(prepare(paths[j]), center_prepare(paths[j]))
+
+
+@pytest.mark.slow
+def test_training_and_prediction_with_the_detector_crop(tmp_path):
+    from multitask.cv import run_cv
+    from multitask.predict import predict
+    from tests.conftest import tiny_overrides
+
+    root = generate(tmp_path / "faces", people=4, size=(192, 256), seed=4, anywhere=True)
+    cfg = load_config(tiny_overrides(root, tmp_path) + ["data.face_crop=detector", "cv.folds=2", "cv.run_folds=[0]"])
+    run = tmp_path / "runs" / "detector"
+    run_cv(cfg, run, log=lambda s: None)
+    data = pd.read_csv(run / "data.csv")
+    assert data["face_found"].dtype == bool and len(data) == 28
+    assert "face_found" in pd.read_csv(run / "fold0" / "oof.csv")
+    preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
+    assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28
