@@ -11,12 +11,14 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from multitask.config import load_config
+from multitask.config import extra_val_names, load_config
+from multitask.data.transforms import Prepare
 from multitask.data.images import to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.predict import available_folds, load_fold_models
@@ -115,6 +117,8 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
     target_key = tuple(sorted(targets.items()))
     rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key)
     left, right = st.columns([1, 3])
+    if cfg.data.face_crop == "detector":
+        left.image(*face_box_view(cfg, photo), width="stretch")
     left.image(rgb, caption="network input", width="stretch")
     with right:
         show_prediction(cfg, grid)
@@ -135,6 +139,52 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
                    "photo is shown (higher: the CAM kept what mattered). road: ROAD combined score, removing "
                    "the most and least relevant pixels (higher: more faithful). Averaged over the models shown.")
         st.dataframe(faithfulness_for(str(run), folds, photo_key, photo, method, target_key).round(4), hide_index=True)
+
+
+def face_box_view(cfg, photo: np.ndarray) -> tuple[np.ndarray, str]:
+    """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
+    box = Prepare.from_config(cfg.data).face_box(photo, photo)
+    if box is None:
+        return photo, "no face found: the centre crop is used"
+    shown = photo.copy()
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    cv2.rectangle(shown, (x0, y0), (x1, y1), (255, 40, 40), max(2, photo.shape[1] // 150))
+    return shown, "detected face region"
+
+
+def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple[np.ndarray, str] | None:
+    """A photo of an extra validation set (data.extra_val), filtered by its true and predicted mask class."""
+    frames = [csv(run / f"fold{k}" / "extra_val" / f"{name}.csv") for k in folds]
+    frames = [f for f in frames if f is not None]
+    if not frames:
+        st.info(f"{name} is scored when a fold finishes; no scores for the chosen model yet.")
+        return None
+    table = frames[0].copy()
+    mask = next((h for h in cfg.heads if h.name == "mask"), None)
+    if mask is not None and "true_mask" in table:
+        cols = [f"p_mask_{c}" for c in mask.classes]
+        table["pred_mask"] = np.mean([f[cols].to_numpy() for f in frames], axis=0).argmax(1)
+        c = st.columns(3)
+        true = c[0].multiselect("true mask", mask.classes, key=f"{key}_xt")
+        pred = c[1].multiselect("predicted mask", mask.classes, key=f"{key}_xp")
+        if true:
+            table = table[table["true_mask"].isin([mask.classes.index(t) for t in true])]
+        if pred:
+            table = table[table["pred_mask"].isin([mask.classes.index(t) for t in pred])]
+        if c[2].checkbox("only misclassified", key=f"{key}_xw"):
+            table = table[table["true_mask"] != table["pred_mask"]]
+    if table.empty:
+        st.warning("No photo matches these filters.")
+        return None
+    path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(),
+                        format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key=f"{key}_xpick")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img), path
+    except OSError as e:
+        st.error(f"Cannot read {path}: {e}")
+        return None
 
 
 def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
@@ -253,9 +303,13 @@ def main() -> None:
                        + ", ".join(h.name for h in cfg.heads))
     photo_tab, report_tab, mistakes_tab = st.tabs(["Inspect a photo", "Report", "Mistakes"])
     with photo_tab:
-        source = st.radio("photo", ["upload", "from the run's data"], horizontal=True)
+        extra_sets = extra_val_names(cfg.data)
+        source = st.radio("photo", ["upload", "from the run's data"] + [f"extra validation: {n}" for n in extra_sets],
+                          horizontal=True)
         picked = None
-        if source == "upload":
+        if source.startswith("extra validation: "):
+            picked = extra_val_picker(run, cfg, source.split(": ", 1)[1], folds, "extra")
+        elif source == "upload":
             upload = st.file_uploader(f"a photo (up to {MAX_UPLOAD_MB} MB)",
                                       type=["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"])
             if upload is not None:

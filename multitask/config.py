@@ -77,6 +77,15 @@ class DataConfig:
     workers: int = -1  # -1: chosen for the machine
 
 
+def extra_val_names(data: DataConfig) -> List[str]:
+    """A short unique name per ``data.extra_val`` entry (the folder or file name): what reports call the set."""
+    names: List[str] = []
+    for i, root in enumerate(data.extra_val):
+        name = Path(root).stem or f"set{i}"
+        names.append(name if name not in names else f"{name}{i}")
+    return names
+
+
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"  # any torchvision classifier: resnet18/34/50/101, mobilenet_v2/v3_*, efficientnet_b0..

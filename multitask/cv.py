@@ -24,7 +24,7 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.tensorboard import SummaryWriter
 
-from multitask.config import Config, HeadConfig, StageConfig, save_config
+from multitask.config import Config, HeadConfig, StageConfig, extra_val_names, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import apply_policy, load_labeled, load_table
@@ -298,19 +298,10 @@ def write_fold_oof(ctx: Context, fold: int, rows, targets, probs) -> None:
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------
 
 
-def extra_val_names(cfg: Config) -> List[str]:
-    """A short unique name per ``data.extra_val`` entry: the folder or file name."""
-    names = []
-    for i, root in enumerate(cfg.data.extra_val):
-        name = Path(root).stem or f"set{i}"
-        names.append(name if name not in names else f"{name}{i}")
-    return names
-
-
 def load_extra_val(cfg: Config, log: Log) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
     """name -> (table, prepared images) of each extra validation set; unreadable files follow data.on_bad_file."""
     sets = {}
-    for name, root in zip(extra_val_names(cfg), cfg.data.extra_val):
+    for name, root in zip(extra_val_names(cfg.data), cfg.data.extra_val):
         table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
         prepare, face_found = preparation(cfg.data, table["path"].tolist(), log)
         if face_found is not None:

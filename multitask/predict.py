@@ -23,14 +23,14 @@ from multitask.cv import final_heads, final_stage
 from multitask.data.dataset import PhotoDataset, cached_images, preparation
 from multitask.data.images import is_image_name
 from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,
-                                    read_csv_or_fail)
+                                    load_mask_folders, mask_folders, read_csv_or_fail)
 from multitask.data.transforms import eval_transform
 from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,
                               resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text
 from multitask.metrics import joint_name, score
 from multitask.model import MultiHeadNet, WeightsError, build_model
-from multitask.report import frame_arrays, per_class_table, write_confusions
+from multitask.report import frame_arrays, mask_on_accuracy, per_class_table, write_confusions
 from multitask.tasks import encode_joint, joint_class_names
 
 
@@ -126,6 +126,9 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     if (path / "train.csv").is_file():
         table, problems = load_competition(path, cfg.data.age_thresholds)
         return table, "competition", problems
+    if mask_folders(path):  # worn_correctly/, worn_incorrectly/, not_worn/: the mask head is scored
+        table, problems = load_mask_folders(path)
+        return table, "mask folders", problems
     files = image_files(path)
     if not files:
         raise DataError([Problem(str(path), "no image files found")])
@@ -140,7 +143,7 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
             df[f"p_{h.name}_{c}"] = probs[h.name][:, j]
         df[f"pred_{h.name}"] = preds[h.name]
         df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
-        if h.column in df.columns and df[h.column].notna().all():
+        if h.column in df.columns and df[h.column].notna().all() and (df[h.column].astype(np.int64) >= 0).all():
             df[f"true_{h.name}"] = df[h.column].astype(np.int64)
     sizes = [len(h.classes) for h in heads]
     df["label"] = encode_joint([preds[h.name] for h in heads], sizes)
@@ -149,9 +152,15 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
     return df
 
 
-def write_labeled_report(cfg: Config, df: pd.DataFrame, out: Path) -> dict:
-    heads = final_heads(cfg)
+def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dict:
+    """Scores of the labeled heads (all of them, or only the mask for a folder per mask class)."""
     scores = score(heads, *frame_arrays(heads, df))
+    extra = []
+    mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
+    if mask is not None:
+        acc = mask_on_accuracy(df["true_mask"].to_numpy(), df["pred_mask"].to_numpy(), mask.classes.index("not_worn"))
+        scores["mask"]["mask_on_accuracy"] = acc
+        extra = ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
     plots = write_confusions(scores, heads, out / "plots")
     keys = list(scores)
     name = lambda k: joint_name(heads) if k == "joint" else k  # noqa: E731
@@ -159,7 +168,7 @@ def write_labeled_report(cfg: Config, df: pd.DataFrame, out: Path) -> dict:
              "| | " + " | ".join(name(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
              "| macro-F1 | " + " | ".join(f"{scores[k]['f1_macro']:.4f}" for k in keys) + " |",
              "| accuracy | " + " | ".join(f"{scores[k]['accuracy']:.4f}" for k in keys) + " |"]
-    lines += per_class_table(scores, heads) + [""] + [f"![{p}](plots/{p})" for p in plots]
+    lines += extra + per_class_table(scores, heads) + [""] + [f"![{p}](plots/{p})" for p in plots]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "report.json", json.dumps(scores, indent=1))
     return scores
@@ -199,8 +208,8 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
     labeled = [h for h in final_heads(cfg) if f"true_{h.name}" in df.columns]
-    if labeled and len(labeled) == len(final_heads(cfg)):
-        scores = write_labeled_report(cfg, df, out)
+    if labeled:
+        scores = write_labeled_report(cfg, labeled, df, out)
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
     log(f"{len(df)} photos predicted with folds {sorted(models)} x {len(views)} view(s) ({how}); "
         f"{len(problems)} skipped" + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from multitask.config import Config, HeadConfig  # noqa: E402
+from multitask.config import Config, HeadConfig, extra_val_names  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
@@ -119,10 +119,8 @@ def mask_on_accuracy(true: np.ndarray, pred: np.ndarray, not_worn: int) -> float
 def extra_val_scores(run_dir: Path, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
     """name -> {"folds": {k: scores}, "ensemble": scores} for each extra validation set, on its labeled heads
     (a folder per mask class labels the mask only); mask scores add ``mask_on_accuracy``."""
-    from multitask.cv import extra_val_names
-
     out = {}
-    for name in extra_val_names(cfg):
+    for name in extra_val_names(cfg.data):
         frames = {int(p.parent.parent.name[4:]): pd.read_csv(p) for p in sorted(run_dir.glob(f"fold*/extra_val/{name}.csv"))}
         if not frames:
             continue
