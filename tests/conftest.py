@@ -19,6 +19,20 @@ def faces_root(tmp_path_factory) -> Path:
     return generate(tmp_path_factory.mktemp("synth") / "faces", people=24, size=(96, 128), seed=3)
 
 
+@pytest.fixture(scope="session")
+def mask_folders_root(faces_root, tmp_path_factory) -> Path:
+    """The session's photos as a folder per mask class (worn_correctly/, worn_incorrectly/, not_worn/), the
+    layout of real masked sets used as extra validation sets."""
+    out = tmp_path_factory.mktemp("maskfolders") / "masked"
+    names = {"mask1": "worn_correctly", "mask2": "worn_correctly", "incorrect_mask": "worn_incorrectly",
+             "normal": "not_worn"}
+    for person in sorted((faces_root / "images").iterdir()):
+        for photo, folder in names.items():
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(person / f"{photo}.jpg", out / folder / f"{person.name}_{photo}.jpg")
+    return out
+
+
 @pytest.fixture
 def faces_copy(faces_root, tmp_path) -> Path:
     """A writable copy, for tests that break the data on purpose."""
@@ -38,13 +52,15 @@ def tiny_config(faces_root, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def trained_run(faces_root, tmp_path_factory) -> Path:
-    """A tiny 3-fold run on the session's synthetic faces, trained once for predict/explain/dashboard tests."""
+def trained_run(faces_root, mask_folders_root, tmp_path_factory) -> Path:
+    """A tiny 3-fold run on the session's synthetic faces, trained once for predict/explain/dashboard tests;
+    it scores the mask folders as an extra validation set."""
     from multitask.cv import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = load_config(tiny_overrides(faces_root, tmp) + ["stage2.epochs=2", "data.size=[48,40]"])
+    cfg = load_config(tiny_overrides(faces_root, tmp) + ["stage2.epochs=2", "data.size=[48,40]",
+                                                         f"data.extra_val=[{mask_folders_root}]"])
     run = tmp / "runs" / "tiny"
     run_cv(cfg, run, log=lambda s: None)
     write_report(run)
