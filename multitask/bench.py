@@ -13,21 +13,35 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from multitask.config import load_config
-from multitask.cv import training_targets
-from multitask.data.dataset import PhotoDataset, cached_images
-from multitask.data.table import load_table
-from multitask.data.transforms import Prepare, eval_transform, train_transform
-from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_precision,
+def cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multitask.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="128x96,224x224", help="H x W training sizes to measure")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4, help="batches per measurement")
+    p.add_argument("--out", type=Path, default=Path("bench.json"))
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()  # --help and usage errors answer before torch and the rest are imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pytorch_grad_cam import GradCAM  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from multitask.config import load_config  # noqa: E402
+from multitask.cv import training_targets  # noqa: E402
+from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
+from multitask.data.table import load_table  # noqa: E402
+from multitask.data.transforms import Prepare, eval_transform, train_transform  # noqa: E402
+from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_precision,  # noqa: E402
                               train_one_epoch)
-from multitask.explain import cam_grid
-from multitask.losses import MultiHeadLoss
-from multitask.model import build_model, param_groups
+from multitask.explain import cam_grid  # noqa: E402
+from multitask.losses import MultiHeadLoss  # noqa: E402
+from multitask.model import build_model, param_groups  # noqa: E402
 
 
 def timed(fn, warmup: int = 1, repeat: int = 3) -> float:
@@ -115,12 +129,7 @@ def cam_latency(cfg) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="128x96,224x224", help="H x W training sizes to measure")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4, help="batches per measurement")
-    p.add_argument("--out", type=Path, default=Path("bench.json"))
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
+    p = cli()
     a = p.parse_args(argv)
     results = {"threads": configure_threads(load_config(a.overrides).train), "batch": a.batch, "sizes": {}}
     print(f"{'size':>9} | {'(a) model':>10} | {'(b) ours':>10} | {'(c) plain':>10} | {'(d) infer':>10} | "

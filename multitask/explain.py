@@ -15,25 +15,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
-import pandas as pd
-import torch
-from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
-from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
-from pytorch_grad_cam.metrics.road import ROADCombined
-from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eigencam", "scorecam")
 
-from multitask.config import Config, ConfigError, load_config
-from multitask.data.sources import DataError, Problem, image_files
-from multitask.data.transforms import Prepare, denormalize, eval_transform
-from multitask.io import atomic_to_csv
-from multitask.model import MultiHeadNet, WeightsError, stage_layers
 
-METHODS = {
-    "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "layercam": LayerCAM,
-    "xgradcam": XGradCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM,
-}
+def cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--fold", type=int, help="default: the first trained fold")
+    p.add_argument("input", type=Path, help="an image or a folder of images")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", default="gradcam", choices=sorted(METHOD_NAMES))
+    p.add_argument("--target", action="append", default=[], metavar="HEAD=CLASS",
+                   help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="add per head the confidence change and ROAD score of the deepest layer's CAM")
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()  # --help and usage errors answer before torch and grad-cam are imported
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)  # noqa: E402
+from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange  # noqa: E402
+from pytorch_grad_cam.metrics.road import ROADCombined  # noqa: E402
+from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from multitask.config import Config, ConfigError, load_config  # noqa: E402
+from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
+from multitask.data.transforms import Prepare, denormalize, eval_transform  # noqa: E402
+from multitask.io import atomic_to_csv  # noqa: E402
+from multitask.model import MultiHeadNet, WeightsError, stage_layers  # noqa: E402
+
+METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, EigenCAM, ScoreCAM)))
 
 
 @dataclass
@@ -266,16 +283,7 @@ def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarra
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--fold", type=int, help="default: the first trained fold")
-    p.add_argument("input", type=Path, help="an image or a folder of images")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--method", default="gradcam", choices=sorted(METHODS))
-    p.add_argument("--target", action="append", default=[], metavar="HEAD=CLASS",
-                   help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
-    p.add_argument("--faithfulness", action="store_true",
-                   help="add per head the confidence change and ROAD score of the deepest layer's CAM")
+    p = cli()
     a = p.parse_args(argv)
     try:
         if not (a.run / "config.yaml").exists():

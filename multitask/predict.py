@@ -14,24 +14,48 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
-import pandas as pd
-import torch
 
-from multitask.config import Config, ConfigError, load_config
-from multitask.cv import final_heads, final_stage
-from multitask.data.dataset import PhotoDataset, cached_images, preparation
-from multitask.data.images import is_image_name
-from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,
+def parse_folds(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected e.g. 0,2") from None
+
+
+def cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="run directory of python -m multitask.train")
+    p.add_argument("input", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold)")
+    p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with mirrored photos (default: the run's predict.tta_flip)")
+    p.add_argument("--batch-size", type=int, default=128)
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()  # --help and usage errors answer before torch, pandas and the rest are imported
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from multitask.config import Config, ConfigError, load_config  # noqa: E402
+from multitask.cv import final_heads, final_stage  # noqa: E402
+from multitask.data.dataset import PhotoDataset, cached_images, preparation  # noqa: E402
+from multitask.data.images import is_image_name  # noqa: E402
+from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,  # noqa: E402
                                     load_mask_folders, mask_folders, read_csv_or_fail)
-from multitask.data.transforms import eval_transform
-from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,
+from multitask.data.transforms import eval_transform  # noqa: E402
+from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,  # noqa: E402
                               resolve_precision)
-from multitask.io import atomic_to_csv, atomic_write_text
-from multitask.metrics import joint_name, score
-from multitask.model import MultiHeadNet, WeightsError, build_model
-from multitask.report import frame_arrays, mask_on_accuracy, per_class_table, write_confusions
-from multitask.tasks import encode_joint, joint_class_names
+from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
+from multitask.metrics import joint_name, score  # noqa: E402
+from multitask.model import MultiHeadNet, WeightsError, build_model  # noqa: E402
+from multitask.report import frame_arrays, mask_on_accuracy, per_class_table, write_confusions  # noqa: E402
+from multitask.tasks import encode_joint, joint_class_names  # noqa: E402
 
 
 def available_folds(run_dir: Path, cfg: Config) -> List[int]:
@@ -216,23 +240,8 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     return df
 
 
-def parse_folds(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected e.g. 0,2") from None
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="run directory of python -m multitask.train")
-    p.add_argument("input", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold)")
-    p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
-    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="average with mirrored photos (default: the run's predict.tta_flip)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p = cli()
     a = p.parse_args(argv)
     try:
         if not (a.run / "config.yaml").exists():

@@ -9,7 +9,17 @@ import json
 from pathlib import Path
 from typing import List, Sequence
 
-import matplotlib
+
+def cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multitask.report", description="Rebuild a run's report.")
+    p.add_argument("run_dir", type=Path)
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()  # --help and usage errors answer before matplotlib, pandas and the rest are imported
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -228,8 +238,7 @@ def write_report(run_dir: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m multitask.report", description="Rebuild a run's report.")
-    p.add_argument("run_dir", type=Path)
+    p = cli()
     a = p.parse_args(argv)
     write_report(a.run_dir)
     print((a.run_dir / "report.md").read_text())

@@ -14,11 +14,9 @@ from datetime import datetime
 from pathlib import Path
 
 from multitask.config import Config, ConfigError, load_config, to_yaml
-from multitask.cv import run_cv
-from multitask.data.sources import DataError
-from multitask.engine import NonFiniteLoss, configure_threads
-from multitask.model import WeightsError
-from multitask.report import write_report
+
+# torch, pandas and the trainer are imported in main(), after the arguments are read: --help and usage errors
+# answer at once.
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -38,6 +36,12 @@ def main(argv=None) -> int:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     a = p.parse_args(argv)
+    from multitask.cv import run_cv
+    from multitask.data.sources import DataError
+    from multitask.engine import NonFiniteLoss, configure_threads
+    from multitask.model import WeightsError
+    from multitask.report import write_report
+
     run_dir = None
     try:
         if a.resume:

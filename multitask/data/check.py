@@ -6,16 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List
 
-from multitask.data.dataset import prepare_all
-from multitask.data.sources import DataError, Problem
-from multitask.data.table import balanced_people, detect_source, load_source
-from multitask.data.transforms import Prepare
+# Data modules (pandas, torch, opencv) are imported where used: --help and usage errors answer at once.
 
 
-def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[int, List[Problem]]:
+def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[int, list]:
     """(number of photos, problems)."""
+    from multitask.data.dataset import prepare_all
+    from multitask.data.sources import DataError
+    from multitask.data.table import detect_source, load_source
+    from multitask.data.transforms import Prepare
+
     source = source or detect_source(root)
     try:
         table, problems, _ = load_source(source, Path(root), thresholds)
@@ -28,6 +29,8 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
 def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> int:
     from multitask.data.faces import DetectorMissing
     from multitask.data.paint import paint_folder
+    from multitask.data.sources import DataError, Problem
+    from multitask.data.table import balanced_people, detect_source, load_source
 
     try:
         source = detect_source(src)
