@@ -49,6 +49,9 @@ class DataConfig:
     synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
     synthetic_seed: int = 0
     synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
+    # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
+    # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
+    synthetic_unmasked: int = 600
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
     train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)

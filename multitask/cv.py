@@ -3,7 +3,7 @@
 Run directory layout (the contract with resume, predict, explain and the dashboard):
 
     config.yaml  folds.csv  data.csv  skipped.csv
-    fold<k>/stage<s>/  last.pt  best.pt  metrics.csv  done.json
+    fold<k>/stage<s>/  best.pt  metrics.csv  done.json  (last.pt while the stage trains)
     fold<k>/oof.csv  fold<k>/done.json
     oof.csv  report.md  report.json  plots/  tb/
 
@@ -91,6 +91,7 @@ class Context:
     device: torch.device
     dtype: Optional[torch.dtype]
     log: Log
+    clock: Clock
 
 
 def stage_rows(table: pd.DataFrame, stage: StageConfig, heads: List[HeadConfig]) -> pd.Series:
@@ -158,6 +159,27 @@ def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
     return int(np.random.default_rng([cfg.train.seed, fold, stage, epoch]).integers(2**31))
 
 
+def stage_split(cfg: Config, t: pd.DataFrame, fold: int, stage_no: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, validation rows) of one stage of one fold."""
+    keep = stage_rows(t, getattr(cfg, f"stage{stage_no}"), cfg.heads)
+    train_rows = t[keep & (t["fold"] != fold) & (~t["stage1_only"] | (stage_no == 1))]
+    if cfg.data.drop_train_ages and "age" in t:
+        train_rows = train_rows[~train_rows["age"].isin(cfg.data.drop_train_ages)]
+    return train_rows, t[keep & (t["fold"] == fold)]
+
+
+class Clock:
+    """Time left for the run, from the photos (training + validation passes) still to go and the pace so far."""
+
+    def __init__(self, planned: int):
+        self.planned, self.done, self.start = planned, 0, time.perf_counter()
+
+    def tick(self, photos: int) -> str:
+        self.done += photos
+        pace = (time.perf_counter() - self.start) / max(self.done, 1)
+        return f"~{max(self.planned - self.done, 0) * pace / 60:.1f} min left"
+
+
 def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: tuple[float, float],
               writer: SummaryWriter) -> MultiHeadNet:
     """Train one stage of one fold (resuming from its last.pt if there is one); returns the best model."""
@@ -169,12 +191,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
         return model.to(ctx.device)
 
-    t = ctx.table
-    keep = stage_rows(t, stage, cfg.heads)
-    train_rows = t[keep & (t["fold"] != fold) & (~t["stage1_only"] | (stage_no == 1))]
-    if cfg.data.drop_train_ages and "age" in t:
-        train_rows = train_rows[~train_rows["age"].isin(cfg.data.drop_train_ages)]
-    val_rows = t[keep & (t["fold"] == fold)]
+    train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
     if train_rows.empty or val_rows.empty:
         raise DataError([Problem(str(ctx.run_dir), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
                                                    f"{len(val_rows)} validation photos; need both")])
@@ -254,10 +271,12 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                 writer.add_scalar(f"{tag}/{k}", v, epoch + 1)
         writer.flush()
         f1s = "  ".join(f"{k} {v['f1_macro']:.3f}" for k, v in scores.items())
+        left = ctx.clock.tick(len(train_ds) + len(val_rows))
         ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
                 f"val F1 {f1s}  lr {lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
-                + ("  *" if improved else ""))
+                + ("  *" if improved else "") + f"  ({left})")
     atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
+    last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
     model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
     return model
 
@@ -370,10 +389,17 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
     atomic_to_csv(table.drop(columns=["_row"]), run_dir / "data.csv")
     device = resolve_device(cfg.train.device)
     dtype = resolve_precision(cfg.train.precision, device)
-    ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log)
+    todo = [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not (run_dir / f"fold{k}" / "done.json").exists()]
+    stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
+    sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
+    planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
+    ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log, Clock(planned))
     extra_val = load_extra_val(cfg, log)
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}, "
         f"precision {dtype or 'fp32'}, size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
+    log(f"{len(todo)} fold(s) to train: " + ", ".join(
+        f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
+        for s, n in sizes.items()) + "; the time left is shown after every epoch")
     writer = SummaryWriter(str(run_dir / "tb"))
     try:
         for fold in cfg.cv.run_folds or range(cfg.cv.folds):

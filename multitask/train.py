@@ -58,13 +58,18 @@ def main(argv=None) -> int:
         configure_threads(cfg.train)
         run_dir = run_dir or new_run_dir(cfg)
         run_cv(cfg, run_dir)
-        write_report(run_dir)
+        report = write_report(run_dir)
     except (ConfigError, DataError, WeightsError, NonFiniteLoss) as e:
         where = f" (run {run_dir}; earlier results are kept, --resume continues)" if run_dir else ""
         print(f"error: {e}{where}", file=sys.stderr)
         return 2
     print((run_dir / "report.md").read_text())
-    print(f"run directory: {run_dir}")
+    key = "joint" if "joint" in report["mean"] else next(iter(report["mean"]))
+    heads = ", ".join(f"{k} {v['f1_macro']:.3f}" for k, v in report["mean"].items() if k != key)
+    name = report["joint_name"] if key == "joint" else key
+    print(f"{name} macro-F1 {report['mean'][key]['f1_macro']:.3f} ± {report['std'][key]['f1_macro']:.3f}"
+          f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {run_dir / 'report.md'}; "
+          f"look inside with `make dashboard` (MULTITASK_RUNS={run_dir.parent}).")
     return 0
 
 

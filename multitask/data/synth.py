@@ -193,6 +193,42 @@ def generate(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: i
     return out
 
 
+RACE_INDEX = {r: i for i, r in enumerate(RACES)}
+
+
+def draw_unmasked(args) -> None:
+    """One extra unmasked person, UTKFace-style: ``<age>_<gender>_<race>_<index>.jpg``."""
+    out, seed, index, width, height = args
+    rng = np.random.default_rng([seed, 1, index])  # a stream of its own: never one of the main set's persons
+    t = person_traits(rng)
+    img = draw_photo(t, "normal", rng, width, height)[0]
+    img.save(Path(out) / f"{t['age']}_{t['gender']}_{RACE_INDEX[t['race']]}_{index:06d}.jpg",
+             quality=int(rng.integers(60, 96)))
+
+
+def generate_unmasked(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: int = 0) -> Path:
+    """``people`` extra unmasked persons, one portrait each, UTKFace-style names (``data.extra_unmasked``)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        jobs = [(str(tmp), seed, i, *size) for i in range(people)]
+        with ProcessPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
+            list(pool.map(draw_unmasked, jobs, chunksize=16))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def ensure_synthetic_unmasked(cache_dir: Path, people: int, size, seed: int) -> Path:
+    out = Path(cache_dir) / f"synthetic-unmasked-{people}p-{size[0]}x{size[1]}-s{seed}"
+    if not out.exists():
+        generate_unmasked(out, people, tuple(size), seed)
+    return out
+
+
 def ensure_synthetic(cache_dir: Path, people: int, size, seed: int, anywhere: bool = False) -> Path:
     """The synthetic data set for these settings, generated once and reused."""
     out = Path(cache_dir) / f"synthetic-{people}p-{size[0]}x{size[1]}-s{seed}{'-anywhere' if anywhere else ''}"

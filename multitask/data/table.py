@@ -10,7 +10,7 @@ import pandas as pd
 from multitask.config import Config, ConfigError
 from multitask.data.sources import (DataError, Problem, load_competition, load_imagefolder, load_manifest,
                                     load_mask_folders, load_utkface, mask_folders)
-from multitask.data.synth import ensure_synthetic
+from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
 
 
 def detect_source(root: Path) -> str:
@@ -65,7 +65,11 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
             raise ConfigError(f"heads[0].classes {cfg.heads[0].classes} differ from the folders {classes} in {root}")
     # extra: never validated (no fold); stage1_only: unmasked extras, kept out of the all-heads stage
     table = table.assign(extra=False, stage1_only=False)
-    extras = [(f, load_utkface, cfg.data.extra_unmasked_people, True) for f in cfg.data.extra_unmasked]
+    unmasked = list(cfg.data.extra_unmasked)
+    if cfg.data.source == "synthetic" and not cfg.data.root and cfg.data.synthetic_unmasked > 0:
+        unmasked.append(ensure_synthetic_unmasked(cfg.data.cache_dir, cfg.data.synthetic_unmasked,
+                                                  cfg.data.synthetic_size, cfg.data.synthetic_seed))
+    extras = [(f, load_utkface, cfg.data.extra_unmasked_people, True) for f in unmasked]
     extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
     for i, (folder, load, people, stage1_only) in enumerate(extras):
         extra, extra_problems = load(Path(folder), cfg.data.age_thresholds)
