@@ -12,13 +12,14 @@ import json
 import resource
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multitask.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="128x96,224x224", help="H x W training sizes to measure")
+    p.add_argument("--sizes", default="128x96,128x128,224x224", help="H x W training sizes to measure")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4, help="batches per measurement")
+    p.add_argument("--steps", type=int, default=4, help="batches per pipeline measurement (one run)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
     return p
@@ -36,133 +37,185 @@ from multitask.config import load_config  # noqa: E402
 from multitask.cv import training_targets  # noqa: E402
 from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
 from multitask.data.table import load_table  # noqa: E402
-from multitask.data.transforms import Prepare, eval_transform, train_transform  # noqa: E402
-from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_precision,  # noqa: E402
-                              train_one_epoch)
+from multitask.data.transforms import Prepare, train_transform  # noqa: E402
+from multitask.engine import (autocast, configure_threads, loader_workers, make_loader,  # noqa: E402
+                              resolve_precision, train_one_epoch)
 from multitask.explain import cam_grid  # noqa: E402
 from multitask.losses import MultiHeadLoss  # noqa: E402
-from multitask.model import build_model, param_groups  # noqa: E402
+from multitask.model import build_model, param_groups, stage_layers  # noqa: E402
 
 
-def timed(fn, warmup: int = 1, repeat: int = 3) -> float:
+def cpu_facts() -> dict:
+    """What decides CPU speed here: the vector extensions torch can use, threads and the CPU's name."""
+    flags, name = set(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return {"cpu": name, "flags": [f for f in wanted if f in flags], "threads": torch.get_num_threads(),
+            "torch_fast_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())}
+
+
+def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs: int = 5,
+            min_seconds: float = 6.0) -> dict:
+    """images/s of ``step`` (which returns the images it handled): ``warmup`` calls untimed (oneDNN picks its
+    kernels on the first ones), then timed calls until ``min_runs`` and ``min_seconds`` are both reached.
+    The figure is the median; ``spread`` is (max - min) / median of the per-call rates."""
     for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
+        step()
+    rates, start = [], time.perf_counter()
+    while len(rates) < min_runs or time.perf_counter() - start < min_seconds:
+        tick = time.perf_counter()
+        n = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(n / (time.perf_counter() - tick))
+    median = float(np.median(rates))
+    return {"img_s": median, "spread": float((max(rates) - min(rates)) / median), "runs": len(rates)}
 
 
-def setup(cfg):
+def setup(cfg, device: torch.device, channels_last: bool):
     model, _ = build_model(cfg.model, cfg.heads)
-    loss = MultiHeadLoss([h.name for h in cfg.heads], [1.0] * len(cfg.heads), cfg.loss)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss = MultiHeadLoss([h.name for h in cfg.heads], [1.0] * len(cfg.heads), cfg.loss).to(device)
     opt = torch.optim.Adam(param_groups(model, 1e-3, 1e-3, 0.0))
     return model, loss, opt
 
 
-def model_only(cfg, batch: int, steps: int, dtype, channels_last: bool) -> float:
-    """(a) images/s of forward + backward + step on random tensors."""
-    model, loss_fn, opt = setup(cfg)
+def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool) -> dict:
+    """(a) forward + backward + step on random tensors already on the device."""
+    model, loss_fn, opt = setup(cfg, device, channels_last)
     model.train()
-    x = torch.randn(batch, 3, *cfg.data.size)
-    y = torch.stack([torch.randint(0, len(h.classes), (batch,)) for h in cfg.heads], 1)
-    column = {h.name: i for i, h in enumerate(cfg.heads)}
+    x = torch.randn(batch, 3, *cfg.data.size, device=device)
     if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.stack([torch.randint(0, len(h.classes), (batch,)) for h in cfg.heads], 1).to(device)
+    column = {h.name: i for i, h in enumerate(cfg.heads)}
 
-    def step():
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
-        with ctx:
-            loss, _ = loss_fn(model.split(model(x)), y, column)
-        opt.zero_grad()
+    def step() -> int:
+        with autocast(device, dtype):
+            logits = model.split(model(x))
+        loss, _ = loss_fn(logits, y, column)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return batch
 
-    return batch / timed(step, 1, steps)
+    return measure(step, device, warmup=3)
 
 
-def pipeline(cfg, table, images, batch: int, steps: int, dtype, channels_last: bool, cached: bool) -> float:
-    """(b)/(c) images/s of whole epochs' batches: loading, augmentation, forward, backward, step."""
-    model, loss_fn, opt = setup(cfg)
+def pipeline(cfg, table, images, batch: int, steps: int, device: torch.device, dtype, channels_last: bool,
+             cached: bool) -> dict:
+    """(b)/(c) ``steps`` batches read from the cache (or decoded from disk), augmented, trained on."""
+    model, loss_fn, opt = setup(cfg, device, channels_last)
     rows = table.head(batch * steps)
     ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), train_transform(cfg.data, cfg.augment),
                       Prepare.from_config(cfg.data), images if cached else None,
                       rows["_row"].to_numpy() if cached else None)
-    device = torch.device("cpu")
     workers = loader_workers(cfg.data.workers, device, cached)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     column = {h.name: i for i, h in enumerate(cfg.heads)}
-    run = lambda: train_one_epoch(model, make_loader(ds, batch, workers, device, shuffle=True), loss_fn, opt,  # noqa
-                                  device, dtype, channels_last, column, cfg.augment, np.random.default_rng(0), 1,
-                                  progress=False)
-    run_small = lambda: train_one_epoch(  # noqa: E731  warm-up on one batch
-        model, make_loader(torch.utils.data.Subset(ds, range(batch)), batch, 0, device), loss_fn, opt, device,
-        dtype, channels_last, column, cfg.augment, np.random.default_rng(0), 1, progress=False)
-    run_small()
-    return len(ds) / timed(run, 0, 1)
+
+    def epoch() -> int:
+        train_one_epoch(model, make_loader(ds, batch, workers, device, shuffle=True), loss_fn, opt, device, dtype,
+                        channels_last, column, cfg.augment, np.random.default_rng(0), 1, progress=False)
+        return len(ds)
+
+    return measure(epoch, device, warmup=1, min_runs=3)
 
 
-def inference(cfg, batch: int, dtype, channels_last: bool) -> float:
+def inference(cfg, batch: int, device: torch.device, dtype, channels_last: bool) -> dict:
     model, _ = build_model(cfg.model, cfg.heads)
-    n = batch * 3
-    ds = PhotoDataset([""] * n, np.zeros(n), eval_transform(cfg.data), None,
-                      np.random.randint(0, 255, (n, *Prepare.from_config(cfg.data).size, 3), dtype=np.uint8),
-                      np.arange(n))
+    model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loader = make_loader(ds, batch, 0, torch.device("cpu"))
-    return n / timed(lambda: predict_logits(model, loader, torch.device("cpu"), dtype, channels_last), 1, 1)
+    x = torch.randn(batch, 3, *cfg.data.size, device=device)
+
+    def step() -> int:
+        with torch.inference_mode(), autocast(device, dtype):
+            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        return batch
+
+    return measure(step, device, warmup=3)
 
 
-def cam_latency(cfg) -> tuple[float, float]:
+def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
+    """Seconds for one 3-head x 4-layer CAM grid and for one single-layer GradCAM call (medians)."""
     model, _ = build_model(cfg.model, cfg.heads)
-    model.eval()
-    x = torch.randn(1, 3, *cfg.data.size)
-    grid = timed(lambda: cam_grid(model, x, "gradcam"), 1, 5)
+    model = model.to(device).eval()
+    x = torch.randn(1, 3, *cfg.data.size, device=device)
+    deepest = list(stage_layers(model, tuple(cfg.data.size)).values())[-1]
 
-    def single():
-        with GradCAM(model=model, target_layers=[model.trunk.layer4]) as cam:
+    def single() -> int:
+        with GradCAM(model=model, target_layers=[deepest]) as cam:
             cam(x, [ClassifierOutputTarget(0)])
+        return 1
 
-    return grid, timed(single, 1, 5)
+    grid = measure(lambda: (cam_grid(model, x, "gradcam"), 1)[1], device, warmup=2, min_runs=5, min_seconds=2)
+    one = measure(single, device, warmup=2, min_runs=5, min_seconds=2)
+    return 1 / grid["img_s"], 1 / one["img_s"]
+
+
+def fmt(m: dict) -> str:
+    return f"{m['img_s']:.1f} ±{m['spread'] * 50:.0f}%"
 
 
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
-    results = {"threads": configure_threads(load_config(a.overrides).train), "batch": a.batch, "sizes": {}}
-    print(f"{'size':>9} | {'(a) model':>10} | {'(b) ours':>10} | {'(c) plain':>10} | {'(d) infer':>10} | "
-          f"{'(b)/(a)':>7} | {'(b)/(c)':>7} | {'(e) grid':>9} | {'1 CAM':>7} | {'ratio':>5}")
-    for size in a.sizes.split(","):
-        h, w = (int(v) for v in size.split("x"))
-        cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
-        table, _ = load_table(cfg)
-        table = table.assign(_row=np.arange(len(table)))
-        tick = time.perf_counter()
-        images, _ = cached_images(table["path"].tolist(), Prepare.from_config(cfg.data), Path(cfg.data.cache_dir),
-                                  log=lambda s: None)
-        cache_s = time.perf_counter() - tick
-        dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
-        r = {
-            "precision": str(dtype or "fp32"),
-            "a_model_img_s": model_only(cfg, a.batch, a.steps, dtype, cfg.train.channels_last),
-            "b_pipeline_img_s": pipeline(cfg, table, images, a.batch, a.steps, dtype, cfg.train.channels_last, True),
-            "c_plain_img_s": pipeline(cfg, table, images, a.batch, a.steps, None, False, False),
-            "d_inference_img_s": inference(cfg, a.batch * 2, dtype, cfg.train.channels_last),
-            "cache_build_s": cache_s,
-        }
-        r["e_cam_grid_s"], r["e_single_cam_s"] = cam_latency(cfg)
-        r["b_over_a"] = r["b_pipeline_img_s"] / r["a_model_img_s"]
-        r["b_over_c"] = r["b_pipeline_img_s"] / r["c_plain_img_s"]
-        r["e_ratio"] = r["e_cam_grid_s"] / r["e_single_cam_s"]
-        results["sizes"][size] = r
-        print(f"{size:>9} | {r['a_model_img_s']:>10.1f} | {r['b_pipeline_img_s']:>10.1f} | {r['c_plain_img_s']:>10.1f}"
-              f" | {r['d_inference_img_s']:>10.1f} | {r['b_over_a']:>7.2f} | {r['b_over_c']:>7.2f} | "
-              f"{r['e_cam_grid_s'] * 1000:>7.0f}ms | {r['e_single_cam_s'] * 1000:>5.0f}ms | {r['e_ratio']:>5.2f}")
+    base = load_config(a.overrides)
+    configure_threads(base.train)
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    results = {**cpu_facts(), "batch": a.batch, "devices": {}}
+    print(f"{results['cpu']}: {', '.join(results['flags']) or 'no AVX2'}; {results['threads']} threads; batch "
+          f"{a.batch}; images/s as median ±half the spread of repeated runs")
+    for device in devices:
+        dtype = resolve_precision(base.train.precision, device)
+        rows = results["devices"][str(device)] = {"precision": str(dtype or "fp32"), "sizes": {}}
+        print(f"\n{device} (precision {rows['precision']})\n{'size':>9} | {'(a) model':>14} | {'(b) ours':>14} | "
+              f"{'(c) plain':>14} | {'(d) infer':>14} | {'(b)/(a)':>7} | {'(b)/(c)':>7} | {'(e) grid':>8} | "
+              f"{'1 CAM':>6} | {'ratio':>5}")
+        for size in a.sizes.split(","):
+            h, w = (int(v) for v in size.split("x"))
+            cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
+                                             f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
+            table, _ = load_table(cfg)
+            table = table.assign(_row=np.arange(len(table)))
+            images, _ = cached_images(table["path"].tolist(), Prepare.from_config(cfg.data),
+                                      Path(cfg.data.cache_dir), log=lambda s: None)
+            cl = cfg.train.channels_last
+            r = {"a_model": model_only(cfg, a.batch, device, dtype, cl),
+                 "b_pipeline": pipeline(cfg, table, images, a.batch, a.steps, device, dtype, cl, True),
+                 "c_plain": pipeline(cfg, table, images, a.batch, a.steps, device, None, False, False),
+                 "d_inference": inference(cfg, a.batch * 2, device, dtype, cl)}
+            r["e_cam_grid_s"], r["e_single_cam_s"] = cam_latency(cfg, device)
+            r["b_over_a"] = r["b_pipeline"]["img_s"] / r["a_model"]["img_s"]
+            r["b_over_c"] = r["b_pipeline"]["img_s"] / r["c_plain"]["img_s"]
+            rows["sizes"][size] = r
+            print(f"{size:>9} | {fmt(r['a_model']):>14} | {fmt(r['b_pipeline']):>14} | {fmt(r['c_plain']):>14} | "
+                  f"{fmt(r['d_inference']):>14} | {r['b_over_a']:>7.2f} | {r['b_over_c']:>7.2f} | "
+                  f"{r['e_cam_grid_s'] * 1000:>6.0f}ms | {r['e_single_cam_s'] * 1000:>4.0f}ms | "
+                  f"{r['e_cam_grid_s'] / r['e_single_cam_s']:>5.2f}")
+            if r["b_over_a"] > 1.05:
+                print(f"  (b)/(a) = {r['b_over_a']:.2f} > 1.05: the whole pipeline cannot beat its own model step; "
+                      "a measurement error (another process running?)")
+        if device.type == "cpu":  # what bf16 autocast buys on this CPU, whatever precision=auto chose
+            size = a.sizes.split(",")[0]
+            h, w = (int(v) for v in size.split("x"))
+            cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
+            fp32 = model_only(cfg, a.batch, device, None, cfg.train.channels_last)
+            bf16 = model_only(cfg, a.batch, device, torch.bfloat16, cfg.train.channels_last)
+            rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
+            print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
+                  f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"images/s (a, b, c, d); precision {results['sizes'][size]['precision']}, {results['threads']} threads, "
-          f"batch {a.batch}; peak resident memory of the whole benchmark {results['peak_rss_mb']:.0f} MB")
+    print(f"peak resident memory of the whole benchmark {results['peak_rss_mb']:.0f} MB; wrote {a.out}")
     a.out.write_text(json.dumps(results, indent=1))
     return 0
 
