@@ -9,6 +9,7 @@ the whole config, or a path to any YAML file.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -157,10 +158,15 @@ class CVConfig:
 
 @dataclass
 class TrainConfig:
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (each torchrun process its local rank's GPU) | cuda:N (one process)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
-    threads: int = 0  # torch intra-op threads; 0: one per core
+    threads: int = 0  # torch intra-op threads; 0: this process's share of the cores (OMP_NUM_THREADS if set)
+    # Data parallel (torchrun): data.batch_size is per process, the effective batch is batch_size x processes;
+    # linear: learning rates x processes (the usual rule for large batches), none: the rates as configured.
+    lr_scaling: str = "none"
+    sync_bn: bool = False  # BatchNorm statistics over all processes (GPUs; small per-GPU batches)
+    compile: bool = False  # torch.compile the model for training
     seed: int = 42
     progress: bool = True
 
@@ -198,7 +204,7 @@ CHOICES = {
     "optim.optimizer": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("cosine", "step", "none"),
     "augment.mix": ("none", "mixup", "cutmix", "cutmix_vertical"),
-    "train.device": ("auto", "cpu", "cuda"),
+    "train.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "predict.ensemble": ("mean", "vote"),
 }
@@ -251,6 +257,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r}: must be one of {', '.join(allowed)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
+        raise ConfigError(f"train.device={cfg.train.device!r}: must be auto, cpu, cuda or cuda:N")
     names = [h.name for h in cfg.heads]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"heads: need at least one head and unique names, got {names}")

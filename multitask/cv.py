@@ -12,7 +12,11 @@ folds and stages are kept, an interrupted stage restarts from its last completed
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import StratifiedGroupKFold
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from multitask.config import Config, HeadConfig, StageConfig, extra_val_names, save_config
+from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import apply_policy, load_labeled, load_table
 from multitask.data.transforms import Prepare, eval_transform, train_transform
+from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (head_probabilities, loader_workers, make_loader, predict_logits,
                               resolve_device, resolve_precision, train_one_epoch)
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
@@ -92,6 +100,7 @@ class Context:
     dtype: Optional[torch.dtype]
     log: Log
     clock: Clock
+    world: World
 
 
 def stage_rows(table: pd.DataFrame, stage: StageConfig, heads: List[HeadConfig]) -> pd.Series:
@@ -124,6 +133,7 @@ def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform) ->
 
 
 def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
+    """The learning rate at ``epoch`` relative to the base rate: warmup, then step / cosine / constant."""
     o = cfg.optim
     if epoch < o.warmup_epochs:
         return (epoch + 1) / (o.warmup_epochs + 1)
@@ -135,24 +145,24 @@ def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
     return 1.0
 
 
+def uses_sgd(cfg: Config, epoch: int) -> bool:
+    return cfg.optim.optimizer == "sgd" or (cfg.optim.sgd_after is not None and epoch >= cfg.optim.sgd_after)
+
+
+def learning_rates_at(cfg: Config, lrs: tuple[float, float], epoch: int, epochs: int) -> tuple[float, float]:
+    """(trunk, heads) rates of an epoch: a pure function of the epoch and the config (nanoGPT's get_lr), so
+    neither an Adam -> SGD switch nor a resume can shift it."""
+    scale = lr_factor(epoch, cfg, epochs) * (cfg.optim.sgd_lr_scale if cfg.optim.sgd_after is not None
+                                              and uses_sgd(cfg, epoch) else 1.0)
+    return lrs[0] * scale, lrs[1] * scale
+
+
 def make_optimizer(cfg: Config, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
     groups = param_groups(model, *lrs, cfg.optim.weight_decay)
-    if sgd or cfg.optim.optimizer == "sgd":
-        scale = cfg.optim.sgd_lr_scale if sgd else 1.0
-        for g in groups:
-            g["lr"] *= scale
+    if sgd:
         return torch.optim.SGD(groups, momentum=cfg.optim.momentum, nesterov=True)
     cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
     return cls(groups)
-
-
-def make_scheduler(cfg: Config, optimizer, epochs: int, epoch: int):
-    """LambdaLR positioned at ``epoch`` (its lr is the one for that epoch)."""
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, epochs))
-    if epoch:
-        sched.last_epoch = epoch - 1
-        sched.step()
-    return sched
 
 
 def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
@@ -181,9 +191,13 @@ class Clock:
 
 
 def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: tuple[float, float],
-              writer: SummaryWriter) -> MultiHeadNet:
-    """Train one stage of one fold (resuming from its last.pt if there is one); returns the best model."""
-    cfg = ctx.cfg
+              writer: Optional[SummaryWriter]) -> MultiHeadNet:
+    """Train one stage of one fold (resuming from its last.pt if there is one); returns the best model.
+
+    Under torchrun every process trains its share of each epoch's batches (DistributedDataParallel) and
+    validates its share of the photos; the predictions are gathered so every process sees the same scores and
+    keeps the same best epoch, and rank 0 alone writes."""
+    cfg, world = ctx.cfg, ctx.world
     stage: StageConfig = getattr(cfg, f"stage{stage_no}")
     out = ctx.run_dir / f"fold{fold}" / f"stage{stage_no}"
     active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
@@ -204,53 +218,63 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     train_tf = train_transform(cfg.data, cfg.augment)
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
-    workers = loader_workers(cfg.data.workers, ctx.device, ctx.images is not None)
-    val_loader = make_loader(dataset(ctx, val_rows, y_val, eval_transform(cfg.data)), cfg.data.batch_size * 2,
-                             workers, ctx.device)
+    workers = loader_workers(cfg.data.workers, ctx.device, ctx.images is not None, world)
+    val_ds = dataset(ctx, val_rows, y_val, eval_transform(cfg.data))
+    val_sampler = DistributedSampler(val_ds, world.size, world.rank, shuffle=False) if world.active else None
+    val_loader = make_loader(val_ds, cfg.data.batch_size * 2, workers, ctx.device, sampler=val_sampler)
 
     model = model.to(ctx.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    sgd_at = cfg.optim.sgd_after
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     last = out / "last.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["rng"])
         history = pd.read_csv(out / "metrics.csv").to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
-    use_sgd = sgd_at is not None and start >= sgd_at
-    optimizer = make_optimizer(cfg, model, lrs, use_sgd)
-    scheduler = make_scheduler(cfg, optimizer, stage.epochs, start)
-    if last.exists():
+    net = model
+    if world.active:
+        if cfg.train.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
+    if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg, start):
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
     scaler = torch.amp.GradScaler() if ctx.dtype == torch.float16 else None
 
     for epoch in range(start, stage.epochs):
-        if sgd_at is not None and epoch == sgd_at and not use_sgd:
-            use_sgd = True
+        if uses_sgd(cfg, epoch) and not isinstance(optimizer, torch.optim.SGD):
             optimizer = make_optimizer(cfg, model, lrs, True)
-            scheduler = make_scheduler(cfg, optimizer, stage.epochs, epoch)
             ctx.log(f"fold {fold} stage {stage_no}: switching to SGD at epoch {epoch + 1}")
+        epoch_lrs = learning_rates_at(cfg, lrs, epoch, stage.epochs)
+        for group, lr in zip(optimizer.param_groups, epoch_lrs):
+            group["lr"] = lr
         seed = epoch_seed(cfg, fold, stage_no, epoch)
-        train_tf.set_random_seed(seed)
+        train_tf.set_random_seed(seed + world.rank)
+        drop_last = len(train_ds) > cfg.data.batch_size * world.size
+        sampler = (DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=seed, drop_last=drop_last)
+                   if world.active else None)
         loader = make_loader(train_ds, cfg.data.batch_size, workers, ctx.device, shuffle=True, seed=seed,
-                             drop_last=len(train_ds) > cfg.data.batch_size)
+                             drop_last=drop_last, sampler=sampler)
         tick = time.perf_counter()
-        stats = train_one_epoch(model, loader, loss_fn, optimizer, ctx.device, ctx.dtype, cfg.train.channels_last,
-                                column, cfg.augment, np.random.default_rng(seed), epoch + 1, scaler,
-                                cfg.train.progress, desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        scheduler.step()
-        probs = head_probabilities(model, predict_logits(model, val_loader, ctx.device, ctx.dtype,
-                                                         cfg.train.channels_last))
+        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.device, ctx.dtype, cfg.train.channels_last,
+                                column, cfg.augment, np.random.default_rng(seed + world.rank), epoch + 1, scaler,
+                                cfg.train.progress and world.main,
+                                desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
+        logits = predict_logits(model, val_loader, ctx.device, ctx.dtype, cfg.train.channels_last)
+        if world.active:
+            logits = gather_rows(world, torch.as_tensor(list(val_sampler)), logits, len(val_ds))
+        probs = head_probabilities(model, logits)
         targets = {h.name: y_val[:, column[h.name]] for h in cfg.heads}
         scores = score(active, targets, probs)
         value = selection_score(scores)
-        row = {"epoch": epoch + 1, "lr_trunk": lrs[0], "lr_heads": lrs[1], **stats,
+        stats["images_per_s"] *= world.size  # every process trained as many photos
+        row = {"epoch": epoch + 1, "lr_trunk": epoch_lrs[0], "lr_heads": epoch_lrs[1], **stats,
                **{f"val_f1_{k}": v["f1_macro"] for k, v in scores.items()},
                **{f"val_acc_{k}": v["accuracy"] for k, v in scores.items()},
                "seconds": time.perf_counter() - tick}
@@ -258,25 +282,29 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         improved = value > best_score
         if improved:
             best_score, best_epoch = value, epoch + 1
-            atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "score": value}, out / "best.pt")
-            if stage_no == final_stage(cfg):
-                write_fold_oof(ctx, fold, val_rows, y_val, probs)
-        atomic_to_csv(pd.DataFrame(history), out / "metrics.csv")
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "config": fold_config(cfg),
-                           "best_score": best_score, "best_epoch": best_epoch, "rng": torch.get_rng_state()}, last)
-        tag = f"fold{fold}/stage{stage_no}"
-        for k, v in row.items():
-            if k != "epoch":
-                writer.add_scalar(f"{tag}/{k}", v, epoch + 1)
-        writer.flush()
+        if world.main:
+            if improved:
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "score": value}, out / "best.pt")
+                if stage_no == final_stage(cfg):
+                    write_fold_oof(ctx, fold, val_rows, y_val, probs)
+            atomic_to_csv(pd.DataFrame(history), out / "metrics.csv")
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
+                               "config": fold_config(cfg), "best_score": best_score, "best_epoch": best_epoch,
+                               "rng": torch.get_rng_state()}, last)
+            for k, v in row.items():
+                if k != "epoch":
+                    writer.add_scalar(f"fold{fold}/stage{stage_no}/{k}", v, epoch + 1)
+            writer.flush()
         f1s = "  ".join(f"{k} {v['f1_macro']:.3f}" for k, v in scores.items())
         left = ctx.clock.tick(len(train_ds) + len(val_rows))
         ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
-                f"val F1 {f1s}  lr {lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
+                f"val F1 {f1s}  lr {epoch_lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
                 + ("  *" if improved else "") + f"  ({left})")
-    atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
-    last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
+    if world.main:
+        atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
+        last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
+    barrier(world)  # every process reads the best.pt rank 0 wrote
     model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
     return model
 
@@ -350,7 +378,8 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
 # --- the whole cross-validation --------------------------------------------------------------------------
 
 
-def prepare_data(cfg: Config, run_dir: Path, log: Log) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
+def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
+                 ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
     table, problems = load_table(cfg)
     paths = table["path"].tolist()
@@ -366,58 +395,114 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log) -> tuple[pd.DataFrame, Op
     apply_policy(problems, cfg.data.on_bad_file, str(cfg.data.root or "synthetic data"))
     table = table.assign(_row=np.arange(len(table)))
     if problems:
-        atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), run_dir / "skipped.csv")
+        if main and not (run_dir / "skipped.csv").exists():
+            atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), run_dir / "skipped.csv")
         log(f"skipped {len(problems)} problem file(s); listed in {run_dir / 'skipped.csv'}")
         bad = {p.path for p in unreadable}
         table = table[~table["path"].isin(bad)]
     return table, images, prepare
 
 
-def run_cv(cfg: Config, run_dir: Path, log: Log = print) -> None:
-    """Train every fold (skipping finished ones) and write the fold results; the report is made after."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
-    table, images, prepare = prepare_data(cfg, run_dir, log)
-    save_config(cfg, run_dir / "config.yaml")  # after the data: image folders fill in their class names
+def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
+             ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
+    """The run's shared files, written once (by rank 0, by the first job): config.yaml, folds.csv, data.csv,
+    skipped.csv. Later jobs and resumes read them and never write over them. Returns the data, with folds."""
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        table, images, prepare = prepare_data(cfg, run_dir, log)  # rank 0 first: it builds the caches
+    barrier(world)
+    if not world.main:
+        table, images, prepare = prepare_data(cfg, run_dir, lambda s: None, main=False)
     folds_path = run_dir / "folds.csv"
-    if folds_path.exists():
-        folds = pd.read_csv(folds_path, dtype={"person_id": str})
-    else:
-        folds = make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed)
-        atomic_to_csv(folds, folds_path)
-    table = attach_folds(table, folds, folds_path)
-    atomic_to_csv(table.drop(columns=["_row"]), run_dir / "data.csv")
-    device = resolve_device(cfg.train.device)
+    if world.main:
+        if not (run_dir / "config.yaml").exists():
+            save_config(cfg, run_dir / "config.yaml")  # after the data: image folders fill in their class names
+        if not folds_path.exists():
+            atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), folds_path)
+    barrier(world)
+    table = attach_folds(table, pd.read_csv(folds_path, dtype={"person_id": str}), folds_path)
+    if world.main and not (run_dir / "data.csv").exists():
+        atomic_to_csv(table.drop(columns=["_row"]), run_dir / "data.csv")
+    return table, images, prepare
+
+
+@contextlib.contextmanager
+def fold_lock(run_dir: Path, fold: int):
+    """One job per fold: an exclusive lock on fold<k>/lock for as long as the fold trains. The system drops it
+    when the process ends, even by kill -9, so a resume can take the fold again."""
+    path = run_dir / f"fold{fold}" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        owner = path.read_text().strip() or "another process"
+        raise ConfigError(f"{path}: fold {fold} is being trained by {owner}; each fold is taken by one job") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def folds_to_train(cfg: Config, run_dir: Path) -> List[int]:
+    return [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not (run_dir / f"fold{k}" / "done.json").exists()]
+
+
+def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World()) -> None:
+    """Train every fold of ``cv.run_folds`` (skipping finished ones) and write the fold results; the report is
+    made after. Several jobs may share one run directory, each with its own folds."""
+    log = log if world.main else (lambda s: None)
+    torch.manual_seed(cfg.train.seed)
+    table, images, prepare = open_run(cfg, run_dir, log, world)
+    device = resolve_device(cfg.train.device, world)
     dtype = resolve_precision(cfg.train.precision, device)
-    todo = [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not (run_dir / f"fold{k}" / "done.json").exists()]
+    todo = folds_to_train(cfg, run_dir)
     stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
     sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
-    ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log, Clock(planned))
+    ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log)
-    log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}, "
-        f"precision {dtype or 'fp32'}, size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
+    log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}"
+        f"{f' x {world.size} processes' if world.active else ''}, precision {dtype or 'fp32'}, "
+        f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
         for s, n in sizes.items()) + "; the time left is shown after every epoch")
-    writer = SummaryWriter(str(run_dir / "tb"))
+    for fold in sorted(set(cfg.cv.run_folds or range(cfg.cv.folds)) - set(todo)):
+        log(f"fold {fold}: done, kept")
+    writer = SummaryWriter(str(run_dir / "tb")) if world.main else None
     try:
-        for fold in cfg.cv.run_folds or range(cfg.cv.folds):
-            if (run_dir / f"fold{fold}" / "done.json").exists():
-                log(f"fold {fold}: done, kept")
-                continue
-            torch.manual_seed(cfg.train.seed + fold)
-            model, loaded = build_model(cfg.model, cfg.heads)
-            lrs = learning_rates(cfg.optim, loaded)
-            log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
-                f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")
-            tick = time.perf_counter()
-            for stage_no in (1, 2):
-                if getattr(cfg, f"stage{stage_no}").enabled:
-                    model = run_stage(ctx, fold, stage_no, model, lrs, writer)
-            score_extra_val(ctx, fold, model.eval(), extra_val)
-            atomic_write_text(run_dir / f"fold{fold}" / "done.json",
-                              json.dumps({"seconds": time.perf_counter() - tick}))
+        for fold in todo:
+            with fold_lock(run_dir, fold) if world.main else contextlib.nullcontext():
+                train_fold(ctx, fold, extra_val, writer)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
+
+def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWriter]) -> None:
+    cfg, world = ctx.cfg, ctx.world
+    torch.manual_seed(cfg.train.seed + fold)
+    model, loaded = build_model(cfg.model, cfg.heads)
+    lrs = learning_rates(cfg.optim, loaded)
+    if cfg.train.lr_scaling == "linear":
+        lrs = (lrs[0] * world.size, lrs[1] * world.size)
+    if world.main and not (ctx.run_dir / "run.json").exists():
+        atomic_write_text(ctx.run_dir / "run.json", json.dumps({
+            "weights_loaded": loaded, "lr_trunk": lrs[0], "lr_heads": lrs[1], "processes": world.size,
+            "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
+            "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.device), "precision": str(ctx.dtype or "fp32"),
+        }, indent=1))
+    ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
+            f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")
+    tick = time.perf_counter()
+    for stage_no in (1, 2):
+        if getattr(cfg, f"stage{stage_no}").enabled:
+            model = run_stage(ctx, fold, stage_no, model, lrs, writer)
+    if world.main:
+        score_extra_val(ctx, fold, model.eval(), extra_val)
+        atomic_write_text(ctx.run_dir / f"fold{fold}" / "done.json", json.dumps({"seconds": time.perf_counter() - tick}))
+    barrier(world)

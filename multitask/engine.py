@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from multitask.config import AugmentConfig, ConfigError, TrainConfig
+from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss, mix_batch
 from multitask.model import MultiHeadNet
 
@@ -22,11 +23,20 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, world: World = World()) -> torch.device:
+    """cpu, or a GPU: ``cuda`` / ``auto`` give each torchrun process the GPU of its local rank; ``cuda:N`` one
+    GPU for a single process."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but no CUDA device is available")
+        index = int(name.split(":")[1]) if ":" in name else world.local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(index)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -58,27 +68,41 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def configure_threads(cfg: TrainConfig) -> int:
-    threads = cfg.threads or os.cpu_count() or 1
+def configure_threads(cfg: TrainConfig, world: World = World()) -> int:
+    """Intra-op threads: ``train.threads``, else this process's share of the cores (see threads_per_process);
+    two processes each taking every core run several times slower than one."""
+    threads = cfg.threads or threads_per_process(world, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     return threads
 
 
-def loader_workers(requested: int, device: torch.device, cached: bool) -> int:
+def loader_workers(requested: int, device: torch.device, cached: bool, world: World = World()) -> int:
     """-1: no worker processes on CPU with the cache (augmenting small cached arrays costs less than the cores a
-    worker would take from the arithmetic); otherwise up to 4, leaving one core to the main process."""
+    worker would take from the arithmetic); otherwise up to 8 per process from its share of the cores, leaving
+    one to the process itself."""
     if requested >= 0:
         return requested
     if device.type == "cpu" and cached:
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, world.local_size) - 1))
+
+
+def unwrap(model: torch.nn.Module) -> MultiHeadNet:
+    """The MultiHeadNet inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, shuffle: bool = False,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+                seed: int = 0, drop_last: bool = False, sampler=None) -> DataLoader:
+    """Batches in a seeded order; a ``sampler`` (a DistributedSampler under torchrun) decides the order instead."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=gen,
-                      pin_memory=device.type == "cuda", persistent_workers=False, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, generator=gen, pin_memory=device.type == "cuda", persistent_workers=False,
+                      drop_last=drop_last)
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -98,7 +122,7 @@ def train_one_epoch(model: MultiHeadNet, loader: DataLoader, loss_fn: MultiHeadL
         x, y = _to_device(x, device, channels_last), y.to(device)
         x, y, y_b, lam = mix_batch(x, y, aug, mix_rng)
         with autocast(device, dtype):
-            logits = model.split(model(x))
+            logits = unwrap(model).split(model(x))
         loss, parts = loss_fn(logits, y, column, y_b, lam)
         if not math.isfinite(loss.item()):
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch}: "
@@ -131,7 +155,7 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optio
         x = _to_device(x, device, channels_last)
         with autocast(device, dtype):
             out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, sum(model.head_sizes))
+    return torch.cat(out) if out else torch.zeros(0, sum(unwrap(model).head_sizes))
 
 
 def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:

@@ -173,14 +173,22 @@ def extra_val_lines(results: dict) -> List[str]:
     return lines
 
 
-def recipe(cfg: Config) -> str:
-    """The training settings in one sentence, for the report's header."""
-    o, lrs = cfg.optim, learning_rates(cfg.optim, weights_loaded=cfg.model.pretrained != "none")
+def recipe(cfg: Config, run_dir: Path) -> str:
+    """The training settings in one sentence, for the report's header: what the run recorded (run.json) where
+    it did, else what the config implies."""
+    ran = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    o = cfg.optim
+    lrs = (ran["lr_trunk"], ran["lr_heads"]) if ran else learning_rates(o, cfg.model.pretrained != "none")
     sgd = f", SGD after epoch {o.sgd_after}" if o.sgd_after is not None else ""
+    batch = f"batch {cfg.data.batch_size}"
+    if ran.get("processes", 1) > 1:
+        batch = (f"batch {ran['batch_per_process']} x {ran['processes']} processes = {ran['effective_batch']} "
+                 f"(learning rate scaling: {ran['lr_scaling']})")
+    where = f", {ran['device']} {ran['precision']}" if ran else ""
     return (f"{o.optimizer} (lr trunk {lrs[0]:g}, heads {lrs[1]:g}, weight decay {o.weight_decay:g}{sgd}), "
             f"{o.scheduler} schedule, label smoothing {cfg.loss.label_smoothing:g}, class weights "
-            f"{'on' if cfg.loss.class_weights else 'off'}, mix {cfg.augment.mix}, batch {cfg.data.batch_size}, "
-            f"seed {cfg.train.seed}.")
+            f"{'on' if cfg.loss.class_weights else 'off'}, mix {cfg.augment.mix}, {batch}, seed {cfg.train.seed}"
+            f"{where}.")
 
 
 def write_report(run_dir: Path) -> dict:
@@ -212,7 +220,7 @@ def write_report(run_dir: Path) -> dict:
              f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
              f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
              f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1. "
-             + recipe(cfg), "",
+             + recipe(cfg, run_dir), "",
              "## Macro-F1 and accuracy per fold", "", head_line, "|---" * (1 + 2 * len(keys)) + "|"]
     for k, f in s["folds"].items():
         lines.append(f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f} | {f[x]['accuracy']:.4f}" for x in keys) + " |")

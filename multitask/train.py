@@ -5,10 +5,14 @@ Examples:
     python -m multitask.train data=competition data.root=/data/train model.pretrained=imagenet
     python -m multitask.train experiment=quick train.precision=fp32
     python -m multitask.train --resume runs/faces-20261124-101500
+    torchrun --nproc-per-node 4 -m multitask.train data=competition data.root=/data/train   # data parallel
+    RUN=$(python -m multitask.train data=... --create-only | tail -1)                       # fold jobs:
+    python -m multitask.train --resume $RUN --folds 0 & python -m multitask.train --resume $RUN --folds 1 & ...
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -33,16 +37,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m multitask.train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("overrides", nargs="*", help="key=value, GROUP=NAME (data, model, experiment) or a YAML file")
-    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run (or join it: --folds)")
+    p.add_argument("--folds", type=parse_folds, metavar="K,K", help="with --resume: train only these folds (fold "
+                   "jobs in parallel on one run directory; each fold is taken by one job)")
+    p.add_argument("--create-only", action="store_true", help="write the run directory (config, folds, data "
+                   "list) and print its path, for fold jobs to --resume RUN --folds K")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     a = p.parse_args(argv)
-    from multitask.cv import run_cv
+    if a.folds and not a.resume:
+        p.error("--folds takes a run: --resume RUN_DIR --folds K (or set cv.run_folds for a new run)")
+    from multitask import distributed
+    from multitask.cv import folds_to_train, open_run, run_cv
     from multitask.data.sources import DataError
     from multitask.engine import NonFiniteLoss, configure_threads
     from multitask.model import WeightsError
     from multitask.report import write_report
 
-    run_dir = None
+    world = distributed.from_env()
+    run_dir, created = None, False
     try:
         if a.resume:
             if a.overrides:
@@ -50,19 +62,44 @@ def main(argv=None) -> int:
             if not (a.resume / "config.yaml").exists():
                 raise ConfigError(f"{a.resume}: no config.yaml; not a run directory")
             cfg, run_dir = load_config(base=a.resume / "config.yaml"), a.resume
+            if a.folds:
+                bad = [k for k in a.folds if not 0 <= k < cfg.cv.folds]
+                if bad:
+                    raise ConfigError(f"--folds {bad}: the run has folds 0..{cfg.cv.folds - 1}")
+                cfg.cv.run_folds = a.folds
         else:
             cfg = load_config(a.overrides)
         if a.show_config:
             print(to_yaml(cfg))
             return 0
-        configure_threads(cfg.train)
-        run_dir = run_dir or new_run_dir(cfg)
-        run_cv(cfg, run_dir)
+        configure_threads(cfg.train, world)
+        uses_gpu = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch_cuda())
+        distributed.init(world, "cuda" if uses_gpu else "cpu")
+        if run_dir is None:
+            run_dir, created = Path(distributed.broadcast(world, str(new_run_dir(cfg)) if world.main else None)), True
+        if a.create_only:
+            open_run(cfg, run_dir, print, world)
+            print(run_dir)
+            return 0
+        run_cv(cfg, run_dir, world=world)
+        if not world.main:
+            return 0
+        left = folds_to_train(load_config(base=run_dir / "config.yaml"), run_dir)
+        if left:  # fold jobs: the report waits for the other folds
+            print(f"folds {cfg.cv.run_folds or 'all'} done in {run_dir}; folds {left} still to train (or in "
+                  f"training); then: python -m multitask.report {run_dir}")
+            return 0
         report = write_report(run_dir)
     except (ConfigError, DataError, WeightsError, NonFiniteLoss) as e:
-        where = f" (run {run_dir}; earlier results are kept, --resume continues)" if run_dir else ""
-        print(f"error: {e}{where}", file=sys.stderr)
+        if world.main and created and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before anything worth keeping: leave no folder
+        kept = run_dir is not None and (run_dir / "config.yaml").exists()
+        where = f" (run {run_dir}; earlier results are kept, --resume {run_dir} continues)" if kept else ""
+        if world.main:
+            print(f"error: {e}{where}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     print((run_dir / "report.md").read_text())
     key = "joint" if "joint" in report["mean"] else next(iter(report["mean"]))
     heads = ", ".join(f"{k} {v['f1_macro']:.3f}" for k, v in report["mean"].items() if k != key)
@@ -71,6 +108,19 @@ def main(argv=None) -> int:
           f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {run_dir / 'report.md'}; "
           f"look inside with `make dashboard` (MULTITASK_RUNS={run_dir.parent}).")
     return 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_folds(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected fold numbers, e.g. 0,2") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""Data-parallel training under ``torchrun``: who this process is, and the few collectives the trainer needs.
+
+``torchrun --nproc-per-node N -m multitask.train ...`` starts N processes with RANK, WORLD_SIZE, LOCAL_RANK and
+LOCAL_WORLD_SIZE set; without torchrun those are absent and this is one process of a world of one, where every
+function below is a no-op. Backend: NCCL when each process has a GPU, gloo on CPU. Only rank 0 writes the run
+directory; every rank reads it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and logs."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def from_env() -> World:
+    """The world torchrun describes in the environment (a world of one without it)."""
+    env = os.environ
+    size = int(env.get("WORLD_SIZE", "1"))
+    return World(int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")),
+                 int(env.get("LOCAL_WORLD_SIZE", str(size))))
+
+
+def init(world: World, device_type: str) -> None:
+    """Join the process group (once); NCCL for GPUs, gloo for CPUs. torchrun gives the rendezvous."""
+    if world.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.active:
+        dist.barrier()
+
+
+def broadcast(world: World, value: Any) -> Any:
+    """Rank 0's value, on every rank (any picklable object)."""
+    if not world.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(world: World, value: Any) -> List[Any]:
+    """Every rank's value, in rank order, on every rank."""
+    if not world.active:
+        return [value]
+    out: List[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def gather_rows(world: World, indices: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows computed on shards of a data set (``indices`` say which), put back in data set order on every rank.
+    A DistributedSampler pads the last shard by repeating items; repeats are dropped here."""
+    if not world.active:
+        return rows
+    parts = gather(world, (indices.cpu(), rows.cpu()))
+    out = torch.zeros(total, rows.shape[1], dtype=rows.dtype)
+    for idx, part in parts:
+        out[idx] = part
+    return out
+
+
+def threads_per_process(world: World, cpu_count: int) -> int:
+    """This process's share of the machine's cores: torchrun's local processes, or OMP_NUM_THREADS when set
+    (several fold jobs on one machine: give each cores / jobs)."""
+    omp = os.environ.get("OMP_NUM_THREADS")
+    if omp and omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, cpu_count // max(1, world.local_size))

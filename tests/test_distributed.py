@@ -1,0 +1,142 @@
+"""Scaling out: data parallel under torchrun (2 gloo processes on CPU), fold jobs side by side on one run
+directory, and threads sized per process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from multitask.distributed import World, threads_per_process
+
+from conftest import tiny_overrides
+
+# Two processes on a 2-core machine: one thread each, or they slow each other down several times over.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", "0",
+            "-m", "multitask.train", *args]
+
+
+def train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "multitask.train", *args]
+
+
+def the_run(out: Path) -> Path:
+    runs = [p for p in (out / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs  # one run directory, however many processes
+    return runs[0]
+
+
+def test_each_process_takes_its_share_of_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_per_process(World(0, 4, 0, 4), 16) == 4
+    assert threads_per_process(World(), 16) == 16
+    assert threads_per_process(World(0, 8, 0, 4), 2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # several fold jobs on one box: the user gives each its share
+    assert threads_per_process(World(), 16) == 3
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_like_one_with_the_same_effective_batch(faces_root, tmp_path):
+    common = tiny_overrides(faces_root, tmp_path / "x") + ["cv.run_folds=[0]", "stage2.epochs=3", "name=dp"]
+    single = [o for o in common if not o.startswith("out_dir=")] + [f"out_dir={tmp_path / 'one' / 'runs'}"]
+    double = [o for o in common if not o.startswith(("out_dir=", "data.batch_size="))] + [
+        f"out_dir={tmp_path / 'two' / 'runs'}", "data.batch_size=16"]  # 2 x 16 = the single run's 32
+    one = subprocess.run(train(*single), capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    two = subprocess.run(torchrun(*double), capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    run1, run2 = the_run(tmp_path / "one"), the_run(tmp_path / "two")
+    assert (run1 / "folds.csv").read_text() == (run2 / "folds.csv").read_text()
+    files = lambda run: sorted(p.relative_to(run).as_posix() for p in run.rglob("*")  # noqa: E731
+                               if p.is_file() and "/tb/" not in f"/{p.relative_to(run).as_posix()}")
+    assert files(run1) == files(run2)  # one set of files, written once
+    assert len(list((run2 / "tb").glob("events.*"))) == 1  # rank 0 alone logs
+    recorded = json.loads((run2 / "run.json").read_text())
+    assert recorded["processes"] == 2 and recorded["effective_batch"] == 32
+    assert "16 x 2 processes = 32" in (run2 / "report.md").read_text()
+    f1 = lambda run: json.loads((run / "report.json").read_text())["folds"]["0"]  # noqa: E731
+    for head in ("mask", "gender", "age"):
+        # Same data, same batch, different sharding and augmentation draws: tiny-data F1 agrees within 0.25.
+        assert abs(f1(run1)[head]["f1_macro"] - f1(run2)[head]["f1_macro"]) <= 0.25, head
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_then_resume_under_torchrun_finishes(faces_root, tmp_path):
+    args = tiny_overrides(faces_root, tmp_path) + ["stage2.epochs=3", "name=ddpkill", "data.batch_size=16"]
+    proc = subprocess.Popen(torchrun(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD,
+                            start_new_session=True)
+    deadline, victim = time.time() + 300, None
+    while time.time() < deadline and proc.poll() is None and victim is None:
+        runs = list((tmp_path / "runs").glob("*"))
+        if runs and (runs[0] / "fold1" / "stage2" / "last.pt").exists():
+            ranks = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "multitask.train"],
+                                   capture_output=True, text=True).stdout.split()
+            victim = max(int(p) for p in ranks if int(p) != proc.pid)  # a worker, not torchrun itself
+        time.sleep(0.2)
+    assert victim is not None, proc.stderr.read().decode()[-2000:]
+    os.kill(victim, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    run = the_run(tmp_path)
+    assert not (run / "fold2" / "done.json").exists()
+    out = subprocess.run(torchrun("--resume", str(run)), capture_output=True, text=True, timeout=600,
+                         env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fold 0: done, kept" in out.stdout and "2 fold(s) to train" in out.stdout
+    report = json.loads((run / "report.json").read_text())
+    assert sorted(report["folds"]) == ["0", "1", "2"]
+
+
+@pytest.mark.slow
+def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_path):
+    args = tiny_overrides(faces_root, tmp_path / "par") + ["cv.folds=2", "name=jobs"]
+    created = subprocess.run(train(*args, "--create-only"), capture_output=True, text=True, timeout=300)
+    assert created.returncode == 0, created.stderr
+    run = Path(created.stdout.strip().splitlines()[-1])
+    assert (run / "config.yaml").exists() and (run / "folds.csv").exists() and not list(run.glob("fold*"))
+    jobs = [subprocess.Popen(train("--resume", str(run), "--folds", str(k)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ONE_THREAD) for k in (0, 1)]
+    outs = [j.communicate(timeout=600) for j in jobs]
+    assert all(j.returncode == 0 for j in jobs), [o[1][-1500:] for o in outs]
+    assert not (run / "report.json").exists() or all("fold" in o[0] for o in outs)
+    report = subprocess.run([sys.executable, "-m", "multitask.report", str(run)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+
+    seq_args = tiny_overrides(faces_root, tmp_path / "seq") + ["cv.folds=2", "name=jobs"]
+    seq = subprocess.run(train(*seq_args), capture_output=True, text=True, timeout=600)
+    assert seq.returncode == 0, seq.stderr
+    seq_run = the_run(tmp_path / "seq")
+    assert (seq_run / "folds.csv").read_text() == (run / "folds.csv").read_text()
+    parallel, sequential = (json.loads((r / "report.json").read_text()) for r in (run, seq_run))
+    for key in ("folds", "mean", "std", "pooled"):
+        assert parallel[key] == sequential[key], key
+    pd.testing.assert_frame_equal(pd.read_csv(run / "oof.csv"), pd.read_csv(seq_run / "oof.csv"))
+
+
+@pytest.mark.slow
+def test_a_fold_taken_twice_is_an_error_not_a_race(faces_root, tmp_path):
+    args = tiny_overrides(faces_root, tmp_path) + ["cv.folds=2", "stage2.epochs=3", "name=twice"]
+    run = Path(subprocess.run(train(*args, "--create-only"), capture_output=True, text=True,
+                              timeout=300).stdout.strip().splitlines()[-1])
+    first = subprocess.Popen(train("--resume", str(run), "--folds", "0"), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, env=ONE_THREAD)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "fold0" / "lock").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    second = subprocess.run(train("--resume", str(run), "--folds", "0"), capture_output=True, text=True,
+                            timeout=300, env=ONE_THREAD)
+    first.wait(timeout=600)
+    assert first.returncode == 0, first.stderr.read().decode()[-1500:]
+    assert second.returncode == 2 and "fold 0 is being trained by pid" in second.stderr
+    assert "Traceback" not in second.stderr
