@@ -7,12 +7,14 @@ ARGS ?=
 
 .PHONY: install browser train test test-fast dashboard bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	# torch and torchvision from this machine's disk; a wider range would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The face detector (MTCNN, weights in the wheel) pins an old torch: installed without its dependencies.
+	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 install: $(STAMP)
