@@ -19,13 +19,12 @@ from PIL import Image, UnidentifiedImageError
 
 from multitask.config import extra_val_names, load_config
 from multitask.data.transforms import Prepare
-from multitask.data.images import to_rgb
+from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.predict import available_folds, load_fold_models
 from multitask.tasks import joint_class_names, joint_probabilities
 
 MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml
-MAX_PIXELS = 40_000_000
 
 st.set_page_config(page_title="multitask inspector", layout="wide")
 
@@ -72,11 +71,12 @@ def read_upload(upload) -> np.ndarray | None:
         return None
     try:
         with Image.open(io.BytesIO(upload.getvalue())) as img:
-            if img.width * img.height > MAX_PIXELS:
-                st.error(f"{upload.name} is {img.width}x{img.height} pixels; the limit is {MAX_PIXELS:,} pixels.")
-                return None
+            check_pixels(img)
             img.load()
             return to_rgb(img)
+    except TooLarge as e:
+        st.error(f"{upload.name} is {e}.")
+        return None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         st.error(f"Could not read {upload.name} as an image ({type(e).__name__}). "
                  "Upload a JPEG, PNG, BMP, WebP or TIFF photo.")
@@ -141,6 +141,30 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
         st.dataframe(faithfulness_for(str(run), folds, photo_key, photo, method, target_key).round(4), hide_index=True)
 
 
+def allowed_roots(run: Path, cfg) -> list[Path]:
+    """Where this run's photos may come from: its data root(s), extra sets and caches. Paths in a run's CSV files
+    outside these are not opened (a crafted oof.csv must not show other files of the machine)."""
+    recorded = json.loads((run / "run.json").read_text()).get("data_root") if (run / "run.json").exists() else None
+    roots = [recorded, cfg.data.root, cfg.data.cache_dir, *cfg.data.extra_unmasked, *cfg.data.extra_train,
+             *cfg.data.extra_val]
+    return [Path(r).resolve() for r in roots if r]
+
+
+def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
+    """A photo of the run, or None after saying why (moved, unreadable, or outside the run's data)."""
+    resolved = Path(path).resolve()
+    if not any(resolved.is_relative_to(root) for root in allowed_roots(run, cfg)):
+        st.error(f"{path} is outside this run's data folders; not shown.")
+        return None
+    try:
+        return read_rgb(resolved)
+    except FileNotFoundError:
+        st.warning(f"{path} is missing (was the run copied from another machine, or the photos moved?).")
+    except (OSError, ValueError) as e:
+        st.error(f"Cannot read {path}: {e}")
+    return None
+
+
 def face_box_view(cfg, photo: np.ndarray) -> tuple[np.ndarray, str]:
     """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
     box = Prepare.from_config(cfg.data).face_box(photo, photo)
@@ -178,13 +202,8 @@ def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple
         return None
     path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(),
                         format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key=f"{key}_xpick")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img), path
-    except OSError as e:
-        st.error(f"Cannot read {path}: {e}")
-        return None
+    rgb = open_photo(run, cfg, path)
+    return None if rgb is None else (rgb, path)
 
 
 def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
@@ -218,13 +237,8 @@ def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
         return None
     label = lambda p: f"{Path(p).parent.name}/{Path(p).name}"  # noqa: E731
     path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(), format_func=label, key=f"{key}_pick")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(img), path
-    except OSError as e:
-        st.error(f"Cannot read {path}: {e}")
-        return None
+    rgb = open_photo(run, cfg, path)
+    return None if rgb is None else (rgb, path)
 
 
 def report_page(run: Path) -> None:
@@ -255,7 +269,7 @@ def report_page(run: Path) -> None:
         st.image(str(png))
 
 
-def mistakes_page(run: Path, cfg, folds: tuple) -> None:
+def mistakes_page(run: Path, cfg, folds_available: tuple) -> None:
     oof = csv(run / "oof.csv")
     heads = [h.name for h in cfg.heads]
     if oof is None or not all(f"true_{h}" in oof for h in heads):
@@ -278,14 +292,18 @@ def mistakes_page(run: Path, cfg, folds: tuple) -> None:
     path = st.selectbox("show the CAMs of", wrong["path"].tolist(),
                         format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key="mistake_pick")
     row = wrong[wrong["path"] == path].iloc[0]
-    st.caption(f"true {row['true']}, predicted {row['predicted']} ({row['confidence']:.2f}), fold {row['fold']}")
-    with Image.open(path) as img:
-        inspect(run, folds, to_rgb(img), path, "mistake")
+    fold = int(row["fold"])
+    st.caption(f"true {row['true']}, predicted {row['predicted']} ({row['confidence']:.2f}). Explained by the model "
+               f"of fold {fold}, which never saw this photo (the other folds' models trained on it).")
+    rgb = open_photo(run, cfg, path)
+    if rgb is not None and fold in folds_available:
+        inspect(run, (fold,), rgb, path, "mistake")
 
 
 def main() -> None:
     st.title("multitask inspector")
-    root = Path(st.sidebar.text_input("runs folder", os.environ.get("MULTITASK_RUNS", "runs")))
+    root = Path(os.environ.get("MULTITASK_RUNS", "runs"))  # fixed at start: the page cannot browse elsewhere
+    st.sidebar.caption(f"runs folder: {root} (set MULTITASK_RUNS before starting)")
     runs = list_runs(root)
     if not runs:
         st.info(f"No runs in {root.resolve()}. Train one with `make train` (or `python -m multitask.train`).")
@@ -322,7 +340,7 @@ def main() -> None:
     with report_tab:
         report_page(run)
     with mistakes_tab:
-        mistakes_page(run, cfg, folds)
+        mistakes_page(run, cfg, tuple(have))
 
 
 main()

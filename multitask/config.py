@@ -251,7 +251,47 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
     return config
 
 
+# Numeric fields and their ranges: (low, high, low included). Checked at load so a bad value fails at once with
+# its key, not as a traceback (or a silent nonsense run) later.
+INF = float("inf")
+RANGES = {
+    "data.synthetic_people": (1, INF, True), "data.synthetic_unmasked": (0, INF, True),
+    "data.extra_unmasked_people": (0, INF, True), "data.extra_train_people": (0, INF, True),
+    "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (1, INF, True),
+    "data.workers": (-1, 256, True), "model.dropout": (0, 1, True),
+    "stage1.epochs": (1, INF, True), "stage2.epochs": (1, INF, True),
+    "optim.lr_trunk": (0, 10, False), "optim.lr_heads": (0, 10, False), "optim.lr_trunk_pretrained": (0, 10, False),
+    "optim.lr_heads_pretrained": (0, 10, False), "optim.lr_scratch": (0, 10, False),
+    "optim.weight_decay": (0, 1, True), "optim.momentum": (0, 1, True), "optim.step_every": (1, INF, True),
+    "optim.step_gamma": (0, 1, False), "optim.warmup_epochs": (0, INF, True), "optim.sgd_after": (0, INF, True),
+    "optim.sgd_lr_scale": (0, INF, False), "loss.label_smoothing": (0, 1, True), "loss.focal_gamma": (0, 10, True),
+    "augment.hflip": (0, 1, True), "augment.brightness_contrast": (0, 1, True), "augment.coarse_dropout": (0, 1, True),
+    "augment.degrade": (0, 1, True), "augment.color": (0, 1, True), "augment.affine": (0, 1, True),
+    "augment.mix_alpha": (0, INF, False), "augment.mix_prob": (0, 1, True), "cv.folds": (2, INF, True),
+    "train.threads": (0, 4096, True),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    for dotted, (low, high, low_ok) in RANGES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value is None:
+            continue
+        if not (low <= value if low_ok else low < value) or value > high:
+            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if high != INF else "")
+            raise ConfigError(f"{dotted}={value!r}: must be {bound}")
+    for name in ("size", "crop", "synthetic_size"):
+        dims = getattr(cfg.data, name)
+        if dims is not None and (len(dims) != 2 or min(dims) < 8):
+            raise ConfigError(f"data.{name}={list(dims)}: two sizes of at least 8 pixels")
+    for i, h in enumerate(cfg.heads):
+        if h.loss_weight < 0:
+            raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
+
+
 def validate(cfg: Config) -> None:
+    check_ranges(cfg)
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -271,12 +311,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{stage_name}.heads: unknown head(s) {sorted(unknown)}; heads are {names}")
     if not (cfg.stage1.enabled or cfg.stage2.enabled):
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
-    if len(cfg.data.size) != 2 or (cfg.data.crop is not None and len(cfg.data.crop) != 2):
-        raise ConfigError("data.size and data.crop are [height, width]")
     if sorted(cfg.data.age_thresholds) != list(cfg.data.age_thresholds) or len(cfg.data.age_thresholds) != 2:
         raise ConfigError(f"data.age_thresholds: two increasing ages, got {cfg.data.age_thresholds}")
-    if cfg.cv.folds < 2:
-        raise ConfigError(f"cv.folds={cfg.cv.folds}: need at least 2 folds")
     bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
     if bad_folds:
         raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")

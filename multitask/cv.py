@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
-from multitask.data.table import apply_policy, load_labeled, load_table
+from multitask.data.table import apply_policy, load_labeled, load_table, resolve_root
 from multitask.data.transforms import Prepare, eval_transform, train_transform
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (head_probabilities, loader_workers, make_loader, predict_logits,
@@ -42,7 +42,7 @@ from multitask.engine import (head_probabilities, loader_workers, make_loader, p
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, inverse_frequency_weights
 from multitask.metrics import score, selection_score
-from multitask.model import MultiHeadNet, build_model, learning_rates, param_groups
+from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint, param_groups
 from multitask.tasks import age_group
 
 Log = Callable[[str], None]
@@ -202,7 +202,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     out = ctx.run_dir / f"fold{fold}" / f"stage{stage_no}"
     active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
     if (out / "done.json").exists():
-        model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
+        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
         return model.to(ctx.device)
 
     train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
@@ -228,7 +228,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         model = model.to(memory_format=torch.channels_last)
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     last = out / "last.pt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=True) if last.exists() else None
+    ckpt = load_checkpoint(last) if last.exists() else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
@@ -305,7 +305,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
         last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
     barrier(world)  # every process reads the best.pt rank 0 wrote
-    model.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     return model
 
 
@@ -495,6 +495,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "weights_loaded": loaded, "lr_trunk": lrs[0], "lr_heads": lrs[1], "processes": world.size,
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.device), "precision": str(ctx.dtype or "fp32"),
+            "data_root": str(resolve_root(cfg).resolve()),
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")

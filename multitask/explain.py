@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -89,13 +90,23 @@ def input_gradients_only(model: torch.nn.Module, x: torch.Tensor):
             p.requires_grad_(f)
 
 
+# CAMs hook the model's layers for the length of a call, and the dashboard shares its models between sessions
+# and threads (overlapping reruns, two tabs): one CAM computation at a time, or the hooks of two calls mix.
+CAM_LOCK = threading.RLock()
+
+
 def cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str = "gradcam",
              target_classes: Optional[Dict[str, int]] = None, heads: Optional[Sequence[str]] = None,
              layers: Optional[Sequence[str]] = None) -> CamGrid:
     """CAMs for a batch of network inputs ``x``; each head explains its predicted class unless
-    ``target_classes`` names one."""
+    ``target_classes`` names one. Safe to call from several threads (they take turns)."""
     if method not in METHODS:
         raise ConfigError(f"CAM method {method!r}: choose one of {', '.join(METHODS)}")
+    with CAM_LOCK:
+        return _cam_grid(model, x, method, target_classes, heads, layers)
+
+
+def _cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str, target_classes, heads, layers) -> CamGrid:
     model.eval()
     all_layers = stage_layers(model, tuple(x.shape[-2:]))
     layer_names = list(layers or all_layers)
@@ -233,10 +244,12 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
                 for metric, values in faith.get(head, {}).items():
                     row[f"{head}_{metric}"] = float(values[i])
             rows.append(row)
-    df = pd.DataFrame(rows)
-    atomic_to_csv(df, out / "predictions.csv")
     if problems:
         atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), out / "skipped.csv")
+    if not rows:
+        raise DataError(problems, f"{inputs}: no photo could be explained (reasons in {out / 'skipped.csv'})")
+    df = pd.DataFrame(rows)
+    atomic_to_csv(df, out / "predictions.csv")
     return df
 
 
@@ -268,6 +281,12 @@ def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarra
     With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
     predicted class (or the chosen one), so the maps answer for the prediction shown."""
     x = network_input(cfg)(photo)[None]
+    with CAM_LOCK:  # the ensemble's forward passes and CAMs as one unit
+        return _explain(models, x, method, target_classes, layers)
+
+
+def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, target_classes, layers
+             ) -> tuple[np.ndarray, CamGrid]:
     if len(models) == 1:
         return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
     with torch.no_grad():

@@ -77,13 +77,22 @@ def _load_imagenet(arch: str) -> nn.Module:
             f"or use model.pretrained=none, or model.pretrained=PATH to a state_dict file.") from e
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint or state_dict file, read with weights_only=True (tensors and plain data only: a pickle that
+    would run code is refused). Any failure is one WeightsError line naming the file."""
+    if not Path(path).is_file():
+        raise WeightsError(f"{path}: file does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or code inside: never loaded another way
+        raise WeightsError(f"{path}: not a checkpoint or state_dict this project can read safely "
+                           f"({type(e).__name__}); it was not loaded") from None
+
+
 def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
     if not path.is_file():
         raise WeightsError(f"model.pretrained={path}: file does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"{path}: not a readable state_dict ({type(e).__name__}: {e})") from e
+    state = load_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # one of our checkpoints, or the torchvision references' format
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -53,7 +53,7 @@ from multitask.engine import (configure_threads, loader_workers, make_loader, pr
                               resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name, score  # noqa: E402
-from multitask.model import MultiHeadNet, WeightsError, build_model  # noqa: E402
+from multitask.model import MultiHeadNet, WeightsError, build_model, load_checkpoint  # noqa: E402
 from multitask.report import frame_arrays, mask_on_accuracy, per_class_table, write_confusions  # noqa: E402
 from multitask.tasks import encode_joint, joint_class_names  # noqa: E402
 
@@ -75,8 +75,7 @@ def load_fold_models(run_dir: Path, cfg: Config, folds: Optional[Sequence[int]] 
     models = {}
     for k in folds:
         model, _ = build_model(model_cfg, cfg.heads)
-        state = torch.load(Path(run_dir) / f"fold{k}" / f"stage{final_stage(cfg)}" / "best.pt",
-                           map_location="cpu", weights_only=True)
+        state = load_checkpoint(Path(run_dir) / f"fold{k}" / f"stage{final_stage(cfg)}" / "best.pt")
         model.load_state_dict(state["model"])
         models[k] = model.to(device).eval()
     return models
@@ -213,22 +212,25 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     prepare, face_found = preparation(cfg.data, todo["path"].tolist(), log=lambda s: None)
     if face_found is not None:
         todo = todo.assign(face_found=face_found)  # False: no face found, the centre crop was used
-    images, unreadable = cached_images(todo["path"].tolist(), prepare, Path(cfg.data.cache_dir), log=lambda s: None)
+    images, unreadable = (cached_images(todo["path"].tolist(), prepare, Path(cfg.data.cache_dir), log=lambda s: None)
+                          if len(todo) else (None, []))
     problems = problems + unreadable
     if problems and kind == "evaluation":
         raise DataError(problems, f"{input_path} (the submission needs every image)")
     bad = {p.path for p in unreadable}
     keep = ~todo["path"].isin(bad).to_numpy()
     todo = todo[keep].reset_index(drop=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if problems:
+        atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]).rename(columns={"message": "reason"}),
+                      out / "skipped.csv")
+    if todo.empty:
+        raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
     views = tta_views(cfg, flip)
     per_fold = predict_arrays(models, np.asarray(images)[keep], cfg, device, views, batch_size, progress)
     probs, preds = ensemble(per_fold, how)
     df = predictions_frame(cfg, todo, probs, preds)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_to_csv(df, out / "predictions.csv")
-    if problems:
-        atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]).rename(columns={"message": "reason"}),
-                      out / "skipped.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
     labeled = [h for h in final_heads(cfg) if f"true_{h.name}" in df.columns]

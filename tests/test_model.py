@@ -53,7 +53,7 @@ def test_weights_for_another_architecture_are_refused_naming_the_file(tmp_path):
     with pytest.raises(WeightsError, match="wrong.pth.*does not fit torchvision resnet18"):
         build_model(ModelConfig(pretrained=str(tmp_path / "wrong.pth")), HEADS)
     (tmp_path / "junk.pth").write_bytes(b"nonsense")
-    with pytest.raises(WeightsError, match="junk.pth: not a readable state_dict"):
+    with pytest.raises(WeightsError, match="junk.pth: not a checkpoint or state_dict this project can read safely"):
         build_model(ModelConfig(pretrained=str(tmp_path / "junk.pth")), HEADS)
     with pytest.raises(WeightsError, match="does not exist"):
         build_model(ModelConfig(pretrained=str(tmp_path / "nowhere.pth")), HEADS)

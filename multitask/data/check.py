@@ -17,11 +17,18 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
     from multitask.data.table import detect_source, load_source
     from multitask.data.transforms import Prepare
 
+    from multitask.data.sources import Problem
+
+    if not Path(root).exists():
+        return 0, [Problem(str(root), "does not exist")]
     source = source or detect_source(root)
     try:
         table, problems, _ = load_source(source, Path(root), thresholds)
     except DataError as e:
         return 0, e.problems
+    if table.empty and not problems:
+        return 0, [Problem(str(root), "no photo found: not the competition layout (train.csv + images/), a "
+                                      "manifest CSV, UTKFace-style names or folders of images")]
     problems += prepare_all(list(table["path"]), Prepare(None, (8, 8)))
     return len(table), problems
 

@@ -7,8 +7,21 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-# Guard against decompression bombs and absurd uploads: about 16k x 16k pixels.
-Image.MAX_IMAGE_PIXELS = 256_000_000
+# One limit for every loader (training, data check, predict, explain, the dashboard), read from the file's header
+# before anything is decoded: a 48 KB PNG can claim 20000 x 20000 pixels and take gigabytes to decode.
+MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS * 2  # PIL's own guard stays as a backstop
+
+
+class TooLarge(ValueError):
+    pass
+
+
+def check_pixels(img: Image.Image) -> None:
+    """Refuse a photo larger than MAX_PIXELS, from its header (nothing decoded yet)."""
+    if img.width * img.height > MAX_PIXELS:
+        raise TooLarge(f"{img.width}x{img.height} pixels is above the limit of {MAX_PIXELS:,} "
+                       f"(multitask.data.images.MAX_PIXELS)")
 
 
 def is_image_name(path: Path | str) -> bool:
@@ -40,5 +53,6 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 def read_rgb(path: Path | str) -> np.ndarray:
     """Decode a photo fully (a truncated file raises OSError) and return H x W x 3 uint8."""
     with Image.open(path) as img:
+        check_pixels(img)
         img.load()
         return to_rgb(img)

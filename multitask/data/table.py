@@ -45,6 +45,8 @@ def resolve_root(cfg: Config) -> Path:
                                 cfg.data.synthetic_seed, cfg.data.synthetic_anywhere)
     if not cfg.data.root:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
+    if not Path(cfg.data.root).exists():
+        raise DataError([Problem(str(cfg.data.root), "data.root does not exist")])
     return Path(cfg.data.root)
 
 
