@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
+
+from multitask.config import load_config
 
 pytestmark = pytest.mark.slow
 APP = str(Path(__file__).resolve().parent.parent / "apps" / "dashboard.py")
@@ -62,14 +66,70 @@ def test_bad_uploads_get_a_message_not_a_traceback(app):
     assert any("Could not read cut.png" in e.value for e in app.error)
 
 
-def test_pick_from_the_run_with_filters_and_pages(app):
+def test_pick_from_the_run_with_filters_and_pages(app, trained_run):
     app.radio[0].set_value("from the run's data").run()
     assert not app.exception, app.exception
+    assert "Grad-CAM grid" in all_text(app)  # the first photo of the run, explained
     app.checkbox(key="data_wrong").check().run()
     assert not app.exception, app.exception
-    assert "Grad-CAM grid" in all_text(app) or "No photo matches" in all_text(app)
+    oof = pd.read_csv(trained_run / "oof.csv")
+    mistakes = (oof[["true_mask", "true_gender", "true_age"]].to_numpy()
+                != oof[["pred_mask", "pred_gender", "pred_age"]].to_numpy()).any(1).sum()
+    assert f"photo ({mistakes} match)" in [s.label for s in app.selectbox]
     assert any("Macro-F1 and accuracy per fold" in s.value for s in app.subheader)
     assert any("Most confident mistakes" in s.value for s in app.subheader)
+
+
+def test_a_mistake_is_explained_by_its_own_fold(app):
+    text = all_text(app)
+    assert "Explained by the model of fold" in text and "which never saw this photo" in text
+    fold = int(text.split("Explained by the model of fold ")[1].split(",")[0])
+    shown = app.selectbox(key="mistake_pick").value
+    oof = pd.read_csv(Path(app.sidebar.selectbox[0].value) / "oof.csv")
+    assert oof.loc[oof["path"] == shown, "fold"].iloc[0] == fold
+
+
+def test_photos_of_an_extra_validation_set_can_be_picked(app):
+    app.radio[0].set_value("extra validation: masked").run()
+    assert not app.exception, app.exception
+    app.multiselect(key="extra_xt").set_value(["not_worn"]).run()
+    assert not app.exception, app.exception
+    assert "not_worn" in app.selectbox(key="extra_xpick").value and "Grad-CAM grid" in all_text(app)
+
+
+def moved_run(trained_run: Path, tmp_path: Path, where) -> Path:
+    runs = tmp_path / "runs"
+    run = Path(shutil.copytree(trained_run, runs / trained_run.name))
+    for name in ("oof.csv", "data.csv"):
+        df = pd.read_csv(run / name)
+        df["path"] = [where(p) for p in df["path"]]
+        df.to_csv(run / name, index=False)
+    return run
+
+
+def test_every_page_works_when_the_photos_have_moved(trained_run, tmp_path, monkeypatch):
+    root = load_config(base=trained_run / "config.yaml").data.root
+    moved_run(trained_run, tmp_path, lambda p: p.replace(str(Path(root).resolve()), str(Path(root).resolve() / "gone")))
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    at.radio[0].set_value("from the run's data").run()
+    assert not at.exception, at.exception
+    assert any("is missing" in w.value for w in at.warning)
+    assert any("Most confident mistakes" in s.value for s in at.subheader)
+
+
+def test_a_crafted_table_cannot_show_other_files(trained_run, tmp_path, monkeypatch):
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir()
+    Image.fromarray(np.zeros((48, 40, 3), np.uint8)).save(secret)
+    moved_run(trained_run, tmp_path, lambda p: str(secret))
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.radio[0].set_value("from the run's data").run()
+    assert not at.exception, at.exception
+    assert any("outside this run's data folders" in e.value for e in at.error)
+    assert "Grad-CAM grid" not in all_text(at)
 
 
 def test_no_runs_is_explained(tmp_path, monkeypatch):

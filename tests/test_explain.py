@@ -143,3 +143,25 @@ def test_cams_change_when_the_trunk_is_randomized(learned_run):
                 for h in trained.heads for i in range(len(x))]
         rho = np.nanmean(rhos)
         assert rho < 0.5, f"{layer}: rank correlation {rho:.2f} with a randomized trunk"
+
+
+def test_cams_from_many_threads_on_shared_models_match_one_at_a_time(trained_run, faces_root):
+    """The dashboard shares its models between sessions; overlapping CAM calls must neither fail nor mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from multitask.data.images import read_rgb
+    from multitask.explain import explain_photo
+
+    cfg = load_config(base=trained_run / "config.yaml")
+    models = load_fold_models(trained_run, cfg)
+    photos = [read_rgb(p) for p in sorted((faces_root / "images").rglob("*.jpg"))[:8]]
+    jobs = [(photo, {0: models[0]} if i % 2 else models, ("gradcam", "layercam")[i % 2])
+            for i, photo in enumerate(photos)]
+    expected = [explain_photo(m, cfg, p, method)[1] for p, m, method in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda job: explain_photo(job[1], cfg, job[0], job[2])[1], jobs * 3))
+    for i, grid in enumerate(got):
+        want = expected[i % len(jobs)]
+        for layer in want.layers:
+            for head in want.heads:
+                np.testing.assert_allclose(grid.cams[layer][head], want.cams[layer][head], atol=1e-5)

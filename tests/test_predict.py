@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,25 @@ def test_labeled_input_reports_scikit_learn_macro_f1(trained_run, faces_root, tm
     assert (tmp_path / "out" / "plots" / "confusion_18-class.png").exists()
 
 
-def test_preprocessing_comes_from_the_run(trained_run):
-    cfg = load_config(base=trained_run / "config.yaml")
-    assert cfg.data.size == [48, 40]  # predict builds its transforms from this, never from defaults
+def test_preprocessing_comes_from_the_run(trained_run, faces_root, tmp_path, monkeypatch):
+    import multitask.predict as predict_module
+
+    seen = []
+    original = predict_module.predict_arrays
+    monkeypatch.setattr(predict_module, "predict_arrays",
+                        lambda models, images, cfg, *a, **kw: seen.append((images.shape, cfg.data.size))
+                        or original(models, images, cfg, *a, **kw))
+    predict(trained_run, next((faces_root / "images").iterdir()), tmp_path / "out", **QUIET)
+    assert load_config().data.size != [48, 40]  # the defaults differ...
+    assert seen == [((7, 54, 44, 3), [48, 40])]  # ...and predict prepared 48x40 (+ margin) as the run did
+
+
+def test_extra_tta_scales_add_views_and_change_the_probabilities(trained_run, faces_root, tmp_path):
+    person = next((faces_root / "images").iterdir())
+    plain = predict(trained_run, person, tmp_path / "a", flip=False, **QUIET)
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    cfg_text = (run / "config.yaml").read_text().replace("tta_scales: []", "tta_scales:\n  - 0.8\n  - 1.25")
+    (run / "config.yaml").write_text(cfg_text)
+    assert load_config(base=run / "config.yaml").predict.tta_scales == [0.8, 1.25]
+    scaled = predict(run, person, tmp_path / "b", flip=False, **QUIET)
+    assert not np.allclose(probs_of(plain), probs_of(scaled))
