@@ -31,6 +31,9 @@ class HeadConfig:
     column: str  # column of the data table holding the integer label
     classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
     loss_weight: float = 1.0
+    # ce | ordinal | dldl | regression: how the head learns (age.py). The last three are for the age head:
+    # ordinal keeps the groups' order; dldl and regression learn from the age in years.
+    loss: str = "ce"
 
 
 def face_heads() -> List[HeadConfig]:
@@ -217,11 +220,28 @@ def _load_yaml(path: Path):
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
 
 
+def _reason(e: Exception) -> str:
+    """OmegaConf's message without its multi-line context: one line."""
+    return str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+
+
 def _merge(base, other, origin: str):
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{origin}: {e.msg if hasattr(e, 'msg') else e}") from e
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise ConfigError(f"{origin}: {_reason(e)}") from None
+
+
+def _set(cfg, key: str, value: str, origin: str):
+    """``a.b=value``; list items by index too (``heads.2.loss=dldl``)."""
+    if not any(part.isdigit() for part in key.split(".")):
+        return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
+    try:
+        parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
+        OmegaConf.update(cfg, key, parsed, merge=True, force_add=False)
+        return cfg
+    except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as e:
+        raise ConfigError(f"{origin}: {_reason(e)}") from None
 
 
 def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Config:
@@ -245,7 +265,7 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
             preset = _load_yaml(path)
             cfg = _merge(cfg, preset if key == "experiment" else {key: preset}, str(path))
         else:
-            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+            cfg = _set(cfg, key, value, f"override {item!r}")
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
@@ -288,6 +308,11 @@ def check_ranges(cfg: Config) -> None:
     for i, h in enumerate(cfg.heads):
         if h.loss_weight < 0:
             raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
+        if h.loss not in ("ce", "ordinal", "dldl", "regression"):
+            raise ConfigError(f"heads[{i}].loss={h.loss!r}: must be one of ce, ordinal, dldl, regression")
+        if h.loss != "ce" and h.column != "age_group":
+            raise ConfigError(f"heads[{i}].loss={h.loss}: ordinal, dldl and regression are for the age head "
+                              f"(column age_group), not {h.column}")
 
 
 def validate(cfg: Config) -> None:

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
+from multitask.age import uses_years
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
@@ -113,11 +114,14 @@ def stage_rows(table: pd.DataFrame, stage: StageConfig, heads: List[HeadConfig])
 
 
 def training_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
-    """Per-head targets for training: the age head may use its own thresholds (e.g. 58+ learned as 60+)."""
+    """Per-head targets for training: the age in years for heads that learn years (dldl, regression; -1 where
+    unknown); otherwise the class, where the age head may use its own thresholds (e.g. 58+ learned as 60+)."""
     cols = []
     for h in cfg.heads:
         values = rows[h.column].to_numpy(dtype=np.int64)
-        if h.column == "age_group" and cfg.data.train_age_thresholds:
+        if uses_years(h.loss):
+            values = rows["age"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        elif h.column == "age_group" and cfg.data.train_age_thresholds:
             values = age_group(rows["age"].to_numpy(dtype=np.int64), cfg.data.train_age_thresholds)
         cols.append(values)
     return np.stack(cols, axis=1)
@@ -211,10 +215,10 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
     column = {h.name: i for i, h in enumerate(cfg.heads)}
-    class_weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active}
-                     if cfg.loss.class_weights else None)
+    class_weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active
+                      if h.loss == "ce"} if cfg.loss.class_weights else None)
     loss_fn = MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss,
-                            class_weights).to(ctx.device)
+                            class_weights, [h.loss for h in active]).to(ctx.device)
     train_tf = train_transform(cfg.data, cfg.augment)
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
@@ -270,6 +274,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         if world.active:
             logits = gather_rows(world, torch.as_tensor(list(val_sampler)), logits, len(val_ds))
         probs = head_probabilities(model, logits)
+        years = {k: v.numpy() for k, v in model.years(logits).items()}
         targets = {h.name: y_val[:, column[h.name]] for h in cfg.heads}
         scores = score(active, targets, probs)
         value = selection_score(scores)
@@ -286,7 +291,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
             if improved:
                 atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "score": value}, out / "best.pt")
                 if stage_no == final_stage(cfg):
-                    write_fold_oof(ctx, fold, val_rows, y_val, probs)
+                    write_fold_oof(ctx, fold, val_rows, y_val, probs, years)
             atomic_to_csv(pd.DataFrame(history), out / "metrics.csv")
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
@@ -324,8 +329,10 @@ def final_heads(cfg: Config) -> List[HeadConfig]:
     return [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
 
 
-def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[str, np.ndarray]) -> pd.DataFrame:
-    """One row per photo: identity, true labels, every head's probabilities and prediction."""
+def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[str, np.ndarray],
+              years: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
+    """One row per photo: identity, true labels, every head's probabilities and prediction (and the predicted
+    age in years, ``years_<head>``, for heads that predict years)."""
     keep = [c for c in ("path", "person_id", "fold", "age", "face_found") if c in rows]
     df = rows[keep].reset_index(drop=True).copy()
     for i, h in enumerate(cfg.heads):
@@ -335,11 +342,13 @@ def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[
         for j, c in enumerate(h.classes):
             df[f"p_{h.name}_{c}"] = probs[h.name][:, j]
         df[f"pred_{h.name}"] = probs[h.name].argmax(1)
+        if years and h.name in years:
+            df[f"years_{h.name}"] = np.round(years[h.name], 2)
     return df
 
 
-def write_fold_oof(ctx: Context, fold: int, rows, targets, probs) -> None:
-    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs), ctx.run_dir / f"fold{fold}" / "oof.csv")
+def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years=None) -> None:
+    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs, years), ctx.run_dir / f"fold{fold}" / "oof.csv")
 
 
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------
@@ -486,7 +495,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
 def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWriter]) -> None:
     cfg, world = ctx.cfg, ctx.world
     torch.manual_seed(cfg.train.seed + fold)
-    model, loaded = build_model(cfg.model, cfg.heads)
+    model, loaded = build_model(cfg.model, cfg.heads, cfg.data.age_thresholds)
     lrs = learning_rates(cfg.optim, loaded)
     if cfg.train.lr_scaling == "linear":
         lrs = (lrs[0] * world.size, lrs[1] * world.size)

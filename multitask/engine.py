@@ -159,4 +159,4 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optio
 
 
 def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:
-    return {k: v.softmax(1).numpy() for k, v in model.split(logits).items()}
+    return {k: v.numpy() for k, v in model.probabilities(logits).items()}

@@ -67,13 +67,25 @@ class CamGrid:
 
 
 class HeadProbability:
-    """A pytorch-grad-cam target: the softmax probability of ``cls`` within one head's logits."""
+    """A pytorch-grad-cam target: the probability of class ``cls`` of one head, from the model's outputs for one
+    photo (however the head is trained: softmax, ordinal, age distribution or years)."""
 
-    def __init__(self, offset: int, size: int, cls: int):
-        self.offset, self.size, self.cls = offset, size, cls
+    def __init__(self, model: MultiHeadNet, head: str, cls: int):
+        self.model, self.head, self.cls = model, head, cls
+        self.offset = model.head_offset(head)
+        self.size = model.head_sizes[model.head_names.index(head)]
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(output[..., self.offset:self.offset + self.size], -1)[..., self.cls]
+        part = output[..., self.offset:self.offset + self.size].reshape(-1, self.size)
+        return self.model.head_probabilities(self.head, part)[:, self.cls].reshape(output.shape[:-1])
+
+
+def cam_target(model: MultiHeadNet, head: str, cls: int):
+    """What a head's CAM explains: a softmax head's logit of the class (Grad-CAM's usual target); for the other
+    age losses, the class probability derived from the head's outputs."""
+    if model.head_losses[model.head_names.index(head)] == "ce":
+        return ClassifierOutputTarget(model.head_offset(head) + cls)
+    return HeadProbability(model, head, cls)
 
 
 @contextlib.contextmanager
@@ -117,15 +129,14 @@ def _cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str, target_classes,
         with input_gradients_only(model, x):
             outputs = cam.activations_and_grads(x)
             activations = [a.float().numpy() for a in cam.activations_and_grads.activations]
-            probs = {n: p.softmax(1).detach().float().numpy() for n, p in model.split(outputs).items()}
+            probs = {n: p.detach().float().numpy() for n, p in model.probabilities(outputs).items()}
             cams: Dict[str, Dict[str, np.ndarray]] = {n: {} for n in layer_names}
             chosen = {}
             for head in heads:
                 cls = (np.full(len(x), target_classes[head]) if target_classes and head in target_classes
                        else probs[head].argmax(1))
                 chosen[head] = cls
-                offset = model.head_offset(head)
-                targets = [ClassifierOutputTarget(offset + int(c)) for c in cls]
+                targets = [cam_target(model, head, int(c)) for c in cls]
                 grads = [None] * len(layer_names)
                 if cam.uses_gradients:
                     cam.activations_and_grads.gradients = []
@@ -148,8 +159,7 @@ def faithfulness(model: MultiHeadNet, x: torch.Tensor, grid: CamGrid, layer: Opt
     out = {}
     with torch.no_grad():
         for head in grid.heads:
-            targets = [HeadProbability(model.head_offset(head), model.head_sizes[model.head_names.index(head)],
-                                       int(c)) for c in grid.targets[head]]
+            targets = [HeadProbability(model, head, int(c)) for c in grid.targets[head]]
             cams = grid.cams[layer][head].astype(np.float32)
             change = CamMultImageConfidenceChange()(x, cams, targets, model)
             road = ROADCombined(percentiles=list(road_percentiles))(x, cams, targets, model)
@@ -290,7 +300,7 @@ def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, targ
     if len(models) == 1:
         return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
     with torch.no_grad():
-        fold_probs = [{h: p.softmax(1).numpy() for h, p in m.split(m.eval()(x)).items()} for m in models.values()]
+        fold_probs = [{h: p.numpy() for h, p in m.probabilities(m.eval()(x)).items()} for m in models.values()]
     probs = {h: np.mean([f[h] for f in fold_probs], 0) for h in fold_probs[0]}
     targets = {h: int(p.argmax()) for h, p in probs.items()}
     targets.update(target_classes or {})

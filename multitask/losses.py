@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multitask.age import age_loss
 from multitask.config import AugmentConfig, LossConfig
 
 
@@ -21,12 +22,14 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tenso
 
 
 class MultiHeadLoss(nn.Module):
-    """Weighted sum of one cross-entropy per active head; targets of -1 (no label) are ignored."""
+    """Weighted sum of one loss per active head (cross-entropy, or an age loss of age.py); targets of -1 (no
+    label) are ignored."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
-                 class_weights: Optional[Dict[str, torch.Tensor]] = None):
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None):
         super().__init__()
         self.heads, self.loss_weights = list(heads), list(loss_weights)
+        self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
         for name, w in (class_weights or {}).items():
             self.register_buffer(f"w_{name}", w)
@@ -37,6 +40,8 @@ class MultiHeadLoss(nn.Module):
         if not valid.any():
             return logits.sum() * 0.0
         logits, target = logits[valid].float(), target[valid]
+        if self.losses[name] != "ce":  # ordinal / dldl / regression (age.py)
+            return age_loss(self.losses[name], logits, target).mean()
         ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.smoothing, reduction="none")
         if self.gamma > 0:
             p_true = logits.softmax(1).gather(1, target[:, None]).squeeze(1)

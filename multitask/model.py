@@ -5,6 +5,7 @@ and ensembling see one plain tensor.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -13,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from multitask import age
 from multitask.config import HeadConfig, ModelConfig, OptimConfig
 
 
@@ -21,13 +23,19 @@ class WeightsError(RuntimeError):
 
 
 class MultiHeadNet(nn.Module):
-    def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0):
+    """A trunk and one linear head per task. Each head's raw outputs follow its loss (age.py); ``probabilities``
+    turns them into class probabilities, whatever the loss."""
+
+    def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0,
+                 age_thresholds: Sequence[int] = (30, 60)):
         super().__init__()
         self.trunk = trunk
         self.head_names = [h.name for h in heads]
-        self.head_sizes = [len(h.classes) for h in heads]
+        self.head_losses = [h.loss for h in heads]
+        self.head_sizes = [age.output_size(h.loss, len(h.classes)) for h in heads]
+        self.age_thresholds = list(age_thresholds)
         self.heads = nn.ModuleDict(
-            {h.name: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, len(h.classes))) for h in heads})
+            {h.name: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n)) for h, n in zip(heads, self.head_sizes)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.trunk(x)
@@ -39,6 +47,21 @@ class MultiHeadNet(nn.Module):
     def head_offset(self, name: str) -> int:
         i = self.head_names.index(name)
         return sum(self.head_sizes[:i])
+
+    def head_probabilities(self, name: str, outputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of one head from its raw outputs (N x its output size)."""
+        return age.class_probabilities(self.head_losses[self.head_names.index(name)], outputs, self.age_thresholds)
+
+    def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {name: self.head_probabilities(name, part) for name, part in self.split(logits).items()}
+
+    def years(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The predicted age in years of heads that predict years (dldl, regression)."""
+        out = {}
+        for (name, part), loss in zip(self.split(logits).items(), self.head_losses):
+            if age.uses_years(loss):
+                out[name] = age.expected_years(loss, part)
+        return out
 
 
 def _strip_classifier(net: nn.Module) -> int:
@@ -83,7 +106,9 @@ def load_checkpoint(path: Path) -> dict:
     if not Path(path).is_file():
         raise WeightsError(f"{path}: file does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings on a bad file suggest turning the safety off
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or code inside: never loaded another way
         raise WeightsError(f"{path}: not a checkpoint or state_dict this project can read safely "
                            f"({type(e).__name__}); it was not loaded") from None
@@ -111,7 +136,8 @@ def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig]) -> tuple[MultiHeadNet, bool]:
+def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig], age_thresholds: Sequence[int] = (30, 60)
+                ) -> tuple[MultiHeadNet, bool]:
     """(model, whether pretrained weights were loaded into the trunk)."""
     if cfg.arch not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"model.arch={cfg.arch}: not a torchvision classifier")
@@ -123,7 +149,7 @@ def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig]) -> tuple[MultiHea
             _load_state_dict_file(net, Path(cfg.pretrained), cfg.arch)
             loaded = True
     features = _strip_classifier(net)
-    return MultiHeadNet(net, features, heads, cfg.dropout), loaded
+    return MultiHeadNet(net, features, heads, cfg.dropout, age_thresholds), loaded
 
 
 def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> "OrderedDict[str, nn.Module]":

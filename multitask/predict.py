@@ -74,7 +74,7 @@ def load_fold_models(run_dir: Path, cfg: Config, folds: Optional[Sequence[int]] 
     model_cfg = type(cfg.model)(arch=cfg.model.arch, pretrained="none", dropout=cfg.model.dropout)
     models = {}
     for k in folds:
-        model, _ = build_model(model_cfg, cfg.heads)
+        model, _ = build_model(model_cfg, cfg.heads, cfg.data.age_thresholds)
         state = load_checkpoint(Path(run_dir) / f"fold{k}" / f"stage{final_stage(cfg)}" / "best.pt")
         model.load_state_dict(state["model"])
         models[k] = model.to(device).eval()
@@ -103,8 +103,8 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
             loader = make_loader(ds, batch_size, loader_workers(cfg.data.workers, device, True), device)
             logits = predict_logits(model, loader, device, dtype, cfg.train.channels_last, progress,
                                     desc=f"fold {k} view {scale}{' flip' if flip else ''}")
-            for name, part in model.split(logits).items():
-                acc[name] = acc.get(name, 0) + part.softmax(1).numpy() / len(views)
+            for name, part in model.probabilities(logits).items():
+                acc[name] = acc.get(name, 0) + part.numpy() / len(views)
         out[k] = acc
     return out
 

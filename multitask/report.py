@@ -173,6 +173,49 @@ def extra_val_lines(results: dict) -> List[str]:
     return lines
 
 
+AGE_BANDS = [0, 18, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 200]
+
+
+def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> tuple[dict, List[str]]:
+    """Where the exact age is known: the age head's predicted group by true age band (where do 30-59 errors
+    come from?), and for heads that predict years the mean absolute error per fold and a predicted-vs-true plot."""
+    head = next((h for h in heads if h.column == "age_group"), None)
+    if head is None or "age" not in oof or oof["age"].isna().all():
+        return {}, []
+    known = oof[oof["age"].notna()]
+    band = pd.cut(known["age"].astype(float), AGE_BANDS, right=False,
+                  labels=[f"{a}-{b - 1}" if b < 200 else f"{a}+" for a, b in zip(AGE_BANDS[:-1], AGE_BANDS[1:])])
+    table = pd.crosstab(band, known[f"pred_{head.name}"].map(dict(enumerate(head.classes))), normalize="index")
+    table = table.reindex(columns=head.classes, fill_value=0.0)
+    counts = band.value_counts()
+    result = {"by_year": {str(b): {**{c: float(table.loc[b, c]) for c in head.classes}, "photos": int(counts[b])}
+                          for b in table.index if counts[b]}}
+    lines = ["", "## Age by year (all out-of-fold photos with a known age)", "",
+             "Share of each true-age band predicted as each group.", "",
+             "| true age | photos | " + " | ".join(head.classes) + " |", "|---" * (len(head.classes) + 2) + "|"]
+    lines += [f"| {b} | {v['photos']} | " + " | ".join(f"{v[c]:.2f}" for c in head.classes) + " |"
+              for b, v in result["by_year"].items()]
+    years_col = f"years_{head.name}"
+    if years_col in known:
+        err = (known[years_col] - known["age"].astype(float)).abs()
+        result["mae_years"] = {int(k): float(e.mean()) for k, e in err.groupby(known["fold"])}
+        result["mae_years_pooled"] = float(err.mean())
+        lines += ["", "Mean absolute error of the predicted age: " + ", ".join(
+            f"fold {k} {v:.1f}" for k, v in result["mae_years"].items()) + f"; all {err.mean():.1f} years.", "",
+            "![age](plots/age_predicted_vs_true.png)"]
+        fig, ax = plt.subplots(figsize=(4.5, 4.2))
+        for k, part in known.groupby("fold"):
+            ax.scatter(part["age"], part[years_col], s=4, alpha=0.4, label=f"fold {k}")
+        ax.plot([0, 100], [0, 100], color="grey", lw=1)
+        ax.set_xlabel("true age")
+        ax.set_ylabel("predicted age")
+        ax.legend(fontsize=7, markerscale=3)
+        fig.tight_layout()
+        fig.savefig(plots / "age_predicted_vs_true.png", dpi=100)
+        plt.close(fig)
+    return result, lines
+
+
 def recipe(cfg: Config, run_dir: Path) -> str:
     """The training settings in one sentence, for the report's header: what the run recorded (run.json) where
     it did, else what the config implies."""
@@ -235,12 +278,14 @@ def write_report(run_dir: Path) -> dict:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
                   "Scored by each fold's model and by their ensemble (mean probabilities). \"Mask on vs not worn\": "
                   "a mask on the face, worn or incorrectly, against no mask."] + extra_val_lines(extra)
+    age, age_lines = age_results(oof, heads, plots)
+    lines += age_lines
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)
     lines += ["", "## Confusion matrices", ""] + [f"![{c}](plots/{c})" for c in confusions]
     lines += ["", "## Learning curves", ""] + [f"![{c}](plots/{c})" for c in curves]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
     result = {"run": run_dir.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds,
-              "extra_val": extra}
+              "extra_val": extra, "age": age}
     atomic_write_text(run_dir / "report.json", json.dumps(result, indent=1))
     return result
 
