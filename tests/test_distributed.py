@@ -79,9 +79,8 @@ def test_kill_9_of_one_rank_then_resume_under_torchrun_finishes(faces_root, tmp_
     while time.time() < deadline and proc.poll() is None and victim is None:
         runs = list((tmp_path / "runs").glob("*"))
         if runs and (runs[0] / "fold1" / "stage2" / "last.pt").exists():
-            ranks = subprocess.run(["pgrep", "-f", "-s", str(os.getpgid(proc.pid)), "multitask.train"],
-                                   capture_output=True, text=True).stdout.split()
-            victim = max(int(p) for p in ranks if int(p) != proc.pid)  # a worker, not torchrun itself
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            victim = max(map(int, workers)) if workers else None  # a worker (rank 1), not torchrun itself
         time.sleep(0.2)
     assert victim is not None, proc.stderr.read().decode()[-2000:]
     os.kill(victim, signal.SIGKILL)
@@ -103,7 +102,7 @@ def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_
     created = subprocess.run(train(*args, "--create-only"), capture_output=True, text=True, timeout=300)
     assert created.returncode == 0, created.stderr
     run = Path(created.stdout.strip().splitlines()[-1])
-    assert (run / "config.yaml").exists() and (run / "folds.csv").exists() and not list(run.glob("fold*"))
+    assert (run / "config.yaml").exists() and (run / "folds.csv").exists() and not list(run.glob("fold[0-9]*"))
     jobs = [subprocess.Popen(train("--resume", str(run), "--folds", str(k)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ONE_THREAD) for k in (0, 1)]
     outs = [j.communicate(timeout=600) for j in jobs]
@@ -125,18 +124,21 @@ def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_
 
 @pytest.mark.slow
 def test_a_fold_taken_twice_is_an_error_not_a_race(faces_root, tmp_path):
-    args = tiny_overrides(faces_root, tmp_path) + ["cv.folds=2", "stage2.epochs=3", "name=twice"]
+    args = tiny_overrides(faces_root, tmp_path) + ["cv.folds=2", "stage2.epochs=200", "name=twice"]
     run = Path(subprocess.run(train(*args, "--create-only"), capture_output=True, text=True,
                               timeout=300).stdout.strip().splitlines()[-1])
     first = subprocess.Popen(train("--resume", str(run), "--folds", "0"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, env=ONE_THREAD)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "fold0" / "lock").exists():
-        time.sleep(0.1)
-    time.sleep(0.5)
-    second = subprocess.run(train("--resume", str(run), "--folds", "0"), capture_output=True, text=True,
-                            timeout=300, env=ONE_THREAD)
-    first.wait(timeout=600)
-    assert first.returncode == 0, first.stderr.read().decode()[-1500:]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "fold0" / "stage1" / "metrics.csv").exists():
+            time.sleep(0.1)  # the first job holds fold 0 and is training it
+        assert first.poll() is None, first.stderr.read().decode()[-1500:]
+        second = subprocess.run(train("--resume", str(run), "--folds", "0"), capture_output=True, text=True,
+                                timeout=300, env=ONE_THREAD)
+    finally:
+        first.kill()
+        first.wait()
     assert second.returncode == 2 and "fold 0 is being trained by pid" in second.stderr
-    assert "Traceback" not in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert not (run / "fold0" / "done.json").exists()
