@@ -161,6 +161,9 @@ def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> 
     blocks = getattr(trunk, "features", None)
     if not isinstance(blocks, nn.Sequential):
         raise ValueError(f"{type(trunk).__name__}: no layer1..4 or features to take CAM layers from")
+    cache = model.__dict__.setdefault("_stage_layers", {})  # found by a forward pass: once per input size
+    if tuple(image_size) in cache:
+        return cache[tuple(image_size)]
     sizes: List[tuple] = []
     hooks = [b.register_forward_hook(lambda m, i, o, k=k: sizes.append((k, tuple(o.shape[-2:]))))
              for k, b in enumerate(blocks)]
@@ -177,7 +180,8 @@ def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> 
     for k, shape in sizes:
         last_at[shape] = k
     chosen = sorted(last_at.values())[-4:]
-    return OrderedDict((f"features.{k}", blocks[k]) for k in chosen)
+    cache[tuple(image_size)] = OrderedDict((f"features.{k}", blocks[k]) for k in chosen)
+    return cache[tuple(image_size)]
 
 
 def learning_rates(o: OptimConfig, weights_loaded: bool) -> tuple[float, float]:

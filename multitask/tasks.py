@@ -21,25 +21,12 @@ def age_group(age, thresholds: Sequence[int] = (30, 60)) -> np.ndarray:
     return np.digitize(np.asarray(age), list(thresholds)).astype(np.int64)
 
 
-def joint_sizes(heads: Sequence[HeadConfig]) -> list[int]:
-    return [len(h.classes) for h in heads]
-
-
 def encode_joint(labels: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray:
     """Mixed-radix code of per-head labels (first head most significant)."""
     code = np.zeros_like(np.asarray(labels[0]), dtype=np.int64)
     for label, size in zip(labels, sizes):
         code = code * size + np.asarray(label, dtype=np.int64)
     return code
-
-
-def decode_joint(code, sizes: Sequence[int]) -> list[np.ndarray]:
-    code = np.asarray(code, dtype=np.int64)
-    labels = []
-    for size in reversed(sizes):
-        labels.append(code % size)
-        code = code // size
-    return labels[::-1]
 
 
 def joint_probabilities(probs: Sequence[np.ndarray]) -> np.ndarray:
