@@ -17,7 +17,13 @@ from typing import Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    """The presets: configs/ beside the package in a source tree, multitask/configs in an installed wheel."""
+    source = Path(__file__).resolve().parent.parent / "configs"
+    return source if source.is_dir() else Path(__file__).resolve().parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
 
 
