@@ -303,7 +303,7 @@ def mistakes_page(run: Path, cfg, folds_available: tuple) -> None:
 def main() -> None:
     st.title("multitask inspector")
     root = Path(os.environ.get("MULTITASK_RUNS", "runs"))  # fixed at start: the page cannot browse elsewhere
-    st.sidebar.caption(f"runs folder: {root} (set MULTITASK_RUNS before starting)")
+    st.sidebar.caption(f"runs folder: {root.name or root}/ (MULTITASK_RUNS, set before starting)")
     runs = list_runs(root)
     if not runs:
         st.info(f"No runs in {root.resolve()}. Train one with `make train` (or `python -m multitask.train`).")

@@ -152,7 +152,7 @@ class AugmentConfig:
     # Aimed at the gap between clean painted training photos and real ones (probabilities per photo):
     degrade: float = 0.0  # low resolution, blur, JPEG, sensor noise, low light: real crops are small and rough
     color: float = 0.0  # hue, saturation, colour cast, grey photos
-    affine: float = 0.0  # tilt, zoom and shift: real faces are not aligned like the training crops
+    affine: float = 0.0  # tilt, zoom (up to 1.3x: real crops are often tighter) and shift: real faces are not aligned
     mix: str = "none"  # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
     mix_alpha: float = 1.0
     mix_prob: float = 0.5

@@ -109,7 +109,7 @@ def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
     if aug.brightness_contrast > 0:
         steps.append(A.RandomBrightnessContrast(0.2, 0.2, p=aug.brightness_contrast))
     if aug.affine > 0:
-        steps.append(A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-15, 15),
+        steps.append(A.Affine(scale=(0.85, 1.3), translate_percent=(-0.06, 0.06), rotate=(-15, 15),
                               border_mode=cv2.BORDER_REFLECT_101, p=aug.affine))
     if aug.color > 0:
         steps.append(A.OneOf([A.ColorJitter(0.2, 0.2, 0.3, 0.05), A.HueSaturationValue(10, 25, 15),
