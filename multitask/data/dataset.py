@@ -7,7 +7,6 @@ Building the cache decodes every photo, which is also where unreadable and trunc
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from multitask.config import DataConfig
+from multitask.data.images import files_key
 from multitask.data.sources import Problem
 from multitask.data.transforms import Prepare
 
@@ -60,14 +60,7 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 
 def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
-    h = hashlib.sha1(repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, 2)).encode())
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()[:16]
+    return files_key(paths, repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, 2)))
 
 
 def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,

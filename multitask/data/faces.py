@@ -11,8 +11,6 @@ painter (``python -m multitask.data paint-masks``).
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from multitask.data.images import read_rgb
+from multitask.data.images import files_key, read_rgb
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 COLUMNS = ["found", "score", "x0", "y0", "x1", "y1"] + [f"{n}_{a}" for n in LANDMARKS for a in "xy"]
@@ -80,29 +78,11 @@ def face_row(face: Optional[Face]) -> dict:
     return dict(zip(COLUMNS, [True, face.score, *face.box, *face.landmarks.ravel()]))
 
 
-def row_face(row) -> Optional[Face]:
-    if not bool(row["found"]):
-        return None
-    marks = np.array([[row[f"{n}_x"], row[f"{n}_y"]] for n in LANDMARKS], dtype=np.float64)
-    return Face(np.array([row[c] for c in ("x0", "y0", "x1", "y1")], dtype=np.float64), marks, float(row["score"]))
-
-
-def _files_key(paths: Sequence[str]) -> str:
-    h = hashlib.sha1(b"mtcnn-v1")
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()[:16]
-
-
 def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
     """One row per path (``path`` + COLUMNS), detected once and cached in ``cache_dir/faces-<key>.csv``, keyed by
     the files (path, size, mtime). Unreadable files get ``found`` False; they are reported by the image loader."""
     paths = list(paths)
-    cache = Path(cache_dir) / f"faces-{_files_key(paths)}.csv"
+    cache = Path(cache_dir) / f"faces-{files_key(paths, 'mtcnn-v1')}.csv"
     if cache.exists():
         return pd.read_csv(cache, dtype={"path": str})
     log(f"finding faces in {len(paths)} photos (cached in {cache})")

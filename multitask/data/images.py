@@ -1,6 +1,8 @@
 """Reading photos as RGB uint8, whatever their mode, bit depth or EXIF orientation."""
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,19 @@ def check_pixels(img: Image.Image) -> None:
     if img.width * img.height > MAX_PIXELS:
         raise TooLarge(f"{img.width}x{img.height} pixels is above the limit of {MAX_PIXELS:,} "
                        f"(multitask.data.images.MAX_PIXELS)")
+
+
+def files_key(paths, salt: str) -> str:
+    """A short key for these files as they are now (path, size, modification time) and ``salt`` (the settings):
+    a changed, added or removed file, or other settings, give another key."""
+    h = hashlib.sha1(salt.encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:16]
 
 
 def is_image_name(path: Path | str) -> bool:
