@@ -75,7 +75,7 @@ def read_upload(upload) -> np.ndarray | None:
             img.load()
             return to_rgb(img)
     except TooLarge as e:
-        st.error(f"{upload.name} is {e}.")
+        st.error(f"{upload.name}: {e}.")
         return None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         st.error(f"Could not read {upload.name} as an image ({type(e).__name__}). "

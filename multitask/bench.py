@@ -3,13 +3,18 @@
 (a) model-only training step on random tensors; (b) the full training pipeline from disk with the project's
 defaults (cache, precision=auto, channels_last); (c) the same pipeline in the plain style (fp32, NCHW, decode
 every photo every epoch, no cache); (d) inference; (e) one Grad-CAM grid (3 heads x 4 layers) against one
-single-layer GradCAM call. Prints a table and writes bench.json.
+single-layer GradCAM call; (f) the model step under DistributedDataParallel with 1 and 2 gloo processes
+(torchrun). Each figure: warm-up runs first (oneDNN picks its kernels on the first calls), then the median of
+runs repeated for at least a few seconds, with its spread. Prints a table and writes bench.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,11 +22,12 @@ from typing import Callable
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multitask.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="128x96,128x128,224x224", help="H x W training sizes to measure")
+    p.add_argument("--sizes", default="128x96,128x128", help="H x W training sizes to measure (e.g. add 224x224)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="batches per pipeline measurement (one run)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
+    p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one process of (f)
     return p
 
 
@@ -33,6 +39,9 @@ import torch  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from multitask import distributed  # noqa: E402
 from multitask.config import load_config  # noqa: E402
 from multitask.cv import training_targets  # noqa: E402
 from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
@@ -89,10 +98,12 @@ def setup(cfg, device: torch.device, channels_last: bool):
     return model, loss, opt
 
 
-def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool) -> dict:
-    """(a) forward + backward + step on random tensors already on the device."""
+def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool, ddp: bool = False) -> dict:
+    """(a) forward + backward + step on random tensors already on the device (``ddp``: wrapped in
+    DistributedDataParallel, gradients averaged over the processes every step)."""
     model, loss_fn, opt = setup(cfg, device, channels_last)
     model.train()
+    net = DistributedDataParallel(model) if ddp else model
     x = torch.randn(batch, 3, *cfg.data.size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -101,7 +112,7 @@ def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool
 
     def step() -> int:
         with autocast(device, dtype):
-            logits = model.split(model(x))
+            logits = model.split(net(x))
         loss, _ = loss_fn(logits, y, column)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -162,6 +173,38 @@ def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
     return 1 / grid["img_s"], 1 / one["img_s"]
 
 
+def data_parallel(overrides, size: str, batch: int, processes: int) -> dict:
+    """(f) images/s of the model step (a) with DistributedDataParallel over ``processes`` gloo processes started
+    by torchrun, each with its share of the cores; all processes together."""
+    cores = os.cpu_count() or 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+           "-m", "multitask.bench", "--ddp-worker", "--sizes", size, "--batch", str(batch), *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": str(max(1, cores // processes))})
+    lines = [line for line in out.stdout.splitlines() if line.startswith("DDP ")]
+    if out.returncode != 0 or not lines:
+        return {"img_s": float("nan"), "spread": float("nan"), "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(lines[-1][4:])
+
+
+def ddp_worker(a) -> int:
+    """One torchrun process of data_parallel: rank 0 prints the total rate."""
+    world = distributed.from_env()
+    distributed.init(world, "cpu")
+    try:
+        h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
+        cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
+        torch.set_num_threads(distributed.threads_per_process(world, os.cpu_count() or 1))
+        dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
+        m = model_only(cfg, a.batch, torch.device("cpu"), dtype, cfg.train.channels_last, ddp=world.active)
+        rates = distributed.gather(world, m["img_s"])
+        if world.main:
+            print("DDP " + json.dumps({"img_s": float(sum(rates)), "spread": m["spread"], "processes": world.size}))
+    finally:
+        distributed.shutdown()
+    return 0
+
+
 def fmt(m: dict) -> str:
     return f"{m['img_s']:.1f} ±{m['spread'] * 50:.0f}%"
 
@@ -169,6 +212,8 @@ def fmt(m: dict) -> str:
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
+    if a.ddp_worker:
+        return ddp_worker(a)
     base = load_config(a.overrides)
     configure_threads(base.train)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -214,6 +259,12 @@ def main(argv=None) -> int:
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
+    size = a.sizes.split(",")[0]
+    results["data_parallel"] = {}
+    for n in (1, 2):  # on a 2-core CPU no speed-up is expected: the point is that data parallel runs
+        results["data_parallel"][n] = r = data_parallel(a.overrides, size, a.batch, n)
+        print(f"model step at {size}, DistributedDataParallel over {n} gloo process(es): {fmt(r)} img/s in all"
+              + (f" (failed: {r['error']})" if "error" in r else ""))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of the whole benchmark {results['peak_rss_mb']:.0f} MB; wrote {a.out}")
     a.out.write_text(json.dumps(results, indent=1))

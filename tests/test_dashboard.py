@@ -136,3 +136,18 @@ def test_no_runs_is_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path))
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception and "No runs in" in at.info[0].value
+
+
+def test_every_file_of_the_zoo_uploads_to_a_result_or_a_message(app):
+    """The bad-input zoo (test_bad_inputs) through the upload box: no exception, ever."""
+    from test_bad_inputs import READABLE, UNREADABLE
+
+    for name, make in READABLE.items():
+        app.file_uploader[0].set_value((name, make(), "image/jpeg")).run()
+        assert not app.exception, (name, app.exception)
+        assert "Grad-CAM grid" in all_text(app), name
+    for name, (make, _) in UNREADABLE.items():
+        app.file_uploader[0].set_value((name, make(), "image/jpeg")).run()
+        assert not app.exception, (name, app.exception)
+        expected = "above the limit" if name == "bomb.png" else f"Could not read {name}"
+        assert any(expected in e.value for e in app.error), (name, [e.value for e in app.error])
