@@ -515,4 +515,6 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
     if world.main:
         score_extra_val(ctx, fold, model.eval(), extra_val)
         atomic_write_text(ctx.run_dir / f"fold{fold}" / "done.json", json.dumps({"seconds": time.perf_counter() - tick}))
+        if final_stage(cfg) == 2:  # stage 1's model only seeds stage 2; the fold's model is stage 2's best.pt
+            (ctx.run_dir / f"fold{fold}" / "stage1" / "best.pt").unlink(missing_ok=True)
     barrier(world)

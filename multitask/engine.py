@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -59,7 +61,49 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         if not cpu_has_fast_bf16():
             warnings.warn("train.precision=bf16: this CPU has no AVX512-BF16/AMX; bf16 is emulated and slow")
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() and bf16_is_faster() else None
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_is_faster() -> bool:
+    """Whether bf16 autocast trains faster than fp32 on this CPU, timed once (about 2 s) on a small ResNet step.
+    The flags are not enough: with AVX512-BF16 and no AMX, bf16 was 1.6x faster on one machine and 0.76x on
+    another (make bench prints both rates). Cached per CPU, torch version and thread count."""
+    import json
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:  # the CPU's model name: machines of one architecture differ
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    key = f"{cpu}-{torch.__version__}-{torch.get_num_threads()}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multitask" / "bf16_is_faster.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        import torchvision
+
+        net = torchvision.models.resnet18(num_classes=8).to(memory_format=torch.channels_last)
+        x = torch.randn(16, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+
+        def step_seconds(dtype) -> float:
+            times = []
+            for i in range(6):
+                tick = time.perf_counter()
+                with autocast(torch.device("cpu"), dtype):
+                    loss = net(x).float().square().mean()
+                loss.backward()
+                times.append(time.perf_counter() - tick)
+            return float(np.median(times[2:]))  # the first calls pick kernels
+
+        known[key] = step_seconds(torch.bfloat16) < 0.95 * step_seconds(None)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(known))
+        except OSError:
+            pass  # a read-only home only costs the timing again
+    return bool(known[key])
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
