@@ -81,7 +81,8 @@ def learned_run(tmp_path_factory) -> Path:
     root = generate(tmp / "faces", people=200, size=(96, 128), seed=5)
     cfg = load_config(tiny_overrides(root, tmp) + [
         "data.size=[96,72]", "data.crop=[72,60]", "cv.run_folds=[0]", "stage1.epochs=2", "stage2.epochs=14",
-        "train.precision=fp32"])  # the same numerics whatever precision=auto picks on this CPU
+        # bf16 autocast: the numerics these thresholds were measured with (fp32, 16 epochs: gender 0.79)
+        "train.precision=bf16"])
     run = tmp / "runs" / "learned"
     run_cv(cfg, run, log=lambda s: None)
     write_report(run)
