@@ -473,7 +473,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
     ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log, Clock(planned), world)
-    extra_val = load_extra_val(cfg, log)
+    extra_val = load_extra_val(cfg, log) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}"
         f"{f' x {world.size} processes' if world.active else ''}, precision {dtype or 'fp32'}, "
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
