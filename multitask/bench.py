@@ -4,8 +4,9 @@
 defaults (cache, precision=auto, channels_last); (c) the same pipeline in the plain style (fp32, NCHW, decode
 every photo every epoch, no cache); (d) inference; (e) one Grad-CAM grid (3 heads x 4 layers) against one
 single-layer GradCAM call; (f) the model step under DistributedDataParallel with 1 and 2 gloo processes
-(torchrun). Each figure: warm-up runs first (oneDNN picks its kernels on the first calls), then the median of
-runs repeated for at least a few seconds, with its spread. Prints a table and writes bench.json.
+(torchrun); (g) the model step under torch.compile (train.compile). Each figure: warm-up runs first (oneDNN
+picks its kernels on the first calls, torch.compile compiles), then the median of runs repeated for at least a
+few seconds, with its spread. Prints a table and writes bench.json.
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs
     """images/s of ``step`` (which returns the images it handled): ``warmup`` calls untimed (oneDNN picks its
     kernels on the first ones), then timed calls until ``min_runs`` and ``min_seconds`` are both reached.
     The figure is the median; ``spread`` is (max - min) / median of the per-call rates."""
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
+    warmup_s = time.perf_counter() - start
     rates, start = [], time.perf_counter()
     while len(rates) < min_runs or time.perf_counter() - start < min_seconds:
         tick = time.perf_counter()
@@ -85,7 +88,8 @@ def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - tick))
     median = float(np.median(rates))
-    return {"img_s": median, "spread": float((max(rates) - min(rates)) / median), "runs": len(rates)}
+    return {"img_s": median, "spread": float((max(rates) - min(rates)) / median), "runs": len(rates),
+            "warmup_s": warmup_s}
 
 
 def setup(cfg, device: torch.device, channels_last: bool):
@@ -98,12 +102,15 @@ def setup(cfg, device: torch.device, channels_last: bool):
     return model, loss, opt
 
 
-def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool, ddp: bool = False) -> dict:
+def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool, ddp: bool = False,
+               compiled: bool = False) -> dict:
     """(a) forward + backward + step on random tensors already on the device (``ddp``: wrapped in
-    DistributedDataParallel, gradients averaged over the processes every step)."""
+    DistributedDataParallel, gradients averaged over the processes every step; ``compiled``: torch.compile,
+    as train.compile does, its compile time in the warm-up)."""
     model, loss_fn, opt = setup(cfg, device, channels_last)
     model.train()
     net = DistributedDataParallel(model) if ddp else model
+    net = torch.compile(net) if compiled else net
     x = torch.randn(batch, 3, *cfg.data.size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -171,6 +178,20 @@ def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
     grid = measure(lambda: (cam_grid(model, x, "gradcam"), 1)[1], device, warmup=2, min_runs=5, min_seconds=2)
     one = measure(single, device, warmup=2, min_runs=5, min_seconds=2)
     return 1 / grid["img_s"], 1 / one["img_s"]
+
+
+def compiled_vs_eager(cfg, batch: int, device: torch.device, dtype, eager: dict) -> dict:
+    """(g) the model step (a) under torch.compile (train.compile) against ``eager``, (a) itself; a compiler
+    that cannot run here (no C compiler, an unsupported op) is reported, not raised."""
+    try:
+        comp = model_only(cfg, batch, device, dtype, cfg.train.channels_last, compiled=True)
+    except Exception as e:  # inductor's failures have many types; one line says which
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return {"eager": eager, "error": f"{type(e).__name__}: {first}",
+                "summary": f"eager {fmt(eager)} img/s; torch.compile failed here ({type(e).__name__}: {first})"}
+    return {"eager": eager, "compiled": comp, "speedup": comp["img_s"] / eager["img_s"],
+            "summary": f"eager {fmt(eager)}, compiled {fmt(comp)} img/s ({comp['img_s'] / eager['img_s']:.2f}x; "
+                       f"compiling took {comp['warmup_s']:.0f} s of the first steps)"}
 
 
 def data_parallel(overrides, size: str, batch: int, processes: int) -> dict:
@@ -250,15 +271,17 @@ def main(argv=None) -> int:
             if r["b_over_a"] > 1.05:
                 print(f"  (b)/(a) = {r['b_over_a']:.2f} > 1.05: the whole pipeline cannot beat its own model step; "
                       "a measurement error (another process running?)")
+        size = a.sizes.split(",")[0]
+        h, w = (int(v) for v in size.split("x"))
+        cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
         if device.type == "cpu":  # what bf16 autocast buys on this CPU, whatever precision=auto chose
-            size = a.sizes.split(",")[0]
-            h, w = (int(v) for v in size.split("x"))
-            cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
             fp32 = model_only(cfg, a.batch, device, None, cfg.train.channels_last)
             bf16 = model_only(cfg, a.batch, device, torch.bfloat16, cfg.train.channels_last)
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
+        rows["compile"] = compiled_vs_eager(cfg, a.batch, device, dtype, rows["sizes"][size]["a_model"])
+        print(f"model step at {size}, train.compile: {rows['compile']['summary']}")
     size = a.sizes.split(",")[0]
     results["data_parallel"] = {}
     for n in (1, 2):  # on a 2-core CPU no speed-up is expected: the point is that data parallel runs

@@ -55,13 +55,13 @@ def face_heads() -> List[HeadConfig]:
 class DataConfig:
     source: str = "synthetic"  # synthetic | competition | manifest | utkface | imagefolder
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = 120
+    synthetic_people: int = 100
     synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
     synthetic_seed: int = 0
     synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
     # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
     # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
-    synthetic_unmasked: int = 600
+    synthetic_unmasked: int = 360
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
     train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
@@ -82,7 +82,7 @@ class DataConfig:
     # found, flagged face_found=False in data.csv and predictions.csv)
     face_crop: str = "center"
     face_margin: float = 0.25
-    size: List[int] = field(default_factory=lambda: [96, 72])  # H x W fed to the network (competition preset: 128x96)
+    size: List[int] = field(default_factory=lambda: [72, 56])  # H x W fed to the network (competition preset: 128x96)
     load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
     cache_dir: str = ".cache/multitask"
@@ -177,6 +177,7 @@ class TrainConfig:
     lr_scaling: str = "none"
     sync_bn: bool = False  # BatchNorm statistics over all processes (GPUs; small per-GPU batches)
     compile: bool = False  # torch.compile the model for training
+    weights_dtype: str = "fp16"  # fp16 | fp32: the weights kept in best.pt (fp16: half the disk)
     seed: int = 42
     progress: bool = True
 
@@ -216,6 +217,7 @@ CHOICES = {
     "augment.mix": ("none", "mixup", "cutmix", "cutmix_vertical"),
     "train.lr_scaling": ("none", "linear"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.weights_dtype": ("fp16", "fp32"),
     "predict.ensemble": ("mean", "vote"),
 }
 

@@ -270,11 +270,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                                 column, cfg.augment, np.random.default_rng(seed + world.rank), epoch + 1, scaler,
                                 cfg.train.progress and world.main,
                                 desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
-        logits = predict_logits(model, val_loader, ctx.device, ctx.dtype, cfg.train.channels_last)
-        if world.active:
-            logits = gather_rows(world, torch.as_tensor(list(val_sampler)), logits, len(val_ds))
-        probs = head_probabilities(model, logits)
-        years = {k: v.numpy() for k, v in model.years(logits).items()}
+        probs, _ = validate(ctx, model, val_loader)
         targets = {h.name: y_val[:, column[h.name]] for h in cfg.heads}
         scores = score(active, targets, probs)
         value = selection_score(scores)
@@ -289,9 +285,8 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
             best_score, best_epoch = value, epoch + 1
         if world.main:
             if improved:
-                atomic_torch_save({"model": model.state_dict(), "epoch": epoch, "score": value}, out / "best.pt")
-                if stage_no == final_stage(cfg):
-                    write_fold_oof(ctx, fold, val_rows, y_val, probs, years)
+                atomic_torch_save({"model": saved_weights(model, cfg.train.weights_dtype), "epoch": epoch,
+                                   "score": value}, out / "best.pt")
             atomic_to_csv(pd.DataFrame(history), out / "metrics.csv")
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
@@ -306,12 +301,34 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
                 f"val F1 {f1s}  lr {epoch_lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
                 + ("  *" if improved else "") + f"  ({left})")
+    barrier(world)  # every process reads the best.pt rank 0 wrote
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    if stage_no == final_stage(cfg):  # from the weights as saved, so that predict reproduces oof.csv
+        probs, years = validate(ctx, model, val_loader)
+        if world.main:
+            write_fold_oof(ctx, fold, val_rows, y_val, probs, years)
     if world.main:
         atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
         last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
-    barrier(world)  # every process reads the best.pt rank 0 wrote
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     return model
+
+
+def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Class probabilities (and years, for heads that predict them) per head for a loader's photos, in order;
+    under torchrun each process predicts its share and every process gets all rows."""
+    logits = predict_logits(model, loader, ctx.device, ctx.dtype, ctx.cfg.train.channels_last)
+    if ctx.world.active:
+        logits = gather_rows(ctx.world, torch.as_tensor(list(loader.sampler)), logits, len(loader.dataset))
+    return head_probabilities(model, logits), {k: v.numpy() for k, v in model.years(logits).items()}
+
+
+def saved_weights(model: nn.Module, dtype: str) -> Dict[str, torch.Tensor]:
+    """The state_dict to keep in best.pt: floating tensors in fp16 halve every run's size (the weights move by
+    at most 1e-3 of their value; loading casts them back)."""
+    state = model.state_dict()
+    if dtype == "fp32":
+        return state
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def fold_config(cfg: Config) -> dict:

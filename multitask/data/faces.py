@@ -83,8 +83,8 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     the files (path, size, mtime). Unreadable files get ``found`` False; they are reported by the image loader."""
     paths = list(paths)
     cache = Path(cache_dir) / f"faces-{files_key(paths, 'mtcnn-v1')}.csv"
-    if cache.exists():
-        return pd.read_csv(cache, dtype={"path": str})
+    if cache.exists():  # rows in the order of the key's paths, which may be spelled another way (relative)
+        return pd.read_csv(cache, dtype={"path": str}).assign(path=paths)
     log(f"finding faces in {len(paths)} photos (cached in {cache})")
     rows = []
     for p in paths:

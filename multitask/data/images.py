@@ -30,7 +30,7 @@ def files_key(paths, salt: str) -> str:
     """A short key for these files as they are now (path, size, modification time) and ``salt`` (the settings):
     a changed, added or removed file, or other settings, give another key."""
     h = hashlib.sha1(salt.encode())
-    for p in paths:
+    for p in map(os.path.abspath, paths):  # ../data/x and /work/data/x are the same file: one cache
         try:
             st = os.stat(p)
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
