@@ -17,12 +17,12 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from multitask.config import extra_val_names, load_config
+from multitask.config import extra_val_names
 from multitask.data.transforms import Prepare
 from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
-from multitask.predict import available_folds, load_fold_models
-from multitask.tasks import joint_class_names, joint_probabilities
+from multitask.run import RunDir, pred_column, prob_columns, true_column
+from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
 MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml
 
@@ -31,8 +31,8 @@ st.set_page_config(page_title="multitask inspector", layout="wide")
 
 @st.cache_resource(show_spinner="loading models")
 def models_for(run: str, folds: tuple):
-    cfg = load_config(base=Path(run) / "config.yaml")
-    return cfg, load_fold_models(Path(run), cfg, list(folds))
+    cfg = RunDir(run).load_config()
+    return cfg, RunDir(run).load_models(cfg, list(folds))
 
 
 @st.cache_data
@@ -60,7 +60,7 @@ def faithfulness_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray,
 def list_runs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if (p / "config.yaml").exists()), key=lambda p: p.stat().st_mtime,
+    return sorted((p for p in root.iterdir() if RunDir(p).is_run()), key=lambda p: p.stat().st_mtime,
                   reverse=True)
 
 
@@ -144,9 +144,8 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
 def allowed_roots(run: Path, cfg) -> list[Path]:
     """Where this run's photos may come from: its data root(s), extra sets and caches. Paths in a run's CSV files
     outside these are not opened (a crafted oof.csv must not show other files of the machine)."""
-    recorded = json.loads((run / "run.json").read_text()).get("data_root") if (run / "run.json").exists() else None
-    roots = [recorded, cfg.data.root, cfg.data.cache_dir, *cfg.data.extra_unmasked, *cfg.data.extra_train,
-             *cfg.data.extra_val]
+    roots = [RunDir(run).recorded().get("data_root"), cfg.data.root, cfg.data.cache_dir, *cfg.data.extra_unmasked,
+             *cfg.data.extra_train, *cfg.data.extra_val]
     return [Path(r).resolve() for r in roots if r]
 
 
@@ -178,25 +177,25 @@ def face_box_view(cfg, photo: np.ndarray) -> tuple[np.ndarray, str]:
 
 def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple[np.ndarray, str] | None:
     """A photo of an extra validation set (data.extra_val), filtered by its true and predicted mask class."""
-    frames = [csv(run / f"fold{k}" / "extra_val" / f"{name}.csv") for k in folds]
+    frames = [csv(RunDir(run).extra_val(k, name)) for k in folds]
     frames = [f for f in frames if f is not None]
     if not frames:
         st.info(f"{name} is scored when a fold finishes; no scores for the chosen model yet.")
         return None
     table = frames[0].copy()
     mask = next((h for h in cfg.heads if h.name == "mask"), None)
-    if mask is not None and "true_mask" in table:
-        cols = [f"p_mask_{c}" for c in mask.classes]
-        table["pred_mask"] = np.mean([f[cols].to_numpy() for f in frames], axis=0).argmax(1)
+    if mask is not None and true_column(mask) in table:
+        t, p = true_column(mask), pred_column(mask)
+        table[p] = np.mean([f[prob_columns(mask)].to_numpy() for f in frames], axis=0).argmax(1)
         c = st.columns(3)
         true = c[0].multiselect("true mask", mask.classes, key=f"{key}_xt")
         pred = c[1].multiselect("predicted mask", mask.classes, key=f"{key}_xp")
         if true:
-            table = table[table["true_mask"].isin([mask.classes.index(t) for t in true])]
+            table = table[table[t].isin([mask.classes.index(x) for x in true])]
         if pred:
-            table = table[table["pred_mask"].isin([mask.classes.index(t) for t in pred])]
+            table = table[table[p].isin([mask.classes.index(x) for x in pred])]
         if c[2].checkbox("only misclassified", key=f"{key}_xw"):
-            table = table[table["true_mask"] != table["pred_mask"]]
+            table = table[table[t] != table[p]]
     if table.empty:
         st.warning("No photo matches these filters.")
         return None
@@ -207,18 +206,16 @@ def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple
 
 
 def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
-    oof = csv(run / "oof.csv")
-    data = csv(run / "data.csv")
+    oof = csv(RunDir(run).oof)
+    data = csv(RunDir(run).data)
     table = oof if oof is not None else data
     if table is None:
         st.info("This run has no photos listed yet (data.csv / oof.csv appear as training goes).")
         return None
     names = joint_class_names(cfg.heads)
-    heads = [h.name for h in cfg.heads]
-    if oof is not None and all(f"true_{h}" in oof for h in heads):
-        sizes = [len(h.classes) for h in cfg.heads]
-        table = oof.assign(true_class=np.ravel_multi_index([oof[f"true_{h}"] for h in heads], sizes),
-                           pred_class=np.ravel_multi_index([oof[f"pred_{h}"] for h in heads], sizes))
+    if oof is not None and all(true_column(h) in oof for h in cfg.heads):
+        table = oof.assign(true_class=joint_label(cfg.heads, {h.name: oof[true_column(h)] for h in cfg.heads}),
+                           pred_class=joint_label(cfg.heads, {h.name: oof[pred_column(h)] for h in cfg.heads}))
         c = st.columns(4)
         folds = c[0].multiselect("fold", sorted(table["fold"].unique()), key=f"{key}_ff")
         true = c[1].multiselect("true class", names, key=f"{key}_tc")
@@ -242,7 +239,7 @@ def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
 
 
 def report_page(run: Path) -> None:
-    report = run / "report.json"
+    report = RunDir(run).report_json
     if not report.exists():
         st.info("No report yet: it is written when the cross-validation finishes "
                 "(or run `python -m multitask.report RUN_DIR`).")
@@ -261,24 +258,21 @@ def report_page(run: Path) -> None:
     pick = st.selectbox("head", keys, format_func=name, key="report_head")
     st.dataframe(pd.DataFrame(r["pooled"][pick]["per_class"]).T)
     st.subheader("Confusion matrices")
-    pngs = sorted((run / "plots").glob("confusion_*.png"))
+    pngs = sorted(RunDir(run).plots.glob("confusion_*.png"))
     for col, png in zip(st.columns(max(1, len(pngs))), pngs):
         col.image(str(png), width="stretch")
     st.subheader("Learning curves")
-    for png in sorted((run / "plots").glob("curves_*.png")):
+    for png in sorted(RunDir(run).plots.glob("curves_*.png")):
         st.image(str(png))
 
 
 def mistakes_page(run: Path, cfg, folds_available: tuple) -> None:
-    oof = csv(run / "oof.csv")
-    heads = [h.name for h in cfg.heads]
-    if oof is None or not all(f"true_{h}" in oof for h in heads):
+    oof = csv(RunDir(run).oof)
+    if oof is None or not all(true_column(h) in oof for h in cfg.heads):
         st.info("No out-of-fold predictions yet.")
         return
-    probs = [oof[[f"p_{h.name}_{c}" for c in h.classes]].to_numpy() for h in cfg.heads]
-    joint = joint_probabilities(probs)
-    sizes = [len(h.classes) for h in cfg.heads]
-    true = np.ravel_multi_index([oof[f"true_{h}"] for h in heads], sizes)
+    joint = joint_probabilities([oof[prob_columns(h)].to_numpy() for h in cfg.heads])
+    true = joint_label(cfg.heads, {h.name: oof[true_column(h)] for h in cfg.heads})
     pred = joint.argmax(1)
     names = joint_class_names(cfg.heads)
     wrong = pd.DataFrame({"path": oof["path"], "fold": oof["fold"], "true": [names[i] for i in true],
@@ -309,8 +303,8 @@ def main() -> None:
         st.info(f"No runs in {root.resolve()}. Train one with `make train` (or `python -m multitask.train`).")
         return
     run = st.sidebar.selectbox("run", runs, format_func=lambda p: p.name)
-    cfg = load_config(base=run / "config.yaml")
-    have = available_folds(run, cfg)
+    cfg = RunDir(run).load_config()
+    have = RunDir(run).trained_folds(cfg)
     if not have:
         st.info(f"{run.name} has no trained fold yet.")
         report_page(run)

@@ -44,9 +44,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from multitask import distributed  # noqa: E402
 from multitask.config import load_config  # noqa: E402
-from multitask.cv import training_targets  # noqa: E402
 from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
-from multitask.data.table import load_table  # noqa: E402
+from multitask.data.table import load_table, training_targets  # noqa: E402
 from multitask.data.transforms import Prepare, train_transform  # noqa: E402
 from multitask.engine import (autocast, configure_threads, loader_workers, make_loader,  # noqa: E402
                               resolve_precision, train_one_epoch)

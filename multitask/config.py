@@ -53,10 +53,10 @@ def face_heads() -> List[HeadConfig]:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | competition | manifest | utkface | imagefolder
+    source: str = "synthetic"  # synthetic, or a layout in data/sources.py: competition, manifest, utkface, ...
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
     synthetic_people: int = 100
-    synthetic_size: List[int] = field(default_factory=lambda: [384, 512])  # W x H of generated portraits
+    synthetic_size: List[int] = field(default_factory=lambda: [512, 384])  # H x W of generated portraits
     synthetic_seed: int = 0
     synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
     # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
@@ -209,7 +209,6 @@ class Config:
 
 
 CHOICES = {
-    "data.source": ("synthetic", "competition", "manifest", "utkface", "imagefolder"),
     "data.on_bad_file": ("error", "skip"),
     "data.face_crop": ("none", "center", "detector"),
     "optim.optimizer": ("adam", "adamw", "sgd"),
@@ -325,7 +324,12 @@ def check_ranges(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
+    from multitask.data.sources import SOURCES  # the table of data layouts (data imports this module)
+
     check_ranges(cfg)
+    sources = ["synthetic"] + [name for name, s in SOURCES.items() if s.trains]
+    if cfg.data.source not in sources:
+        raise ConfigError(f"data.source={cfg.data.source!r}: must be one of {', '.join(sources)}")
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)

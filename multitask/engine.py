@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from multitask.config import AugmentConfig, ConfigError, TrainConfig
+from multitask.config import AugmentConfig, Config, ConfigError, TrainConfig
 from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss, mix_batch
-from multitask.model import MultiHeadNet
+from multitask.model import MultiHeadNet, param_groups
 
 
 class NonFiniteLoss(RuntimeError):
@@ -204,3 +204,39 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optio
 
 def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.probabilities(logits).items()}
+
+
+# --- the learning rate and the optimizer ------------------------------------------------------------------
+
+
+def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
+    """The learning rate at ``epoch`` relative to the base rate: warmup, then step / cosine / constant."""
+    o = cfg.optim
+    if epoch < o.warmup_epochs:
+        return (epoch + 1) / (o.warmup_epochs + 1)
+    if o.scheduler == "step":
+        return float(o.step_gamma ** (epoch // o.step_every))
+    if o.scheduler == "cosine":
+        span = max(1, epochs - o.warmup_epochs)
+        return float(0.5 * (1 + np.cos(np.pi * (epoch - o.warmup_epochs) / span)) * 0.99 + 0.01)
+    return 1.0
+
+
+def uses_sgd(cfg: Config, epoch: int) -> bool:
+    return cfg.optim.optimizer == "sgd" or (cfg.optim.sgd_after is not None and epoch >= cfg.optim.sgd_after)
+
+
+def learning_rates_at(cfg: Config, lrs: tuple[float, float], epoch: int, epochs: int) -> tuple[float, float]:
+    """(trunk, heads) rates of an epoch: a pure function of the epoch and the config (nanoGPT's get_lr), so
+    neither an Adam -> SGD switch nor a resume can shift it."""
+    scale = lr_factor(epoch, cfg, epochs) * (cfg.optim.sgd_lr_scale if cfg.optim.sgd_after is not None
+                                              and uses_sgd(cfg, epoch) else 1.0)
+    return lrs[0] * scale, lrs[1] * scale
+
+
+def make_optimizer(cfg: Config, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
+    groups = param_groups(model, *lrs, cfg.optim.weight_decay)
+    if sgd:
+        return torch.optim.SGD(groups, momentum=cfg.optim.momentum, nesterov=True)
+    cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups)

@@ -45,11 +45,12 @@ from pytorch_grad_cam.metrics.road import ROADCombined  # noqa: E402
 from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from multitask.config import Config, ConfigError, load_config  # noqa: E402
+from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
 from multitask.data.transforms import Prepare, denormalize, eval_transform  # noqa: E402
 from multitask.io import atomic_to_csv  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError, stage_layers  # noqa: E402
+from multitask.run import RunDir, prob_columns  # noqa: E402
 
 METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, EigenCAM, ScoreCAM)))
 
@@ -173,8 +174,12 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarra
     return show_cam_on_image(rgb.astype(np.float32), cam, use_rgb=True, image_weight=1 - opacity)
 
 
+def head_config(cfg: Config, name: str):
+    return next(h for h in cfg.heads if h.name == name)
+
+
 def class_name(cfg: Config, head: str, cls: int) -> str:
-    return next(h.classes for h in cfg.heads if h.name == head)[cls]
+    return head_config(cfg, head).classes[cls]
 
 
 def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Path, title: str = "") -> None:
@@ -225,11 +230,11 @@ def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, Li
 def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = None, method: str = "gradcam",
                   target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16,
                   with_faithfulness: bool = False) -> pd.DataFrame:
-    from multitask.predict import available_folds, load_fold_models
-
-    cfg = load_config(base=Path(run_dir) / "config.yaml")
-    fold = available_folds(run_dir, cfg)[0] if fold is None else fold
-    model = load_fold_models(run_dir, cfg, [fold])[fold]
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    trained = run.trained_folds(cfg)
+    fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
+    model = run.load_models(cfg, [fold])[fold]
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
@@ -248,8 +253,7 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
             save_grid_png(cfg, rgbs[i], grid, i, out / name, f"{Path(p).name}  ({method}, fold {fold})")
             row = {"path": str(p), "grid": name}
             for head in grid.heads:
-                row.update({f"p_{head}_{c}": float(grid.probs[head][i, j])
-                            for j, c in enumerate(next(h.classes for h in cfg.heads if h.name == head))})
+                row.update({col: float(p) for col, p in zip(prob_columns(head_config(cfg, head)), grid.probs[head][i])})
                 row[f"{head}_class"] = class_name(cfg, head, int(grid.probs[head][i].argmax()))
                 for metric, values in faith.get(head, {}).items():
                     row[f"{head}_{metric}"] = float(values[i])
@@ -315,9 +319,7 @@ def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
     try:
-        if not (a.run / "config.yaml").exists():
-            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
-        targets = parse_targets(a.target, load_config(base=a.run / "config.yaml"))
+        targets = parse_targets(a.target, RunDir(a.run).load_config())
         df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets, with_faithfulness=a.faithfulness)
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

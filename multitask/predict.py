@@ -42,43 +42,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from multitask.config import Config, ConfigError, load_config  # noqa: E402
-from multitask.cv import final_heads, final_stage  # noqa: E402
-from multitask.data.dataset import PhotoDataset, cached_images, preparation  # noqa: E402
+from multitask.config import Config, ConfigError  # noqa: E402
+from multitask.data.dataset import ArrayDataset, cached_images, preparation  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
-from multitask.data.sources import (DataError, Problem, image_files, load_competition, load_manifest,  # noqa: E402
-                                    load_mask_folders, mask_folders, read_csv_or_fail)
+from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
+                                    load_source, read_csv_or_fail)
 from multitask.data.transforms import eval_transform  # noqa: E402
 from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,  # noqa: E402
                               resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name, score  # noqa: E402
-from multitask.model import MultiHeadNet, WeightsError, build_model, load_checkpoint  # noqa: E402
-from multitask.report import frame_arrays, mask_on_accuracy, per_class_table, write_confusions  # noqa: E402
-from multitask.tasks import encode_joint, joint_class_names  # noqa: E402
-
-
-def available_folds(run_dir: Path, cfg: Config) -> List[int]:
-    return sorted(int(p.parent.parent.name[4:]) for p in
-                  Path(run_dir).glob(f"fold*/stage{final_stage(cfg)}/best.pt"))
-
-
-def load_fold_models(run_dir: Path, cfg: Config, folds: Optional[Sequence[int]] = None,
-                     device: torch.device = torch.device("cpu")) -> Dict[int, MultiHeadNet]:
-    """The best checkpoint of each fold's final stage."""
-    have = available_folds(run_dir, cfg)
-    folds = list(folds) if folds else have
-    missing = [k for k in folds if k not in have]
-    if not have or missing:
-        raise WeightsError(f"{run_dir}: no trained checkpoint for fold(s) {missing or 'any'} (have {have})")
-    model_cfg = type(cfg.model)(arch=cfg.model.arch, pretrained="none", dropout=cfg.model.dropout)
-    models = {}
-    for k in folds:
-        model, _ = build_model(model_cfg, cfg.heads, cfg.data.age_thresholds)
-        state = load_checkpoint(Path(run_dir) / f"fold{k}" / f"stage{final_stage(cfg)}" / "best.pt")
-        model.load_state_dict(state["model"])
-        models[k] = model.to(device).eval()
-    return models
+from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
+from multitask.report import mask_on_accuracy, per_class_table, write_confusions  # noqa: E402
+from multitask.run import (RunDir, final_heads, frame_arrays, pred_column, prediction_frame,  # noqa: E402
+                           true_column)
+from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
 def tta_views(cfg: Config, flip: Optional[bool] = None) -> List[tuple]:
@@ -93,13 +71,11 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
                    ) -> Dict[int, Dict[str, np.ndarray]]:
     """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
     dtype = resolve_precision(cfg.train.precision, device)
-    rows = np.arange(len(images))
     out = {}
     for k, model in models.items():
         acc: Dict[str, np.ndarray] = {}
         for scale, flip in views:
-            ds = PhotoDataset([""] * len(images), np.zeros(len(images)), eval_transform(cfg.data, scale, flip),
-                              None, images, rows)
+            ds = ArrayDataset(images, eval_transform(cfg.data, scale, flip))
             loader = make_loader(ds, batch_size, loader_workers(cfg.data.workers, device, True), device)
             logits = predict_logits(model, loader, device, dtype, cfg.train.channels_last, progress,
                                     desc=f"fold {k} view {scale}{' flip' if flip else ''}")
@@ -146,12 +122,10 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
         problems = [Problem(p, "listed in info.csv but does not exist") for p in table["path"]
                     if not Path(p).is_file()]
         return table, "evaluation", problems
-    if (path / "train.csv").is_file():
-        table, problems = load_competition(path, cfg.data.age_thresholds)
-        return table, "competition", problems
-    if mask_folders(path):  # worn_correctly/, worn_incorrectly/, not_worn/: the mask head is scored
-        table, problems = load_mask_folders(path)
-        return table, "mask folders", problems
+    source = detect_source(path)
+    if source in ("competition", "mask_folders"):  # labeled: scored (a folder per mask class: the mask head)
+        table, problems, _ = load_source(source, path, cfg.data.age_thresholds)
+        return table, source, problems
     files = image_files(path)
     if not files:
         raise DataError([Problem(str(path), "no image files found")])
@@ -159,17 +133,15 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
 
 
 def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict) -> pd.DataFrame:
+    """predictions.csv: the input's rows, the run's prediction columns (true classes where the input has
+    labels), each head's class name, and the joint label (the competition's 18-class ``ans``)."""
     heads = [h for h in cfg.heads if h.name in probs]
-    df = table.reset_index(drop=True).copy()
+    targets = {h.name: table[h.column].astype(np.int64).to_numpy() for h in heads if h.column in table.columns
+               and table[h.column].notna().all() and (table[h.column].astype(np.int64) >= 0).all()}
+    df = prediction_frame(heads, table, probs, preds, targets)
     for h in heads:
-        for j, c in enumerate(h.classes):
-            df[f"p_{h.name}_{c}"] = probs[h.name][:, j]
-        df[f"pred_{h.name}"] = preds[h.name]
         df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
-        if h.column in df.columns and df[h.column].notna().all() and (df[h.column].astype(np.int64) >= 0).all():
-            df[f"true_{h.name}"] = df[h.column].astype(np.int64)
-    sizes = [len(h.classes) for h in heads]
-    df["label"] = encode_joint([preds[h.name] for h in heads], sizes)
+    df["label"] = joint_label(heads, preds)
     df["label_name"] = [joint_class_names(heads)[i] for i in df["label"]]
     df["label_prob"] = np.prod([probs[h.name][np.arange(len(df)), preds[h.name]] for h in heads], axis=0)
     return df
@@ -181,7 +153,8 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
     extra = []
     mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
     if mask is not None:
-        acc = mask_on_accuracy(df["true_mask"].to_numpy(), df["pred_mask"].to_numpy(), mask.classes.index("not_worn"))
+        acc = mask_on_accuracy(df[true_column(mask)].to_numpy(), df[pred_column(mask)].to_numpy(),
+                               mask.classes.index("not_worn"))
         scores["mask"]["mask_on_accuracy"] = acc
         extra = ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
     plots = write_confusions(scores, heads, out / "plots")
@@ -200,13 +173,13 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
 def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence[int]] = None,
             how: Optional[str] = None, flip: Optional[bool] = None, batch_size: int = 128,
             progress: bool = True, log=print) -> pd.DataFrame:
-    cfg = load_config(base=Path(run_dir) / "config.yaml")
+    cfg = RunDir(run_dir).load_config()
     how = how or cfg.predict.ensemble
     if how not in ("mean", "vote"):
         raise ConfigError(f"ensemble {how!r}: must be mean or vote")
     device = resolve_device(cfg.train.device)
     table, kind, problems = read_input(input_path, cfg)
-    models = load_fold_models(run_dir, cfg, folds, device)
+    models = RunDir(run_dir).load_models(cfg, folds, device)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
     prepare, face_found = preparation(cfg.data, todo["path"].tolist(), log=lambda s: None)
@@ -233,7 +206,7 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
-    labeled = [h for h in final_heads(cfg) if f"true_{h.name}" in df.columns]
+    labeled = [h for h in final_heads(cfg) if true_column(h) in df.columns]
     if labeled:
         scores = write_labeled_report(cfg, labeled, df, out)
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
@@ -246,9 +219,7 @@ def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
     try:
-        if not (a.run / "config.yaml").exists():
-            raise ConfigError(f"{a.run}: no config.yaml; not a run directory")
-        configure_threads(load_config(base=a.run / "config.yaml").train)
+        configure_threads(RunDir(a.run).load_config().train)
         predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size)
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

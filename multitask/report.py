@@ -30,20 +30,15 @@ from multitask.config import Config, HeadConfig, extra_val_names  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
+from multitask.run import (RunDir, final_heads, frame_arrays, labeled_heads, pred_column, prob_columns,  # noqa: E402
+                           years_column)
 from multitask.tasks import joint_class_names  # noqa: E402
 
 
-def frame_arrays(heads: Sequence[HeadConfig], df: pd.DataFrame):
-    """(targets, probabilities) per head from an oof/predictions frame."""
-    targets = {h.name: df[f"true_{h.name}"].to_numpy(dtype=np.int64) for h in heads}
-    probs = {h.name: df[[f"p_{h.name}_{c}" for c in h.classes]].to_numpy(dtype=np.float64) for h in heads}
-    return targets, probs
-
-
-def collect_oof(run_dir: Path) -> pd.DataFrame:
-    parts = [pd.read_csv(p, dtype={"person_id": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))]
+def collect_oof(run: RunDir) -> pd.DataFrame:
+    parts = [pd.read_csv(p, dtype={"person_id": str}) for p in run.fold_oofs().values()]
     if not parts:
-        raise FileNotFoundError(f"{run_dir}: no fold*/oof.csv yet; has a fold finished?")
+        raise FileNotFoundError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -126,16 +121,16 @@ def mask_on_accuracy(true: np.ndarray, pred: np.ndarray, not_worn: int) -> float
     return float(np.mean((true == not_worn) == (pred == not_worn))) if len(true) else float("nan")
 
 
-def extra_val_scores(run_dir: Path, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
+def extra_val_scores(run: RunDir, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
     """name -> {"folds": {k: scores}, "ensemble": scores} for each extra validation set, on its labeled heads
     (a folder per mask class labels the mask only); mask scores add ``mask_on_accuracy``."""
     out = {}
     for name in extra_val_names(cfg.data):
-        frames = {int(p.parent.parent.name[4:]): pd.read_csv(p) for p in sorted(run_dir.glob(f"fold*/extra_val/{name}.csv"))}
+        frames = {k: pd.read_csv(p) for k, p in run.extra_vals(name).items()}
         if not frames:
             continue
         first = next(iter(frames.values()))
-        labeled = [h for h in heads if f"true_{h.name}" in first and (first[f"true_{h.name}"] >= 0).any()]
+        labeled = labeled_heads(heads, first)
         if not labeled:
             continue
 
@@ -149,7 +144,7 @@ def extra_val_scores(run_dir: Path, cfg: Config, heads: Sequence[HeadConfig]) ->
             return s
 
         mean = first.copy()
-        for col in [c for c in first.columns if c.startswith("p_")]:
+        for col in [c for h in labeled for c in prob_columns(h)]:
             mean[col] = np.mean([f[col].to_numpy() for f in frames.values()], axis=0)
         out[name] = {"photos": len(first), "heads": [h.name for h in labeled],
                      "folds": {k: scores_of(f) for k, f in frames.items()}, "ensemble": scores_of(mean)}
@@ -185,7 +180,7 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
     known = oof[oof["age"].notna()]
     band = pd.cut(known["age"].astype(float), AGE_BANDS, right=False,
                   labels=[f"{a}-{b - 1}" if b < 200 else f"{a}+" for a, b in zip(AGE_BANDS[:-1], AGE_BANDS[1:])])
-    table = pd.crosstab(band, known[f"pred_{head.name}"].map(dict(enumerate(head.classes))), normalize="index")
+    table = pd.crosstab(band, known[pred_column(head)].map(dict(enumerate(head.classes))), normalize="index")
     table = table.reindex(columns=head.classes, fill_value=0.0)
     counts = band.value_counts()
     result = {"by_year": {str(b): {**{c: float(table.loc[b, c]) for c in head.classes}, "photos": int(counts[b])}
@@ -195,7 +190,7 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
              "| true age | photos | " + " | ".join(head.classes) + " |", "|---" * (len(head.classes) + 2) + "|"]
     lines += [f"| {b} | {v['photos']} | " + " | ".join(f"{v[c]:.2f}" for c in head.classes) + " |"
               for b, v in result["by_year"].items()]
-    years_col = f"years_{head.name}"
+    years_col = years_column(head)
     if years_col in known:
         err = (known[years_col] - known["age"].astype(float)).abs()
         result["mae_years"] = {int(k): float(e.mean()) for k, e in err.groupby(known["fold"])}
@@ -216,10 +211,10 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
     return result, lines
 
 
-def recipe(cfg: Config, run_dir: Path) -> str:
+def recipe(cfg: Config, run: RunDir) -> str:
     """The training settings in one sentence, for the report's header: what the run recorded (run.json) where
     it did, else what the config implies."""
-    ran = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    ran = run.recorded()
     o = cfg.optim
     lrs = (ran["lr_trunk"], ran["lr_heads"]) if ran else learning_rates(o, cfg.model.pretrained != "none")
     sgd = f", SGD after epoch {o.sgd_after}" if o.sgd_after is not None else ""
@@ -235,35 +230,31 @@ def recipe(cfg: Config, run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> dict:
-    from multitask.config import load_config
-    from multitask.cv import final_heads
-
-    run_dir = Path(run_dir)
-    cfg = load_config(base=run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    cfg = run.load_config()
     heads = final_heads(cfg)
-    oof = collect_oof(run_dir)
-    atomic_to_csv(oof, run_dir / "oof.csv")
+    oof = collect_oof(run)
+    atomic_to_csv(oof, run.oof)
     s = summarize(cfg, heads, oof)
-    plots = run_dir / "plots"
+    plots = run.plots
     confusions = write_confusions(s["pooled"], heads, plots)
     curves = []
-    for metrics_path in sorted(run_dir.glob("fold*/stage*/metrics.csv")):
-        fold, stage = metrics_path.parent.parent.name, metrics_path.parent.name
-        name = f"curves_{fold}_{stage}.png"
-        plot_curves(pd.read_csv(metrics_path), f"{fold} {stage}", plots / name)
+    for (fold, stage), metrics_path in run.stage_metrics().items():
+        name = f"curves_fold{fold}_stage{stage}.png"
+        plot_curves(pd.read_csv(metrics_path), f"fold{fold} stage{stage}", plots / name)
         curves.append(name)
-    seconds = {p.parent.name: json.loads(p.read_text()).get("seconds") for p in run_dir.glob("fold*/done.json")}
+    seconds = {f"fold{k}": v for k, v in run.fold_seconds().items()}
 
     keys = list(s["mean"])
     head_line = "| fold | " + " | ".join(f"{label(k, heads)} F1 | {label(k, heads)} acc" for k in keys) + " |"
-    lines = [f"# Report: {run_dir.name}", "",
+    lines = [f"# Report: {run.root.name}", "",
              f"{cfg.model.arch} (pretrained: {cfg.model.pretrained}), {cfg.data.size[0]}x{cfg.data.size[1]} px, "
              f"data: {cfg.data.source} {cfg.data.root or ''}; {len(oof)} out-of-fold photos of "
              f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
              f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
              f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
              f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1. "
-             + recipe(cfg, run_dir), "",
+             + recipe(cfg, run), "",
              "## Macro-F1 and accuracy per fold", "", head_line, "|---" * (1 + 2 * len(keys)) + "|"]
     for k, f in s["folds"].items():
         lines.append(f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f} | {f[x]['accuracy']:.4f}" for x in keys) + " |")
@@ -273,7 +264,7 @@ def write_report(run_dir: Path) -> dict:
     if seconds:
         lines += ["", "Training time per fold: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in sorted(seconds.items()) if v is not None)]
-    extra = extra_val_scores(run_dir, cfg, heads)
+    extra = extra_val_scores(run, cfg, heads)
     if extra:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
                   "Scored by each fold's model and by their ensemble (mean probabilities). \"Mask on vs not worn\": "
@@ -283,10 +274,10 @@ def write_report(run_dir: Path) -> dict:
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)
     lines += ["", "## Confusion matrices", ""] + [f"![{c}](plots/{c})" for c in confusions]
     lines += ["", "## Learning curves", ""] + [f"![{c}](plots/{c})" for c in curves]
-    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
-    result = {"run": run_dir.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds,
+    atomic_write_text(run.report_md, "\n".join(lines) + "\n")
+    result = {"run": run.root.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds,
               "extra_val": extra, "age": age}
-    atomic_write_text(run_dir / "report.json", json.dumps(result, indent=1))
+    atomic_write_text(run.report_json, json.dumps(result, indent=1))
     return result
 
 
@@ -294,7 +285,7 @@ def main(argv=None) -> None:
     p = cli()
     a = p.parse_args(argv)
     write_report(a.run_dir)
-    print((a.run_dir / "report.md").read_text())
+    print(RunDir(a.run_dir).report_md.read_text())
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from typing import Sequence
 
 import numpy as np
 
-from multitask.config import HeadConfig
+from multitask.config import HeadConfig, face_heads
 
-MASK_CLASSES = ["worn", "incorrect", "not_worn"]
-GENDER_CLASSES = ["male", "female"]
-AGE_CLASSES = ["<30", "30-59", "60+"]
+# The face task is declared once, in config.face_heads; these are its class names and joint-code sizes.
+FACE_CLASSES = {h.name: list(h.classes) for h in face_heads()}
+MASK_CLASSES, GENDER_CLASSES, AGE_CLASSES = FACE_CLASSES["mask"], FACE_CLASSES["gender"], FACE_CLASSES["age"]
+FACE_SIZES = [len(c) for c in FACE_CLASSES.values()]  # 3, 2, 3: the 18-class code
 
 
 def age_group(age, thresholds: Sequence[int] = (30, 60)) -> np.ndarray:
@@ -27,6 +28,11 @@ def encode_joint(labels: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarr
     for label, size in zip(labels, sizes):
         code = code * size + np.asarray(label, dtype=np.int64)
     return code
+
+
+def joint_label(heads: Sequence[HeadConfig], preds: dict) -> np.ndarray:
+    """The joint class of per-head predicted classes (``preds``: head name -> classes), e.g. the 18-class label."""
+    return encode_joint([preds[h.name] for h in heads], [len(h.classes) for h in heads])
 
 
 def joint_probabilities(probs: Sequence[np.ndarray]) -> np.ndarray:

@@ -47,11 +47,12 @@ def main(argv=None) -> int:
     if a.folds and not a.resume:
         p.error("--folds takes a run: --resume RUN_DIR --folds K (or set cv.run_folds for a new run)")
     from multitask import distributed
-    from multitask.cv import folds_to_train, open_run, run_cv
+    from multitask.trainer import folds_to_train, open_run, run_cv
     from multitask.data.sources import DataError
     from multitask.engine import NonFiniteLoss, configure_threads
     from multitask.model import WeightsError
     from multitask.report import write_report
+    from multitask.run import RunDir
 
     world = distributed.from_env()
     run_dir, created = None, False
@@ -59,9 +60,7 @@ def main(argv=None) -> int:
         if a.resume:
             if a.overrides:
                 raise ConfigError("--resume takes the run's saved config; overrides would change the run midway")
-            if not (a.resume / "config.yaml").exists():
-                raise ConfigError(f"{a.resume}: no config.yaml; not a run directory")
-            cfg, run_dir = load_config(base=a.resume / "config.yaml"), a.resume
+            cfg, run_dir = RunDir(a.resume).load_config(), a.resume
             if a.folds:
                 bad = [k for k in a.folds if not 0 <= k < cfg.cv.folds]
                 if bad:
@@ -84,28 +83,28 @@ def main(argv=None) -> int:
         run_cv(cfg, run_dir, world=world)
         if not world.main:
             return 0
-        left = folds_to_train(load_config(base=run_dir / "config.yaml"), run_dir)
+        left = folds_to_train(RunDir(run_dir).load_config(), run_dir)
         if left:  # fold jobs: the report waits for the other folds
             print(f"folds {cfg.cv.run_folds or 'all'} done in {run_dir}; folds {left} still to train (or in "
                   f"training); then: python -m multitask.report {run_dir}")
             return 0
         report = write_report(run_dir)
     except (ConfigError, DataError, WeightsError, NonFiniteLoss) as e:
-        if world.main and created and run_dir.is_dir() and not (run_dir / "config.yaml").exists():
+        if world.main and created and run_dir.is_dir() and not RunDir(run_dir).is_run():
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before anything worth keeping: leave no folder
-        kept = run_dir is not None and (run_dir / "config.yaml").exists()
+        kept = run_dir is not None and RunDir(run_dir).is_run()
         where = f" (run {run_dir}; earlier results are kept, --resume {run_dir} continues)" if kept else ""
         if world.main:
             print(f"error: {e}{where}", file=sys.stderr)
         return 2
     finally:
         distributed.shutdown()
-    print((run_dir / "report.md").read_text())
+    print(RunDir(run_dir).report_md.read_text())
     key = "joint" if "joint" in report["mean"] else next(iter(report["mean"]))
     heads = ", ".join(f"{k} {v['f1_macro']:.3f}" for k, v in report["mean"].items() if k != key)
     name = report["joint_name"] if key == "joint" else key
     print(f"{name} macro-F1 {report['mean'][key]['f1_macro']:.3f} ± {report['std'][key]['f1_macro']:.3f}"
-          f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {run_dir / 'report.md'}; "
+          f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {RunDir(run_dir).report_md}; "
           f"look inside with `make dashboard` (MULTITASK_RUNS={run_dir.parent}).")
     return 0
 

@@ -57,7 +57,7 @@ def tiny_config(faces_root, tmp_path):
 def trained_run(faces_root, mask_folders_root, tmp_path_factory) -> Path:
     """A tiny 3-fold run on the session's synthetic faces, trained once for predict/explain/dashboard tests;
     it scores the mask folders as an extra validation set."""
-    from multitask.cv import run_cv
+    from multitask.trainer import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("trained")
@@ -74,7 +74,7 @@ def learned_run(tmp_path_factory) -> Path:
     """A model trained long enough to be right on synthetic faces (fold 0 of 3, 200 people, 96x72 px of the
     face region; 14 epochs: the painted masks take longer to learn than plain shapes): for the learning and CAM
     sanity tests. About 3 minutes on 2 cores."""
-    from multitask.cv import run_cv
+    from multitask.trainer import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("learned")

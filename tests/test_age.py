@@ -11,7 +11,8 @@ import torch
 
 from multitask import age
 from multitask.config import load_config
-from multitask.cv import run_cv, training_targets
+from multitask.trainer import run_cv
+from multitask.data.table import training_targets
 from multitask.data.sources import load_competition
 from multitask.model import build_model
 from multitask.report import write_report

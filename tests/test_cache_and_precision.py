@@ -13,12 +13,13 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from multitask.config import ConfigError, load_config
-from multitask.cv import prepare_data
+from multitask.trainer import prepare_data
 from multitask.data.dataset import PhotoDataset, cached_images
 from multitask.data.sources import DataError, load_competition
 from multitask.data.transforms import Prepare
 from multitask.engine import autocast, bf16_is_faster, cpu_has_fast_bf16, resolve_precision
-from multitask.predict import load_fold_models, predict_arrays
+from multitask.predict import predict_arrays
+from multitask.run import RunDir
 
 
 @pytest.fixture
@@ -113,7 +114,7 @@ def test_bf16_keeps_the_validation_f1_of_fp32(learned_run):
     oof = pd.read_csv(learned_run / "oof.csv")
     prepare = Prepare.from_config(cfg.data)
     images = np.stack([prepare(p) for p in oof["path"]])
-    models = load_fold_models(learned_run, cfg, folds=[0])
+    models = RunDir(learned_run).load_models(cfg, folds=[0])
     scores = {}
     for precision in ("fp32", "bf16"):
         cfg.train.precision = precision

@@ -14,14 +14,14 @@ from scipy.stats import spearmanr
 from multitask.config import load_config
 from multitask.data.transforms import load_size
 from multitask.explain import METHODS, cam_grid, faithfulness, prepare_inputs
-from multitask.predict import load_fold_models
+from multitask.run import RunDir
 
 pytestmark = pytest.mark.slow
 
 
 def fold0(run):
     cfg = load_config(base=run / "config.yaml")
-    return cfg, load_fold_models(run, cfg, [0])[0]
+    return cfg, RunDir(run).load_models(cfg, [0])[0]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -153,7 +153,7 @@ def test_cams_from_many_threads_on_shared_models_match_one_at_a_time(trained_run
     from multitask.explain import explain_photo
 
     cfg = load_config(base=trained_run / "config.yaml")
-    models = load_fold_models(trained_run, cfg)
+    models = RunDir(trained_run).load_models(cfg)
     photos = [read_rgb(p) for p in sorted((faces_root / "images").rglob("*.jpg"))[:8]]
     jobs = [(photo, {0: models[0]} if i % 2 else models, ("gradcam", "layercam")[i % 2])
             for i, photo in enumerate(photos)]

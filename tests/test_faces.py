@@ -70,7 +70,7 @@ def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, t
 
 @pytest.mark.slow
 def test_training_and_prediction_with_the_detector_crop(tmp_path):
-    from multitask.cv import run_cv
+    from multitask.trainer import run_cv
     from multitask.predict import predict
     from tests.conftest import tiny_overrides
 

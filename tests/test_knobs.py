@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from multitask.config import load_config
-from multitask.cv import eval_targets, stage_split, training_targets
+from multitask.folds import stage_split
+from multitask.data.table import eval_targets, training_targets
 from multitask.data.sources import load_competition
 from multitask.losses import MultiHeadLoss, mix_batch
 
@@ -88,3 +89,15 @@ def test_bench_cams_work_for_a_trunk_without_layer4():
     cfg = load_config(["model.arch=mobilenet_v3_small", "data.size=[64,64]"])
     grid_s, single_s = cam_latency(cfg, torch.device("cpu"))
     assert grid_s > 0 and single_s > 0
+
+
+def test_bench_reports_a_compiler_that_cannot_run_here_instead_of_stopping(monkeypatch):
+    from multitask import bench
+
+    def no_compiler(model):
+        raise RuntimeError("no working C compiler\ndetails")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    r = bench.compiled_vs_eager(load_config(["data.size=[32,32]"]), 2, torch.device("cpu"), None,
+                                {"img_s": 10.0, "spread": 0.1})
+    assert r["error"] == "RuntimeError: no working C compiler" and "torch.compile failed here" in r["summary"]

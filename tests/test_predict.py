@@ -32,6 +32,21 @@ def test_the_ensemble_is_the_mean_of_the_folds(trained_run, faces_root, tmp_path
     assert not np.allclose(single[0], single[1])  # the folds really differ
 
 
+def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weights(trained_run, tmp_path):
+    import torch
+
+    from multitask.run import RunDir
+
+    run = RunDir(trained_run)
+    state = torch.load(run.best(0, 2), weights_only=True)["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}  # half the disk
+    oof = pd.read_csv(run.fold_oof(0))
+    oof[["path"]].to_csv(tmp_path / "fold0.csv", index=False)
+    again = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "p", folds=[0], flip=False, **QUIET)
+    cols = [c for c in oof.columns if c.startswith("p_")]
+    np.testing.assert_allclose(again[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)
+
+
 def test_vote_takes_the_majority_of_fold_classes():
     fold = lambda c: {"h": np.eye(3)[[c]] * 0.6 + 0.1}  # noqa: E731
     probs, preds = ensemble({0: fold(2), 1: fold(2), 2: fold(0)}, "vote")

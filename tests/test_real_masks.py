@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from multitask.config import load_config
-from multitask.cv import make_folds
+from multitask.folds import make_folds
 from multitask.data.sources import load_competition, load_mask_folders
 from multitask.data.table import balanced_people, load_labeled, load_table
 from multitask.data.transforms import train_transform

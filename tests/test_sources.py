@@ -13,7 +13,9 @@ from PIL import Image
 
 from multitask.data.check import check
 from multitask.data.images import read_rgb
-from multitask.data.sources import DataError, load_competition, load_imagefolder, load_manifest, load_utkface
+from multitask.config import ConfigError, load_config
+from multitask.data.sources import (SOURCES, DataError, detect_source, load_competition, load_imagefolder,
+                                    load_manifest, load_utkface)
 
 COLUMNS = {"path", "person_id", "gender", "age", "age_group", "mask", "label18"}
 
@@ -158,6 +160,24 @@ def test_utkface_names_give_unmasked_persons(tmp_path, faces_root):
         (25, 0, 0, 2), (45, 1, 1, 2), (61, 1, 2, 2)]
     assert table["person_id"].nunique() == 3
     assert problem_paths(problems) == {str(tmp_path / "readme_1_2.jpg")}
+
+
+def test_each_layout_is_recognised_by_the_table_of_sources(tmp_path, faces_root, mask_folders_root):
+    (tmp_path / "faces.csv").write_text("path\n")
+    (tmp_path / "utk").mkdir()
+    (tmp_path / "utk" / "25_0_1_20170116.jpg").write_bytes(b"")
+    (tmp_path / "signs" / "stop").mkdir(parents=True)
+    roots = {"competition": faces_root, "manifest": tmp_path / "faces.csv", "mask_folders": mask_folders_root,
+             "imagefolder": tmp_path / "signs", "utkface": tmp_path / "utk"}
+    assert {name: detect_source(root) for name, root in roots.items()} == {name: name for name in roots}
+    assert set(roots) == set(SOURCES)
+
+
+def test_a_data_source_outside_the_table_is_refused_at_load():
+    with pytest.raises(ConfigError) as e:
+        load_config(["data.source=webdataset"])
+    assert str(e.value) == ("data.source='webdataset': must be one of synthetic, manifest, competition, "
+                            "imagefolder, utkface")
 
 
 def test_image_folders_with_train_and_test_splits(tmp_path):

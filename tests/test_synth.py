@@ -47,7 +47,7 @@ def test_labels_cover_every_group_and_ages_cross_the_thresholds(tmp_path):
 def test_the_command_never_writes_over_an_existing_folder(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    run = subprocess.run([sys.executable, "-m", "multitask.synth", str(tmp_path / "out"), "--people", "2"],
+    run = subprocess.run([sys.executable, "-m", "multitask.data", "synth", str(tmp_path / "out"), "--people", "2"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "already exists" in run.stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

@@ -14,12 +14,13 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-import multitask.cv as cv
-from multitask.config import load_config
-from multitask.cv import make_folds, run_cv
+import multitask.trainer as trainer
+from multitask.config import HeadConfig, load_config
 from multitask.data.sources import load_competition
+from multitask.folds import make_folds
 from multitask.report import write_report
 from multitask.tasks import encode_joint
+from multitask.trainer import run_cv
 
 from conftest import tiny_overrides
 
@@ -50,13 +51,13 @@ def test_extra_unmasked_persons_never_enter_validation(faces_root):
 def spy_training(monkeypatch):
     """Records, per (fold, stage), which photos each training epoch's loader served."""
     seen = {}
-    original = cv.train_one_epoch
+    original = trainer.train_one_epoch
 
     def spy(model, loader, *args, desc="", **kw):
         seen.setdefault(desc.rsplit(" epoch", 1)[0], set()).update(loader.dataset.paths)
         return original(model, loader, *args, desc=desc, **kw)
 
-    monkeypatch.setattr(cv, "train_one_epoch", spy)
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
     return seen
 
 
@@ -163,11 +164,30 @@ def test_a_short_run_learns_mask_and_gender(learned_run):
 
 
 @pytest.mark.slow
+def test_a_fourth_head_is_a_config_entry_and_a_manifest_column(faces_root, tmp_path):
+    """A head the project does not know (glasses, by name in a manifest column) trains, is scored and joins the
+    joint label with no code change."""
+    table, _ = load_competition(faces_root)
+    wears = {p: ["no", "yes"][i % 2] for i, p in enumerate(sorted(table["person_id"].unique()))}
+    table.assign(glasses=table["person_id"].map(wears))[["path", "person_id", "gender", "age", "mask", "glasses"]] \
+        .to_csv(tmp_path / "faces.csv", index=False)
+    cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
+        "data.source=manifest", f"data.root={tmp_path / 'faces.csv'}", "cv.run_folds=[0]"])
+    cfg.heads.append(HeadConfig("glasses", "glasses", ["no", "yes"]))
+    run_cv(cfg, tmp_path / "run", log=lambda s: None)
+    report = write_report(tmp_path / "run")
+    assert set(report["folds"]["0"]) == {"mask", "gender", "age", "glasses", "joint"}
+    assert report["joint_name"] == "36-class"
+    oof = pd.read_csv(tmp_path / "run" / "oof.csv", dtype={"person_id": str})
+    assert (oof["true_glasses"] == oof["person_id"].map(wears).map({"no": 0, "yes": 1})).all()
+
+
+@pytest.mark.slow
 def test_a_single_head_image_folder_task_trains_reports_and_explains(tmp_path):
     from PIL import Image
 
     from multitask.explain import cam_grid
-    from multitask.predict import load_fold_models
+    from multitask.run import RunDir
 
     rng = np.random.default_rng(0)
     colors = {"red_sign": (220, 30, 30), "blue_sign": (30, 30, 220), "green_sign": (30, 200, 30)}
@@ -186,6 +206,6 @@ def test_a_single_head_image_folder_task_trains_reports_and_explains(tmp_path):
     assert set(report["mean"]) == {"class"}  # one head, no joint label
     saved = load_config(base=run / "config.yaml")
     assert saved.heads[0].classes == ["blue_sign", "green_sign", "red_sign"]
-    model = load_fold_models(run, saved, [0])[0]
+    model = RunDir(run).load_models(saved, [0])[0]
     grid = cam_grid(model, torch.randn(1, 3, 32, 32))
     assert grid.heads == ["class"] and len(grid.layers) == 4

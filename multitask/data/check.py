@@ -1,6 +1,7 @@
-"""``python -m multitask.data check ROOT``: every problem of a data set at once, with paths.
+"""``python -m multitask.data check ROOT | paint-masks SRC OUT | synth OUT``: data set tools.
 
-Checks the layout and labels, then decodes every photo (truncated, unreadable and non-image files)."""
+check: every problem of a data set at once, with paths (layout and labels, then every photo decoded: truncated,
+unreadable and non-image files). paint-masks: ``multitask.data.paint``. synth: ``multitask.data.synth``."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,11 @@ from pathlib import Path
 def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[int, list]:
     """(number of photos, problems)."""
     from multitask.data.dataset import prepare_all
-    from multitask.data.sources import DataError
-    from multitask.data.table import detect_source, load_source
+    from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source
     from multitask.data.transforms import Prepare
 
-    from multitask.data.sources import Problem
-
+    if source is not None and source not in SOURCES:
+        return 0, [Problem(f"--source {source}", f"unknown source; one of {', '.join(SOURCES)}")]
     if not Path(root).exists():
         return 0, [Problem(str(root), "does not exist")]
     source = source or detect_source(root)
@@ -36,12 +36,12 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
 def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> int:
     from multitask.data.faces import DetectorMissing
     from multitask.data.paint import paint_folder
-    from multitask.data.sources import DataError, Problem
-    from multitask.data.table import balanced_people, detect_source, load_source
+    from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source
+    from multitask.data.table import balanced_people
 
     try:
         source = detect_source(src)
-        if source == "imagefolder":
+        if not {"gender", "age"} <= SOURCES[source].labels:
             raise DataError([Problem(str(src), "paint-masks needs gender and age: a UTKFace-style folder, a labeled "
                                                "manifest CSV or the competition layout")])
         table, problems, _ = load_source(source, Path(src), (30, 60))
@@ -58,12 +58,33 @@ def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> i
     return 0
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected WxH, e.g. 384x512") from None
+    return w, h
+
+
+def synth(out: Path, people: int, size: tuple[int, int], seed: int, anywhere: bool) -> int:
+    from multitask.data.synth import generate
+
+    try:
+        generate(out, people, size, seed, anywhere=anywhere)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {people} people ({people * 7} photos) to {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m multitask.data", description="Data set tools.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="report every problem of a data set, with file paths")
     c.add_argument("root", type=Path)
-    c.add_argument("--source", choices=["competition", "manifest", "utkface", "imagefolder"])
+    c.add_argument("--source", help="competition, manifest, mask_folders, imagefolder or utkface (default: "
+                   "recognised from ROOT)")
     m = sub.add_parser("paint-masks", help="paint masks on unmasked photos: SRC (UTKFace-style folder, labeled "
                        "manifest, or the competition layout's normal photos) -> OUT in the competition layout")
     m.add_argument("src", type=Path)
@@ -72,9 +93,18 @@ def main(argv=None) -> int:
                    "(default: all)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    g = sub.add_parser("synth", help="draw synthetic persons (7 portraits each, masks painted) in the competition "
+                       "layout, for trying the tools without data")
+    g.add_argument("out", type=Path)
+    g.add_argument("--people", type=int, default=100)
+    g.add_argument("--size", type=parse_size, default=(384, 512), help="W x H, default 384x512")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")
     a = p.parse_args(argv)
     if a.command == "paint-masks":
         return paint_masks(a.src, a.out, a.people, a.seed, a.workers)
+    if a.command == "synth":
+        return synth(a.out, a.people, a.size, a.seed, a.anywhere)
     count, problems = check(a.root, a.source)
     for prob in problems:
         print(prob)

@@ -126,3 +126,19 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(image=self.image(i))["image"], self.targets[i]
+
+
+class ArrayDataset(Dataset):
+    """(image tensor, per-head targets) for photos already prepared in memory (N x H x W x 3 uint8), e.g. the
+    photos to predict or an extra validation set; ``targets`` default to -1 (no label)."""
+
+    def __init__(self, images: np.ndarray, transform, targets: Optional[np.ndarray] = None):
+        self.images, self.transform = images, transform
+        targets = np.full((len(images), 1), -1) if targets is None else targets
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(len(images), -1))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(image=np.asarray(self.images[i]))["image"], self.targets[i]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from multitask.data.images import is_image_name
-from multitask.tasks import AGE_CLASSES, GENDER_CLASSES, MASK_CLASSES, age_group, encode_joint
+from multitask.tasks import AGE_CLASSES, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, age_group, encode_joint
 
 COMPETITION_PHOTOS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
 COMPETITION_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -91,7 +91,7 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     table["age"] = table["age"].astype("Int64")
     for col in ("gender", "age_group", "mask"):
         table[col] = table[col].astype(np.int64)
-    table["label18"] = encode_joint([table["mask"], table["gender"], table["age_group"]], [3, 2, 3])
+    table["label18"] = encode_joint([table["mask"], table["gender"], table["age_group"]], FACE_SIZES)
     return table
 
 
@@ -305,3 +305,47 @@ def image_files(root: Path) -> Iterable[Path]:
     """All image files under a folder (recursively), hidden files left out, sorted."""
     return sorted(p for p in Path(root).rglob("*")
                   if p.is_file() and not p.name.startswith(".") and is_image_name(p))
+
+
+# --- the table of sources ----------------------------------------------------------------------------------
+
+Loaded = Tuple[pd.DataFrame, List[Problem], List[str]]  # table, problems, class names found (image folders)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data layout: how it is recognised, how it is read, and which labels it gives."""
+
+    looks_like: Callable[[Path], bool]
+    load: Callable[[Path, Sequence[int]], Loaded]  # (root, age thresholds)
+    labels: FrozenSet[str]  # face labels it gives (mask, gender, age); empty: its own classes
+    trains: bool = True  # a data.source of its own (else only for data.extra_val / extra_train / predict)
+
+
+def has_class_folders(root: Path) -> bool:
+    return root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+FACE_LABELS = frozenset({"mask", "gender", "age"})
+
+# In the order layouts are recognised: the first whose looks_like says yes. Adding a layout is one entry here
+# (and its loader above): config validation, `data check`, training, extra sets and predict read this table.
+SOURCES: Dict[str, Source] = {
+    "manifest": Source(lambda r: r.is_file() and r.suffix.lower() == ".csv",
+                       lambda r, t: (*load_manifest(r, t), []), FACE_LABELS),
+    "competition": Source(lambda r: (r / "train.csv").is_file(), lambda r, t: (*load_competition(r, t), []),
+                          FACE_LABELS),
+    "mask_folders": Source(lambda r: r.is_dir() and mask_folders(r), lambda r, t: (*load_mask_folders(r), []),
+                           frozenset({"mask"}), trains=False),
+    "imagefolder": Source(has_class_folders, lambda r, t: load_imagefolder(r), frozenset()),
+    "utkface": Source(lambda r: r.is_dir(), lambda r, t: (*load_utkface(r, t), []), FACE_LABELS),
+}
+
+
+def detect_source(root: Path) -> str:
+    """The name of the first source in SOURCES that recognises ``root`` (utkface: any other folder)."""
+    return next((name for name, s in SOURCES.items() if s.looks_like(Path(root))), "utkface")
+
+
+def load_source(name: str, root: Path, thresholds: Sequence[int] = (30, 60)) -> Loaded:
+    return SOURCES[name].load(Path(root), thresholds)

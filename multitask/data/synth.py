@@ -1,4 +1,4 @@
-"""Synthetic faces in the competition layout: ``python -m multitask.synth OUT --people N --size WxH --seed S``.
+"""Synthetic faces in the competition layout: ``python -m multitask.data synth OUT --people N --size WxH``.
 
 Each person gets 7 portraits (mask1..5, incorrect_mask, normal) and a row in train.csv; ``boxes.csv`` holds each
 photo's face box and mask box (x0, y0, x1, y1 in pixels) and five landmarks, for checking where a model looks.
@@ -14,7 +14,6 @@ Deterministic for a seed: person i draws from ``numpy.random.default_rng([seed, 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -235,30 +234,3 @@ def ensure_synthetic(cache_dir: Path, people: int, size, seed: int, anywhere: bo
     if not out.exists():
         generate(out, people, tuple(size), seed, anywhere=anywhere)
     return out
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected WxH, e.g. 384x512") from None
-    return w, h
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m multitask.synth", description=__doc__.split("\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--people", type=int, default=100)
-    p.add_argument("--size", type=parse_size, default=(384, 512), help="W x H, default 384x512")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")
-    a = p.parse_args(argv)
-    try:
-        generate(a.out, a.people, a.size, a.seed, anywhere=a.anywhere)
-    except FileExistsError as e:
-        p.exit(2, f"error: {e}\n")
-    print(f"wrote {a.people} people ({a.people * 7} photos) to {a.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,41 +7,24 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from multitask.age import uses_years
 from multitask.config import Config, ConfigError
-from multitask.data.sources import (DataError, Problem, load_competition, load_imagefolder, load_manifest,
-                                    load_mask_folders, load_utkface, mask_folders)
+from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source, load_utkface
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
+from multitask.tasks import age_group
 
 
-def detect_source(root: Path) -> str:
-    root = Path(root)
-    if root.is_file() and root.suffix.lower() == ".csv":
-        return "manifest"
-    if (root / "train.csv").is_file():
-        return "competition"
-    if root.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
-        return "imagefolder"
-    return "utkface"
-
-
-def load_source(source: str, root: Path, thresholds) -> Tuple[pd.DataFrame, List[Problem], List[str]]:
-    """(table, problems, discovered class names: image folders only)."""
-    if source == "competition":
-        return (*load_competition(root, thresholds), [])
-    if source == "manifest":
-        return (*load_manifest(root, thresholds), [])
-    if source == "utkface":
-        return (*load_utkface(root, thresholds), [])
-    if source == "imagefolder":
-        return load_imagefolder(root)
-    raise ConfigError(f"data.source={source!r}: unknown source")
+def synthetic_wh(cfg: Config) -> tuple[int, int]:
+    """The generator's portrait size (width, height) from data.synthetic_size (height x width, like data.size)."""
+    h, w = cfg.data.synthetic_size
+    return w, h
 
 
 def resolve_root(cfg: Config) -> Path:
     if cfg.data.source == "synthetic":
         if cfg.data.root:
             return Path(cfg.data.root)
-        return ensure_synthetic(cfg.data.cache_dir, cfg.data.synthetic_people, cfg.data.synthetic_size,
+        return ensure_synthetic(cfg.data.cache_dir, cfg.data.synthetic_people, synthetic_wh(cfg),
                                 cfg.data.synthetic_seed, cfg.data.synthetic_anywhere)
     if not cfg.data.root:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
@@ -70,7 +53,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     unmasked = list(cfg.data.extra_unmasked)
     if cfg.data.source == "synthetic" and not cfg.data.root and cfg.data.synthetic_unmasked > 0:
         unmasked.append(ensure_synthetic_unmasked(cfg.data.cache_dir, cfg.data.synthetic_unmasked,
-                                                  cfg.data.synthetic_size, cfg.data.synthetic_seed))
+                                                  synthetic_wh(cfg), cfg.data.synthetic_seed))
     extras = [(f, load_utkface, cfg.data.extra_unmasked_people, True) for f in unmasked]
     extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
     for i, (folder, load, people, stage1_only) in enumerate(extras):
@@ -83,21 +66,33 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     missing = [h.column for h in cfg.heads if h.column not in table.columns]
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
+    for h in cfg.heads:
+        if table[h.column].dtype == object:  # a head of the user's own, e.g. a manifest column: names or indices
+            table[h.column] = class_indices(table[h.column], h.classes, f"{root}: column {h.column}")
     if table.empty:
         raise DataError(problems or [Problem(str(root), "no photos found")], str(root))
     return table, problems
 
 
+def class_indices(values: pd.Series, classes: Sequence[str], what: str) -> pd.Series:
+    """Class names or indices (as text) -> indices; -1 (or empty) stays -1 (no label)."""
+    index = {c.lower(): i for i, c in enumerate(classes)} | {str(i): i for i in range(len(classes))}
+    index |= {"-1": -1, "": -1}
+    out = values.astype(str).str.strip().str.lower().map(index)
+    bad = sorted(values[out.isna()].astype(str).unique())
+    if bad:
+        raise DataError([Problem(what, f"values {bad[:10]} are not classes {list(classes)} or their indices")])
+    return out.astype(np.int64)
+
+
 def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
-    """A labeled face set for extra training or validation: competition layout, labeled manifest, or a folder per
-    mask class (mask labels only)."""
+    """A labeled face set for extra training or validation (any source with mask labels: the competition
+    layout, a labeled manifest, a folder per mask class, UTKFace-style names)."""
     root = Path(root)
     if not root.exists():
         raise DataError([Problem(str(root), "does not exist")])
-    if root.is_dir() and not (root / "train.csv").is_file() and mask_folders(root):
-        return load_mask_folders(root)
     source = detect_source(root)
-    if source not in ("competition", "manifest"):
+    if "mask" not in SOURCES[source].labels:
         raise DataError([Problem(str(root), "not a labeled face set: expected the competition layout "
                                             "(train.csv), a manifest CSV or folders named by mask class")])
     return load_source(source, root, thresholds)[:2]
@@ -121,3 +116,21 @@ def balanced_people(table: pd.DataFrame, people: int, seed: int, by: Sequence[st
     turn = persons.groupby(list(by)).cumcount()  # the person's place in their cell's queue
     chosen = persons.assign(_turn=turn.to_numpy()).sort_values("_turn", kind="stable").head(people)
     return table[table["person_id"].isin(chosen["person_id"])]
+
+
+def training_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
+    """Per-head targets for training: the age in years for heads that learn years (dldl, regression; -1 where
+    unknown); otherwise the class, where the age head may use its own thresholds (e.g. 58+ learned as 60+)."""
+    cols = []
+    for h in cfg.heads:
+        values = rows[h.column].to_numpy(dtype=np.int64)
+        if uses_years(h.loss):
+            values = rows["age"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        elif h.column == "age_group" and cfg.data.train_age_thresholds:
+            values = age_group(rows["age"].to_numpy(dtype=np.int64), cfg.data.train_age_thresholds)
+        cols.append(values)
+    return np.stack(cols, axis=1)
+
+
+def eval_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
+    return np.stack([rows[h.column].to_numpy(dtype=np.int64) for h in cfg.heads], axis=1)

@@ -1,14 +1,8 @@
-"""Cross-validation grouped by person: for each fold, the two stages, checkpoints, out-of-fold predictions.
+"""The trainer: cross-validation by person; for each fold the two stages, checkpoints, out-of-fold predictions.
 
-Run directory layout (the contract with resume, predict, explain and the dashboard):
-
-    config.yaml  folds.csv  data.csv  skipped.csv
-    fold<k>/stage<s>/  best.pt  metrics.csv  done.json  (last.pt while the stage trains)
-    fold<k>/oof.csv  fold<k>/done.json
-    oof.csv  report.md  report.json  plots/  tb/
-
-Every file is written atomically, so kill -9 at any moment leaves a run that ``--resume`` continues: finished
-folds and stages are kept, an interrupted stage restarts from its last completed epoch.
+Everything is written into the run directory (layout: ``multitask.run``) atomically, so kill -9 at any moment
+leaves a run that ``--resume`` continues: finished folds and stages are kept, an interrupted stage restarts from
+its last completed epoch.
 """
 from __future__ import annotations
 
@@ -25,66 +19,28 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from multitask.age import uses_years
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
-from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preparation
+from multitask.data.dataset import ArrayDataset, PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
-from multitask.data.table import apply_policy, load_labeled, load_table, resolve_root
+from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
+                                  training_targets)
 from multitask.data.transforms import Prepare, eval_transform, train_transform
 from multitask.distributed import World, barrier, gather_rows
-from multitask.engine import (head_probabilities, loader_workers, make_loader, predict_logits,
-                              resolve_device, resolve_precision, train_one_epoch)
+from multitask.engine import (head_probabilities, learning_rates_at, loader_workers, make_loader, make_optimizer,
+                              predict_logits, resolve_device, resolve_precision, train_one_epoch, uses_sgd)
+from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, inverse_frequency_weights
 from multitask.metrics import score, selection_score
-from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint, param_groups
-from multitask.tasks import age_group
+from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
+from multitask.run import RunDir, final_stage, prediction_frame
 
 Log = Callable[[str], None]
-
-
-# --- folds -----------------------------------------------------------------------------------------------
-
-
-def person_constant_heads(table: pd.DataFrame, heads: List[HeadConfig]) -> List[HeadConfig]:
-    """Heads whose label is the same on every photo of a person (gender, age; not mask)."""
-    return [h for h in heads if table.groupby("person_id")[h.column].nunique().max() <= 1]
-
-
-def make_folds(table: pd.DataFrame, heads: List[HeadConfig], n_folds: int, seed: int) -> pd.DataFrame:
-    """person_id -> fold, by StratifiedGroupKFold: grouped by person, stratified on the person's labels that do
-    not vary between their photos (gender x age for faces). Extra stage-1 sources get no fold (-1)."""
-    main = table[~table["extra"]]
-    strat_heads = person_constant_heads(main, heads)
-    strat = np.zeros(len(main), dtype=np.int64)
-    for h in strat_heads:
-        strat = strat * len(h.classes) + main[h.column].to_numpy()
-    n_people = main["person_id"].nunique()
-    if n_people < n_folds:
-        raise DataError([Problem("data", f"{n_people} persons cannot make {n_folds} folds")])
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    fold = {}
-    for k, (_, val) in enumerate(splitter.split(main, strat, groups=main["person_id"])):
-        for pid in main["person_id"].iloc[val].unique():
-            fold[pid] = k
-    folds = pd.DataFrame({"person_id": list(fold), "fold": list(fold.values())})
-    extra = table.loc[table["extra"], "person_id"].unique()
-    return pd.concat([folds, pd.DataFrame({"person_id": extra, "fold": -1})], ignore_index=True)
-
-
-def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, source: Path) -> pd.DataFrame:
-    merged = table.merge(folds.astype({"person_id": str}), on="person_id", how="left")
-    missing = merged.loc[merged["fold"].isna(), "person_id"].unique()
-    if len(missing):
-        raise DataError([Problem(str(source), f"persons not in the run's folds (did the data change?): "
-                                               f"{list(missing[:10])}")])
-    return merged.astype({"fold": int})
 
 
 # --- one stage of one fold -------------------------------------------------------------------------------
@@ -93,7 +49,7 @@ def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, source: Path) -> pd.D
 @dataclass
 class Context:
     cfg: Config
-    run_dir: Path
+    run: RunDir
     table: pd.DataFrame  # with fold and _row (row in the image cache)
     images: Optional[np.ndarray]
     prepare: Prepare
@@ -104,82 +60,13 @@ class Context:
     world: World
 
 
-def stage_rows(table: pd.DataFrame, stage: StageConfig, heads: List[HeadConfig]) -> pd.Series:
-    keep = pd.Series(True, index=table.index)
-    by_name = {h.name: h for h in heads}
-    for name, cls in stage.only.items():
-        h = by_name[name]
-        keep &= table[h.column] == h.classes.index(cls)
-    return keep
-
-
-def training_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
-    """Per-head targets for training: the age in years for heads that learn years (dldl, regression; -1 where
-    unknown); otherwise the class, where the age head may use its own thresholds (e.g. 58+ learned as 60+)."""
-    cols = []
-    for h in cfg.heads:
-        values = rows[h.column].to_numpy(dtype=np.int64)
-        if uses_years(h.loss):
-            values = rows["age"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-        elif h.column == "age_group" and cfg.data.train_age_thresholds:
-            values = age_group(rows["age"].to_numpy(dtype=np.int64), cfg.data.train_age_thresholds)
-        cols.append(values)
-    return np.stack(cols, axis=1)
-
-
-def eval_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
-    return np.stack([rows[h.column].to_numpy(dtype=np.int64) for h in cfg.heads], axis=1)
-
-
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform) -> PhotoDataset:
     return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.prepare, ctx.images,
                         rows["_row"].to_numpy() if ctx.images is not None else None)
 
 
-def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
-    """The learning rate at ``epoch`` relative to the base rate: warmup, then step / cosine / constant."""
-    o = cfg.optim
-    if epoch < o.warmup_epochs:
-        return (epoch + 1) / (o.warmup_epochs + 1)
-    if o.scheduler == "step":
-        return float(o.step_gamma ** (epoch // o.step_every))
-    if o.scheduler == "cosine":
-        span = max(1, epochs - o.warmup_epochs)
-        return float(0.5 * (1 + np.cos(np.pi * (epoch - o.warmup_epochs) / span)) * 0.99 + 0.01)
-    return 1.0
-
-
-def uses_sgd(cfg: Config, epoch: int) -> bool:
-    return cfg.optim.optimizer == "sgd" or (cfg.optim.sgd_after is not None and epoch >= cfg.optim.sgd_after)
-
-
-def learning_rates_at(cfg: Config, lrs: tuple[float, float], epoch: int, epochs: int) -> tuple[float, float]:
-    """(trunk, heads) rates of an epoch: a pure function of the epoch and the config (nanoGPT's get_lr), so
-    neither an Adam -> SGD switch nor a resume can shift it."""
-    scale = lr_factor(epoch, cfg, epochs) * (cfg.optim.sgd_lr_scale if cfg.optim.sgd_after is not None
-                                              and uses_sgd(cfg, epoch) else 1.0)
-    return lrs[0] * scale, lrs[1] * scale
-
-
-def make_optimizer(cfg: Config, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
-    groups = param_groups(model, *lrs, cfg.optim.weight_decay)
-    if sgd:
-        return torch.optim.SGD(groups, momentum=cfg.optim.momentum, nesterov=True)
-    cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups)
-
-
 def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
     return int(np.random.default_rng([cfg.train.seed, fold, stage, epoch]).integers(2**31))
-
-
-def stage_split(cfg: Config, t: pd.DataFrame, fold: int, stage_no: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training rows, validation rows) of one stage of one fold."""
-    keep = stage_rows(t, getattr(cfg, f"stage{stage_no}"), cfg.heads)
-    train_rows = t[keep & (t["fold"] != fold) & (~t["stage1_only"] | (stage_no == 1))]
-    if cfg.data.drop_train_ages and "age" in t:
-        train_rows = train_rows[~train_rows["age"].isin(cfg.data.drop_train_ages)]
-    return train_rows, t[keep & (t["fold"] == fold)]
 
 
 class Clock:
@@ -203,22 +90,19 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     keeps the same best epoch, and rank 0 alone writes."""
     cfg, world = ctx.cfg, ctx.world
     stage: StageConfig = getattr(cfg, f"stage{stage_no}")
-    out = ctx.run_dir / f"fold{fold}" / f"stage{stage_no}"
+    run = ctx.run
     active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
-    if (out / "done.json").exists():
-        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    if run.stage_done(fold, stage_no).exists():
+        model.load_state_dict(load_checkpoint(run.best(fold, stage_no))["model"])
         return model.to(ctx.device)
 
     train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
     if train_rows.empty or val_rows.empty:
-        raise DataError([Problem(str(ctx.run_dir), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
+        raise DataError([Problem(str(run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
     column = {h.name: i for i, h in enumerate(cfg.heads)}
-    class_weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active
-                      if h.loss == "ce"} if cfg.loss.class_weights else None)
-    loss_fn = MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss,
-                            class_weights, [h.loss for h in active]).to(ctx.device)
+    loss_fn = stage_loss(cfg, active, y_train).to(ctx.device)
     train_tf = train_transform(cfg.data, cfg.augment)
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
@@ -231,21 +115,15 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     start, best_score, best_epoch, history = 0, -1.0, -1, []
-    last = out / "last.pt"
+    last = run.last(fold, stage_no)
     ckpt = load_checkpoint(last) if last.exists() else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["rng"])
-        history = pd.read_csv(out / "metrics.csv").to_dict("records")[:start]
+        history = pd.read_csv(run.metrics(fold, stage_no)).to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
-    net = model
-    if world.active:
-        if cfg.train.sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if cfg.train.compile:
-        net = torch.compile(net)
+    net = wrap_for_training(ctx, model)
     optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
     if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg, start):
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -259,12 +137,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         for group, lr in zip(optimizer.param_groups, epoch_lrs):
             group["lr"] = lr
         seed = epoch_seed(cfg, fold, stage_no, epoch)
-        train_tf.set_random_seed(seed + world.rank)
-        drop_last = len(train_ds) > cfg.data.batch_size * world.size
-        sampler = (DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=seed, drop_last=drop_last)
-                   if world.active else None)
-        loader = make_loader(train_ds, cfg.data.batch_size, workers, ctx.device, shuffle=True, seed=seed,
-                             drop_last=drop_last, sampler=sampler)
+        loader = epoch_loader(ctx, train_ds, train_tf, seed, workers)
         tick = time.perf_counter()
         stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.device, ctx.dtype, cfg.train.channels_last,
                                 column, cfg.augment, np.random.default_rng(seed + world.rank), epoch + 1, scaler,
@@ -286,30 +159,76 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         if world.main:
             if improved:
                 atomic_torch_save({"model": saved_weights(model, cfg.train.weights_dtype), "epoch": epoch,
-                                   "score": value}, out / "best.pt")
-            atomic_to_csv(pd.DataFrame(history), out / "metrics.csv")
+                                   "score": value}, run.best(fold, stage_no))
+            atomic_to_csv(pd.DataFrame(history), run.metrics(fold, stage_no))
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
                                "config": fold_config(cfg), "best_score": best_score, "best_epoch": best_epoch,
                                "rng": torch.get_rng_state()}, last)
-            for k, v in row.items():
-                if k != "epoch":
-                    writer.add_scalar(f"fold{fold}/stage{stage_no}/{k}", v, epoch + 1)
-            writer.flush()
+            log_scalars(writer, f"fold{fold}/stage{stage_no}", row)
         f1s = "  ".join(f"{k} {v['f1_macro']:.3f}" for k, v in scores.items())
         left = ctx.clock.tick(len(train_ds) + len(val_rows))
         ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
                 f"val F1 {f1s}  lr {epoch_lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
                 + ("  *" if improved else "") + f"  ({left})")
+    return finish_stage(ctx, fold, stage_no, model, val_loader, val_rows, y_val, best_epoch, best_score)
+
+
+def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray) -> MultiHeadLoss:
+    """The loss over the stage's heads; class weights (inverse frequency in the training rows) for the heads
+    trained with cross-entropy."""
+    column = {h.name: i for i, h in enumerate(cfg.heads)}
+    weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active
+                if h.loss == "ce"} if cfg.loss.class_weights else None)
+    return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
+                         [h.loss for h in active])
+
+
+def wrap_for_training(ctx: Context, model: MultiHeadNet) -> nn.Module:
+    """The module the training steps call: DistributedDataParallel under torchrun (BatchNorm statistics over
+    all processes with train.sync_bn), compiled with train.compile. ``model`` stays the plain network."""
+    net: nn.Module = model
+    if ctx.world.active:
+        if ctx.cfg.train.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    return torch.compile(net) if ctx.cfg.train.compile else net
+
+
+def epoch_loader(ctx: Context, train_ds: PhotoDataset, train_tf, seed: int, workers: int):
+    """One epoch's shuffled batches, from the epoch's seed only (so a resume replays the same order); under
+    torchrun each process gets its share."""
+    world, batch = ctx.world, ctx.cfg.data.batch_size
+    train_tf.set_random_seed(seed + world.rank)
+    drop_last = len(train_ds) > batch * world.size
+    sampler = (DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=seed, drop_last=drop_last)
+               if world.active else None)
+    return make_loader(train_ds, batch, workers, ctx.device, shuffle=True, seed=seed, drop_last=drop_last,
+                       sampler=sampler)
+
+
+def log_scalars(writer: SummaryWriter, prefix: str, row: dict) -> None:
+    for k, v in row.items():
+        if k != "epoch":
+            writer.add_scalar(f"{prefix}/{k}", v, row["epoch"])
+    writer.flush()
+
+
+def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, val_loader, val_rows, y_val,
+                 best_epoch: int, best_score: float) -> MultiHeadNet:
+    """The stage's best model back in ``model``; the fold's out-of-fold predictions from it (final stage);
+    done.json; last.pt removed."""
+    run, world = ctx.run, ctx.world
     barrier(world)  # every process reads the best.pt rank 0 wrote
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    if stage_no == final_stage(cfg):  # from the weights as saved, so that predict reproduces oof.csv
+    model.load_state_dict(load_checkpoint(run.best(fold, stage_no))["model"])
+    if stage_no == final_stage(ctx.cfg):  # from the weights as saved, so that predict reproduces oof.csv
         probs, years = validate(ctx, model, val_loader)
         if world.main:
             write_fold_oof(ctx, fold, val_rows, y_val, probs, years)
     if world.main:
-        atomic_write_text(out / "done.json", json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
-        last.unlink(missing_ok=True)  # optimizer state is only needed to resume this stage; best.pt is the model
+        atomic_write_text(run.stage_done(fold, stage_no),
+                          json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
+        run.last(fold, stage_no).unlink(missing_ok=True)  # only needed to resume this stage; best.pt is the model
     return model
 
 
@@ -337,35 +256,16 @@ def fold_config(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def final_stage(cfg: Config) -> int:
-    return 2 if cfg.stage2.enabled else 1
-
-
-def final_heads(cfg: Config) -> List[HeadConfig]:
-    stage = getattr(cfg, f"stage{final_stage(cfg)}")
-    return [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
-
-
 def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[str, np.ndarray],
               years: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
-    """One row per photo: identity, true labels, every head's probabilities and prediction (and the predicted
-    age in years, ``years_<head>``, for heads that predict years)."""
+    """The prediction table of validation rows: identity, true labels, probabilities, predictions, years."""
     keep = [c for c in ("path", "person_id", "fold", "age", "face_found") if c in rows]
-    df = rows[keep].reset_index(drop=True).copy()
-    for i, h in enumerate(cfg.heads):
-        if h.name not in probs:
-            continue
-        df[f"true_{h.name}"] = targets[:, i]
-        for j, c in enumerate(h.classes):
-            df[f"p_{h.name}_{c}"] = probs[h.name][:, j]
-        df[f"pred_{h.name}"] = probs[h.name].argmax(1)
-        if years and h.name in years:
-            df[f"years_{h.name}"] = np.round(years[h.name], 2)
-    return df
+    return prediction_frame(cfg.heads, rows[keep], probs, targets={h.name: targets[:, i] for i, h in
+                                                                   enumerate(cfg.heads)}, years=years)
 
 
 def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years=None) -> None:
-    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs, years), ctx.run_dir / f"fold{fold}" / "oof.csv")
+    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs, years), ctx.run.fold_oof(fold))
 
 
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------
@@ -392,13 +292,12 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
     cfg = ctx.cfg
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
-        ds = PhotoDataset(table["path"].tolist(), targets, eval_transform(cfg.data), ctx.prepare, images,
-                          np.arange(len(table)))
+        ds = ArrayDataset(images, eval_transform(cfg.data), targets)
         loader = make_loader(ds, cfg.data.batch_size * 2, 0, ctx.device)
         probs = head_probabilities(model, predict_logits(model, loader, ctx.device, ctx.dtype,
                                                          cfg.train.channels_last))
         frame = oof_frame(cfg, table.assign(fold=fold), targets, probs)
-        atomic_to_csv(frame, ctx.run_dir / f"fold{fold}" / "extra_val" / f"{name}.csv")
+        atomic_to_csv(frame, ctx.run.extra_val(fold, name))
 
 
 # --- the whole cross-validation --------------------------------------------------------------------------
@@ -407,6 +306,7 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
 def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
                  ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
+    run = RunDir(run_dir)
     table, problems = load_table(cfg)
     paths = table["path"].tolist()
     prepare, face_found = preparation(cfg.data, paths, log)
@@ -421,9 +321,9 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     apply_policy(problems, cfg.data.on_bad_file, str(cfg.data.root or "synthetic data"))
     table = table.assign(_row=np.arange(len(table)))
     if problems:
-        if main and not (run_dir / "skipped.csv").exists():
-            atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), run_dir / "skipped.csv")
-        log(f"skipped {len(problems)} problem file(s); listed in {run_dir / 'skipped.csv'}")
+        if main and not run.skipped.exists():
+            atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), run.skipped)
+        log(f"skipped {len(problems)} problem file(s); listed in {run.skipped}")
         bad = {p.path for p in unreadable}
         table = table[~table["path"].isin(bad)]
     return table, images, prepare
@@ -433,30 +333,30 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
              ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The run's shared files, written once (by rank 0, by the first job): config.yaml, folds.csv, data.csv,
     skipped.csv. Later jobs and resumes read them and never write over them. Returns the data, with folds."""
+    run = RunDir(run_dir)
     if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        table, images, prepare = prepare_data(cfg, run_dir, log)  # rank 0 first: it builds the caches
+        run.root.mkdir(parents=True, exist_ok=True)
+        table, images, prepare = prepare_data(cfg, run.root, log)  # rank 0 first: it builds the caches
     barrier(world)
     if not world.main:
-        table, images, prepare = prepare_data(cfg, run_dir, lambda s: None, main=False)
-    folds_path = run_dir / "folds.csv"
+        table, images, prepare = prepare_data(cfg, run.root, lambda s: None, main=False)
     if world.main:
-        if not (run_dir / "config.yaml").exists():
-            save_config(cfg, run_dir / "config.yaml")  # after the data: image folders fill in their class names
-        if not folds_path.exists():
-            atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), folds_path)
+        if not run.config.exists():
+            save_config(cfg, run.config)  # after the data: image folders fill in their class names
+        if not run.folds.exists():
+            atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), run.folds)
     barrier(world)
-    table = attach_folds(table, pd.read_csv(folds_path, dtype={"person_id": str}), folds_path)
-    if world.main and not (run_dir / "data.csv").exists():
-        atomic_to_csv(table.drop(columns=["_row"]), run_dir / "data.csv")
+    table = attach_folds(table, pd.read_csv(run.folds, dtype={"person_id": str}), run.folds)
+    if world.main and not run.data.exists():
+        atomic_to_csv(table.drop(columns=["_row"]), run.data)
     return table, images, prepare
 
 
 @contextlib.contextmanager
-def fold_lock(run_dir: Path, fold: int):
+def fold_lock(run: RunDir, fold: int):
     """One job per fold: an exclusive lock on fold<k>/lock for as long as the fold trains. The system drops it
     when the process ends, even by kill -9, so a resume can take the fold again."""
-    path = run_dir / f"fold{fold}" / "lock"
+    path = run.lock(fold)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -474,7 +374,7 @@ def fold_lock(run_dir: Path, fold: int):
 
 
 def folds_to_train(cfg: Config, run_dir: Path) -> List[int]:
-    return [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not (run_dir / f"fold{k}" / "done.json").exists()]
+    return [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not RunDir(run_dir).fold_done(k).exists()]
 
 
 def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World()) -> None:
@@ -486,10 +386,11 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     device = resolve_device(cfg.train.device, world)
     dtype = resolve_precision(cfg.train.precision, device)
     todo = folds_to_train(cfg, run_dir)
+    run = RunDir(run_dir)
     stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
     sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
-    ctx = Context(cfg, run_dir, table, images, prepare, device, dtype, log, Clock(planned), world)
+    ctx = Context(cfg, run, table, images, prepare, device, dtype, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}"
         f"{f' x {world.size} processes' if world.active else ''}, precision {dtype or 'fp32'}, "
@@ -499,10 +400,10 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
         for s, n in sizes.items()) + "; the time left is shown after every epoch")
     for fold in sorted(set(cfg.cv.run_folds or range(cfg.cv.folds)) - set(todo)):
         log(f"fold {fold}: done, kept")
-    writer = SummaryWriter(str(run_dir / "tb")) if world.main else None
+    writer = SummaryWriter(str(run.tensorboard)) if world.main else None
     try:
         for fold in todo:
-            with fold_lock(run_dir, fold) if world.main else contextlib.nullcontext():
+            with fold_lock(run, fold) if world.main else contextlib.nullcontext():
                 train_fold(ctx, fold, extra_val, writer)
     finally:
         if writer is not None:
@@ -516,8 +417,8 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
     lrs = learning_rates(cfg.optim, loaded)
     if cfg.train.lr_scaling == "linear":
         lrs = (lrs[0] * world.size, lrs[1] * world.size)
-    if world.main and not (ctx.run_dir / "run.json").exists():
-        atomic_write_text(ctx.run_dir / "run.json", json.dumps({
+    if world.main and not ctx.run.recorded_file.exists():
+        atomic_write_text(ctx.run.recorded_file, json.dumps({
             "weights_loaded": loaded, "lr_trunk": lrs[0], "lr_heads": lrs[1], "processes": world.size,
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.device), "precision": str(ctx.dtype or "fp32"),
@@ -531,7 +432,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             model = run_stage(ctx, fold, stage_no, model, lrs, writer)
     if world.main:
         score_extra_val(ctx, fold, model.eval(), extra_val)
-        atomic_write_text(ctx.run_dir / f"fold{fold}" / "done.json", json.dumps({"seconds": time.perf_counter() - tick}))
+        atomic_write_text(ctx.run.fold_done(fold), json.dumps({"seconds": time.perf_counter() - tick}))
         if final_stage(cfg) == 2:  # stage 1's model only seeds stage 2; the fold's model is stage 2's best.pt
-            (ctx.run_dir / f"fold{fold}" / "stage1" / "best.pt").unlink(missing_ok=True)
+            ctx.run.best(fold, 1).unlink(missing_ok=True)
     barrier(world)

@@ -1,0 +1,193 @@
+"""The run directory: what training writes and what report, predict, explain, bench and the dashboard read.
+
+The one module that spells its files and the columns of its prediction tables:
+
+    config.yaml  run.json  folds.csv  data.csv  skipped.csv
+    fold<k>/stage<s>/  best.pt  metrics.csv  done.json  (last.pt while the stage trains)
+    fold<k>/oof.csv  fold<k>/done.json  fold<k>/lock  fold<k>/extra_val/<set>.csv
+    oof.csv  report.md  report.json  plots/  tb/
+
+Prediction tables (oof.csv, extra_val/*.csv, predict's predictions.csv) hold, per head, ``true_<head>`` (when
+known), ``p_<head>_<class>`` per class, ``pred_<head>`` and, for heads that predict the age in years,
+``years_<head>``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from multitask.config import Config, ConfigError, HeadConfig, load_config
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    # --- files of the whole run ---
+    config = property(lambda self: self.root / "config.yaml")
+    recorded_file = property(lambda self: self.root / "run.json")
+    folds = property(lambda self: self.root / "folds.csv")
+    data = property(lambda self: self.root / "data.csv")
+    skipped = property(lambda self: self.root / "skipped.csv")
+    oof = property(lambda self: self.root / "oof.csv")
+    report_md = property(lambda self: self.root / "report.md")
+    report_json = property(lambda self: self.root / "report.json")
+    plots = property(lambda self: self.root / "plots")
+    tensorboard = property(lambda self: self.root / "tb")
+
+    # --- files of one fold and stage ---
+    def fold(self, k: int) -> Path:
+        return self.root / f"fold{k}"
+
+    def stage(self, k: int, s: int) -> Path:
+        return self.fold(k) / f"stage{s}"
+
+    def best(self, k: int, s: int) -> Path:
+        return self.stage(k, s) / "best.pt"
+
+    def last(self, k: int, s: int) -> Path:
+        return self.stage(k, s) / "last.pt"
+
+    def metrics(self, k: int, s: int) -> Path:
+        return self.stage(k, s) / "metrics.csv"
+
+    def stage_done(self, k: int, s: int) -> Path:
+        return self.stage(k, s) / "done.json"
+
+    def fold_oof(self, k: int) -> Path:
+        return self.fold(k) / "oof.csv"
+
+    def fold_done(self, k: int) -> Path:
+        return self.fold(k) / "done.json"
+
+    def lock(self, k: int) -> Path:
+        return self.fold(k) / "lock"
+
+    def extra_val(self, k: int, name: str) -> Path:
+        return self.fold(k) / "extra_val" / f"{name}.csv"
+
+    # --- what exists ---
+    def is_run(self) -> bool:
+        return self.config.exists()
+
+    def load_config(self) -> Config:
+        if not self.is_run():
+            raise ConfigError(f"{self.root}: no config.yaml; not a run directory")
+        return load_config(base=self.config)
+
+    def recorded(self) -> dict:
+        """What training recorded (run.json): learning rates used, weights loaded, devices, data root."""
+        return json.loads(self.recorded_file.read_text()) if self.recorded_file.exists() else {}
+
+    def _per_fold(self, path_of) -> Dict[int, Path]:
+        folds = sorted(int(p.name[4:]) for p in self.root.glob("fold*") if p.name[4:].isdigit())
+        return {k: path_of(k) for k in folds if path_of(k).exists()}
+
+    def fold_oofs(self) -> Dict[int, Path]:
+        """fold -> oof.csv of every fold that has one."""
+        return self._per_fold(self.fold_oof)
+
+    def extra_vals(self, name: str) -> Dict[int, Path]:
+        """fold -> that fold model's predictions on the extra validation set ``name``."""
+        return self._per_fold(lambda k: self.extra_val(k, name))
+
+    def fold_seconds(self) -> Dict[int, Optional[float]]:
+        """fold -> training time of every finished fold."""
+        return {k: json.loads(p.read_text()).get("seconds") for k, p in self._per_fold(self.fold_done).items()}
+
+    def stage_metrics(self) -> Dict[tuple, Path]:
+        """(fold, stage) -> metrics.csv of every stage that has trained an epoch."""
+        return dict(sorted((((k, s), p) for s in (1, 2)
+                            for k, p in self._per_fold(lambda k: self.metrics(k, s)).items())))
+
+    def trained_folds(self, cfg: Config) -> List[int]:
+        """Folds with a model: the best.pt of the final stage."""
+        return sorted(self._per_fold(lambda k: self.best(k, final_stage(cfg))))
+
+    def load_models(self, cfg: Config, folds: Optional[Sequence[int]] = None, device=None) -> dict:
+        """fold -> the final stage's best model, in eval mode on ``device``."""
+        import torch
+
+        from multitask.model import WeightsError, build_model, load_checkpoint
+
+        have = self.trained_folds(cfg)
+        folds = list(folds) if folds else have
+        missing = [k for k in folds if k not in have]
+        if not have or missing:
+            raise WeightsError(f"{self.root}: no trained checkpoint for fold(s) {missing or 'any'} (have {have})")
+        model_cfg = type(cfg.model)(arch=cfg.model.arch, pretrained="none", dropout=cfg.model.dropout)
+        models = {}
+        for k in folds:
+            model, _ = build_model(model_cfg, cfg.heads, cfg.data.age_thresholds)
+            model.load_state_dict(load_checkpoint(self.best(k, final_stage(cfg)))["model"])
+            models[k] = model.to(device or torch.device("cpu")).eval()
+        return models
+
+
+def final_stage(cfg: Config) -> int:
+    """The stage whose best.pt is a fold's model: 2, or 1 when stage 2 is off."""
+    return 2 if cfg.stage2.enabled else 1
+
+
+def final_heads(cfg: Config) -> List[HeadConfig]:
+    """The heads the final stage trained: the ones a run's models predict."""
+    stage = getattr(cfg, f"stage{final_stage(cfg)}")
+    return [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
+
+
+# --- prediction tables ---------------------------------------------------------------------------------
+
+
+def prob_columns(head: HeadConfig) -> List[str]:
+    return [f"p_{head.name}_{c}" for c in head.classes]
+
+
+def true_column(head: HeadConfig) -> str:
+    return f"true_{head.name}"
+
+
+def pred_column(head: HeadConfig) -> str:
+    return f"pred_{head.name}"
+
+
+def years_column(head: HeadConfig) -> str:
+    return f"years_{head.name}"
+
+
+def prediction_frame(heads: Sequence[HeadConfig], base: pd.DataFrame, probs: Dict[str, np.ndarray],
+                     preds: Optional[Dict[str, np.ndarray]] = None, targets: Optional[Dict[str, np.ndarray]] = None,
+                     years: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
+    """``base`` (one row per photo) with, for each head in ``probs``: its true class (where ``targets`` has
+    it), class probabilities, predicted class (``preds``, else the most probable) and predicted years."""
+    df = base.reset_index(drop=True).copy()
+    for h in heads:
+        if h.name not in probs:
+            continue
+        if targets is not None and h.name in targets:
+            df[true_column(h)] = targets[h.name]
+        for col, p in zip(prob_columns(h), probs[h.name].T):
+            df[col] = p
+        df[pred_column(h)] = preds[h.name] if preds else probs[h.name].argmax(1)
+        if years and h.name in years:
+            df[years_column(h)] = np.round(years[h.name], 2)
+    return df
+
+
+def frame_arrays(heads: Sequence[HeadConfig], df: pd.DataFrame):
+    """(targets, probabilities) per head from a prediction table."""
+    targets = {h.name: df[true_column(h)].to_numpy(dtype=np.int64) for h in heads}
+    probs = {h.name: df[prob_columns(h)].to_numpy(dtype=np.float64) for h in heads}
+    return targets, probs
+
+
+def labeled_heads(heads: Sequence[HeadConfig], df: pd.DataFrame) -> List[HeadConfig]:
+    """The heads a prediction table has true classes for (a folder per mask class labels the mask only)."""
+    return [h for h in heads if true_column(h) in df and (df[true_column(h)] >= 0).any()]
