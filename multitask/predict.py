@@ -51,11 +51,10 @@ from multitask.data.transforms import eval_transform  # noqa: E402
 from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,  # noqa: E402
                               resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
-from multitask.metrics import joint_name, score  # noqa: E402
+from multitask.metrics import joint_name  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
-from multitask.report import mask_on_accuracy, per_class_table, write_confusions  # noqa: E402
-from multitask.run import (RunDir, final_heads, frame_arrays, pred_column, prediction_frame,  # noqa: E402
-                           true_column)
+from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
+from multitask.run import RunDir, final_heads, prediction_frame, true_column  # noqa: E402
 from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
@@ -149,14 +148,9 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
 
 def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dict:
     """Scores of the labeled heads (all of them, or only the mask for a folder per mask class)."""
-    scores = score(heads, *frame_arrays(heads, df))
-    extra = []
-    mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
-    if mask is not None:
-        acc = mask_on_accuracy(df[true_column(mask)].to_numpy(), df[pred_column(mask)].to_numpy(),
-                               mask.classes.index("not_worn"))
-        scores["mask"]["mask_on_accuracy"] = acc
-        extra = ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
+    scores = labeled_scores(heads, df)
+    acc = scores.get("mask", {}).get("mask_on_accuracy")
+    extra = [] if acc is None else ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
     plots = write_confusions(scores, heads, out / "plots")
     keys = list(scores)
     name = lambda k: joint_name(heads) if k == "joint" else k  # noqa: E731

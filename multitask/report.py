@@ -121,6 +121,18 @@ def mask_on_accuracy(true: np.ndarray, pred: np.ndarray, not_worn: int) -> float
     return float(np.mean((true == not_worn) == (pred == not_worn))) if len(true) else float("nan")
 
 
+def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
+    """Scores of a prediction table's labeled heads (its ``pred_<head>`` classes for the mask's "mask on vs not
+    worn" accuracy: a vote ensemble's, where predict wrote one)."""
+    targets, probs = frame_arrays(heads, df)
+    s = score(heads, targets, probs)
+    mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
+    if mask is not None:
+        pred = df[pred_column(mask)].to_numpy() if pred_column(mask) in df else probs["mask"].argmax(1)
+        s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], pred, mask.classes.index("not_worn"))
+    return s
+
+
 def extra_val_scores(run: RunDir, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
     """name -> {"folds": {k: scores}, "ensemble": scores} for each extra validation set, on its labeled heads
     (a folder per mask class labels the mask only); mask scores add ``mask_on_accuracy``."""
@@ -133,21 +145,13 @@ def extra_val_scores(run: RunDir, cfg: Config, heads: Sequence[HeadConfig]) -> d
         labeled = labeled_heads(heads, first)
         if not labeled:
             continue
-
-        def scores_of(df: pd.DataFrame) -> dict:
-            targets, probs = frame_arrays(labeled, df)
-            s = score(labeled, targets, probs)
-            for h in labeled:
-                if h.name == "mask" and "not_worn" in h.classes:
-                    s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], probs["mask"].argmax(1),
-                                                                     h.classes.index("not_worn"))
-            return s
-
         mean = first.copy()
-        for col in [c for h in labeled for c in prob_columns(h)]:
-            mean[col] = np.mean([f[col].to_numpy() for f in frames.values()], axis=0)
+        for h in labeled:
+            mean[prob_columns(h)] = np.mean([f[prob_columns(h)].to_numpy() for f in frames.values()], axis=0)
+            mean[pred_column(h)] = mean[prob_columns(h)].to_numpy().argmax(1)
         out[name] = {"photos": len(first), "heads": [h.name for h in labeled],
-                     "folds": {k: scores_of(f) for k, f in frames.items()}, "ensemble": scores_of(mean)}
+                     "folds": {k: labeled_scores(labeled, f) for k, f in frames.items()},
+                     "ensemble": labeled_scores(labeled, mean)}
     return out
 
 
