@@ -51,6 +51,15 @@ def test_a_second_run_reuses_the_cache(photos, tmp_path):
     assert messages == [] and len(cache_files(tmp_path)) == 1
 
 
+def test_the_same_photos_spelled_relative_reuse_the_cache(photos, tmp_path, monkeypatch):
+    prepare = Prepare(crop=None, size=(40, 32))
+    cached_images(photos, prepare, tmp_path / "cache", log=lambda s: None)
+    monkeypatch.chdir(os.path.dirname(photos[0]))
+    messages = []
+    cached_images([os.path.relpath(p) for p in photos], prepare, tmp_path / "cache", log=messages.append)
+    assert messages == [] and len(cache_files(tmp_path / "cache")) == 1
+
+
 @pytest.mark.parametrize("changed", [Prepare(crop=(100, 80), size=(40, 32)), Prepare(crop=None, size=(44, 32))])
 def test_changing_crop_or_size_builds_a_new_cache(photos, tmp_path, changed):
     cached_images(photos, Prepare(crop=None, size=(40, 32)), tmp_path, log=lambda s: None)

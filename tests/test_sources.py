@@ -224,3 +224,13 @@ def test_exif_rotation_is_applied(tmp_path):
     a = read_rgb(tmp_path / "r.jpg")
     assert a.shape == (20, 10, 3)  # portrait after rotation
     assert a[:8].mean() > 200 and a[12:].mean() < 50  # the white half is now on top
+
+
+def test_a_head_column_of_the_users_own_takes_class_names_or_indices():
+    from multitask.data.table import class_indices
+
+    got = class_indices(pd.Series(["yes", "0", " No", "", "-1"]), ["no", "yes"], "faces.csv: column glasses")
+    assert got.tolist() == [1, 0, 0, -1, -1]
+    with pytest.raises(DataError) as e:
+        class_indices(pd.Series(["yes", "maybe", "2"]), ["no", "yes"], "faces.csv: column glasses")
+    assert "faces.csv: column glasses: values ['2', 'maybe'] are not classes ['no', 'yes'] or their indices" in str(e.value)
