@@ -176,7 +176,7 @@ def test_a_fourth_head_is_a_config_entry_and_a_manifest_column(faces_root, tmp_p
     cfg.heads.append(HeadConfig("glasses", "glasses", ["no", "yes"]))
     run_cv(cfg, tmp_path / "run", log=lambda s: None)
     report = write_report(tmp_path / "run")
-    assert set(report["folds"]["0"]) == {"mask", "gender", "age", "glasses", "joint"}
+    assert set(report["folds"][0]) == {"mask", "gender", "age", "glasses", "joint"}
     assert report["joint_name"] == "36-class"
     oof = pd.read_csv(tmp_path / "run" / "oof.csv", dtype={"person_id": str})
     assert (oof["true_glasses"] == oof["person_id"].map(wears).map({"no": 0, "yes": 1})).all()

@@ -67,7 +67,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
     for h in cfg.heads:
-        if table[h.column].dtype == object:  # a head of the user's own, e.g. a manifest column: names or indices
+        if not pd.api.types.is_numeric_dtype(table[h.column]):  # a head of the user's own, e.g. a manifest column
             table[h.column] = class_indices(table[h.column], h.classes, f"{root}: column {h.column}")
     if table.empty:
         raise DataError(problems or [Problem(str(root), "no photos found")], str(root))
