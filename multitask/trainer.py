@@ -28,7 +28,7 @@ from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra
 from multitask.data.dataset import ArrayDataset, PhotoDataset, cached_images, prepare_all, preparation
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
-                                  training_targets)
+                                  training_targets, with_found_classes)
 from multitask.data.transforms import Prepare, eval_transform, train_transform
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (head_probabilities, learning_rates_at, loader_workers, make_loader, make_optimizer,
@@ -381,6 +381,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     """Train every fold of ``cv.run_folds`` (skipping finished ones) and write the fold results; the report is
     made after. Several jobs may share one run directory, each with its own folds."""
     log = log if world.main else (lambda s: None)
+    cfg = with_found_classes(cfg)
     torch.manual_seed(cfg.train.seed)
     table, images, prepare = open_run(cfg, run_dir, log, world)
     device = resolve_device(cfg.train.device, world)

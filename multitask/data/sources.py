@@ -248,19 +248,30 @@ def load_utkface(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.D
 # --- image folders ----------------------------------------------------------------------------------------
 
 
+def imagefolder_splits(root: Path) -> Dict[str, Path]:
+    """split -> folder: ROOT/train and ROOT/test when they exist, else ROOT is the training split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError([Problem(str(root), "image folder does not exist")])
+    return {s: root / s for s in ("train", "test") if (root / s).is_dir()} or {"train": root}
+
+
+def imagefolder_classes(root: Path) -> List[str]:
+    """The class names of an image-folder layout: its training split's folder names, sorted."""
+    train = imagefolder_splits(root)["train"]
+    classes = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError([Problem(str(train), "no class folders (expected ROOT/<class>/<image>)")])
+    return classes
+
+
 def load_imagefolder(root: Path) -> Tuple[pd.DataFrame, List[Problem], List[str]]:
     """ROOT/<class>/<image>, or ROOT/train/<class>/... and ROOT/test/<class>/...; returns (table, problems, classes).
 
     Each image is its own group for the folds (no notion of person)."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError([Problem(str(root), "image folder does not exist")])
-    split_dirs = {s: root / s for s in ("train", "test") if (root / s).is_dir()}
-    if not split_dirs:
-        split_dirs = {"train": root}
-    class_dirs = sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise DataError([Problem(str(split_dirs["train"]), "no class folders (expected ROOT/<class>/<image>)")])
+    split_dirs = imagefolder_splits(root)
+    class_dirs = imagefolder_classes(root)
     problems, rows = [], []
     for split, base in split_dirs.items():
         for d in sorted(base.iterdir()):

@@ -1,6 +1,7 @@
 """Config -> the table of photos a run trains on, with every problem found, and the bad-file policy."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -9,9 +10,20 @@ import pandas as pd
 
 from multitask.age import uses_years
 from multitask.config import Config, ConfigError
-from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source, load_utkface
+from multitask.data.sources import (SOURCES, DataError, Problem, detect_source, imagefolder_classes, load_source,
+                                    load_utkface)
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
 from multitask.tasks import age_group
+
+
+def with_found_classes(cfg: Config) -> Config:
+    """The config a run trains and saves: an image-folder head declared without classes gets the folder names
+    (a copy; ``cfg`` itself is not changed)."""
+    if cfg.data.source != "imagefolder" or len(cfg.heads) != 1 or cfg.heads[0].classes:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.heads[0].classes = imagefolder_classes(resolve_root(cfg))
+    return out
 
 
 def synthetic_wh(cfg: Config) -> tuple[int, int]:
@@ -34,9 +46,8 @@ def resolve_root(cfg: Config) -> Path:
 
 
 def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
-    """The run's table (``extra`` marks stage-1-only rows) and every structural problem found.
-
-    Image folders fill in the class names of a single head declared without classes."""
+    """The run's table (``extra`` marks stage-1-only rows) and every structural problem found (image folders: the
+    head's classes must be the folders', see ``with_found_classes``)."""
     root = resolve_root(cfg)
     source = "competition" if cfg.data.source == "synthetic" else cfg.data.source
     table, problems, classes = load_source(source, root, cfg.data.age_thresholds)
@@ -44,9 +55,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
         table = table[table["split"] == "train"].reset_index(drop=True)
         if len(cfg.heads) != 1:
             raise ConfigError("data.source=imagefolder trains one head: use experiment=imagefolder")
-        if not cfg.heads[0].classes:
-            cfg.heads[0].classes = classes
-        elif list(cfg.heads[0].classes) != classes:
+        if list(cfg.heads[0].classes) != classes:
             raise ConfigError(f"heads[0].classes {cfg.heads[0].classes} differ from the folders {classes} in {root}")
     # extra: never validated (no fold); stage1_only: unmasked extras, kept out of the all-heads stage
     table = table.assign(extra=False, stage1_only=False)
