@@ -177,7 +177,7 @@ class TrainConfig:
     lr_scaling: str = "none"
     sync_bn: bool = False  # BatchNorm statistics over all processes (GPUs; small per-GPU batches)
     compile: bool = False  # torch.compile the model for training
-    weights_dtype: str = "fp16"  # fp16 | fp32: the weights kept in best.pt (fp16: half the disk)
+    weights_dtype: str = "fp16"  # fp16 | fp32: the fold model kept (final stage's best.pt; fp16: half the disk)
     seed: int = 42
     progress: bool = True
 

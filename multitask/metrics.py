@@ -7,7 +7,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from multitask.config import HeadConfig
-from multitask.tasks import encode_joint, joint_class_names, joint_probabilities
+from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
 JOINT = "joint"
 
@@ -41,8 +41,7 @@ def score(heads: Sequence[HeadConfig], targets: Dict[str, np.ndarray], probs: Di
         out[h.name] = class_scores(targets[h.name][valid], probs[h.name][valid].argmax(1), h.classes)
     if len(heads) > 1:
         valid = np.all([targets[h.name] >= 0 for h in heads], axis=0)
-        sizes = [len(h.classes) for h in heads]
-        true = encode_joint([targets[h.name][valid] for h in heads], sizes)
+        true = joint_label(heads, {h.name: targets[h.name][valid] for h in heads})
         pred = joint_probabilities([probs[h.name][valid] for h in heads]).argmax(1)
         out[JOINT] = class_scores(true, pred, joint_class_names(heads))
     return out

@@ -128,8 +128,8 @@ def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
     s = score(heads, targets, probs)
     mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
     if mask is not None:
-        pred = df[pred_column(mask)].to_numpy() if pred_column(mask) in df else probs["mask"].argmax(1)
-        s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], pred, mask.classes.index("not_worn"))
+        s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], df[pred_column(mask)].to_numpy(),
+                                                         mask.classes.index("not_worn"))
     return s
 
 

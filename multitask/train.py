@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     from multitask import distributed
     from multitask.trainer import folds_to_train, open_run, run_cv
     from multitask.data.sources import DataError
-    from multitask.data.table import with_found_classes
     from multitask.engine import NonFiniteLoss, configure_threads
     from multitask.model import WeightsError
     from multitask.report import write_report
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
         if run_dir is None:
             run_dir, created = Path(distributed.broadcast(world, str(new_run_dir(cfg)) if world.main else None)), True
         if a.create_only:
-            open_run(with_found_classes(cfg), run_dir, print, world)
+            open_run(cfg, run_dir, print, world)
             print(run_dir)
             return 0
         run_cv(cfg, run_dir, world=world)

@@ -158,8 +158,10 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
             best_score, best_epoch = value, epoch + 1
         if world.main:
             if improved:
-                atomic_torch_save({"model": saved_weights(model, cfg.train.weights_dtype), "epoch": epoch,
-                                   "score": value}, run.best(fold, stage_no))
+                # fp16 only for the final stage's model, the one a run keeps: stage 1's seeds stage 2 unrounded
+                dtype = cfg.train.weights_dtype if stage_no == final_stage(cfg) else "fp32"
+                atomic_torch_save({"model": saved_weights(model, dtype), "epoch": epoch, "score": value},
+                                  run.best(fold, stage_no))
             atomic_to_csv(pd.DataFrame(history), run.metrics(fold, stage_no))
             atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
@@ -330,9 +332,11 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
 
 
 def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
-             ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
+             ) -> tuple[Config, pd.DataFrame, Optional[np.ndarray], Prepare]:
     """The run's shared files, written once (by rank 0, by the first job): config.yaml, folds.csv, data.csv,
-    skipped.csv. Later jobs and resumes read them and never write over them. Returns the data, with folds."""
+    skipped.csv. Later jobs and resumes read them and never write over them. Returns the config as the run
+    trains it (an image folder's class names filled in) and the data, with folds."""
+    cfg = with_found_classes(cfg)
     run = RunDir(run_dir)
     if world.main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -342,14 +346,14 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
         table, images, prepare = prepare_data(cfg, run.root, lambda s: None, main=False)
     if world.main:
         if not run.config.exists():
-            save_config(cfg, run.config)  # after the data: image folders fill in their class names
+            save_config(cfg, run.config)
         if not run.folds.exists():
             atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), run.folds)
     barrier(world)
     table = attach_folds(table, pd.read_csv(run.folds, dtype={"person_id": str}), run.folds)
     if world.main and not run.data.exists():
         atomic_to_csv(table.drop(columns=["_row"]), run.data)
-    return table, images, prepare
+    return cfg, table, images, prepare
 
 
 @contextlib.contextmanager
@@ -381,9 +385,8 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     """Train every fold of ``cv.run_folds`` (skipping finished ones) and write the fold results; the report is
     made after. Several jobs may share one run directory, each with its own folds."""
     log = log if world.main else (lambda s: None)
-    cfg = with_found_classes(cfg)
     torch.manual_seed(cfg.train.seed)
-    table, images, prepare = open_run(cfg, run_dir, log, world)
+    cfg, table, images, prepare = open_run(cfg, run_dir, log, world)
     device = resolve_device(cfg.train.device, world)
     dtype = resolve_precision(cfg.train.precision, device)
     todo = folds_to_train(cfg, run_dir)

@@ -103,7 +103,8 @@ def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Pr
     source = detect_source(root)
     if "mask" not in SOURCES[source].labels:
         raise DataError([Problem(str(root), "not a labeled face set: expected the competition layout "
-                                            "(train.csv), a manifest CSV or folders named by mask class")])
+                                            "(train.csv), a manifest CSV, folders named by mask class or "
+                                            "UTKFace-style names")])
     return load_source(source, root, thresholds)[:2]
 
 
