@@ -18,7 +18,7 @@ import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
 from multitask.config import extra_val_names
-from multitask.data.transforms import Prepare
+from multitask.data.transforms import Preprocessing
 from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.run import RunDir, pred_column, prob_columns, true_column
@@ -166,7 +166,7 @@ def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
 
 def face_box_view(cfg, photo: np.ndarray) -> tuple[np.ndarray, str]:
     """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
-    box = Prepare.from_config(cfg.data).face_box(photo, photo)
+    box = Preprocessing.from_config(cfg).prepare.face_box(photo, photo)
     if box is None:
         return photo, "no face found: the centre crop is used"
     shown = photo.copy()

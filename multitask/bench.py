@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,8 +47,8 @@ from multitask import distributed  # noqa: E402
 from multitask.config import load_config  # noqa: E402
 from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
 from multitask.data.table import load_table, training_targets  # noqa: E402
-from multitask.data.transforms import Prepare, train_transform  # noqa: E402
-from multitask.engine import (autocast, configure_threads, loader_workers, make_loader,  # noqa: E402
+from multitask.data.transforms import Preprocessing  # noqa: E402
+from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader,  # noqa: E402
                               resolve_precision, train_one_epoch)
 from multitask.explain import cam_grid  # noqa: E402
 from multitask.losses import MultiHeadLoss  # noqa: E402
@@ -91,75 +92,64 @@ def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs
             "warmup_s": warmup_s}
 
 
-def setup(cfg, device: torch.device, channels_last: bool):
+def setup(cfg, rt: Runtime):
     model, _ = build_model(cfg.model, cfg.heads)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss = MultiHeadLoss([h.name for h in cfg.heads], [1.0] * len(cfg.heads), cfg.loss).to(device)
+    model = rt.place(model)
+    loss = MultiHeadLoss([h.name for h in cfg.heads], [1.0] * len(cfg.heads), cfg.loss).to(rt.device)
     opt = torch.optim.Adam(param_groups(model, 1e-3, 1e-3, 0.0))
     return model, loss, opt
 
 
-def model_only(cfg, batch: int, device: torch.device, dtype, channels_last: bool, ddp: bool = False,
-               compiled: bool = False) -> dict:
+def model_only(cfg, batch: int, rt: Runtime, ddp: bool = False, compiled: bool = False) -> dict:
     """(a) forward + backward + step on random tensors already on the device (``ddp``: wrapped in
     DistributedDataParallel, gradients averaged over the processes every step; ``compiled``: torch.compile,
     as train.compile does, its compile time in the warm-up)."""
-    model, loss_fn, opt = setup(cfg, device, channels_last)
+    model, loss_fn, opt = setup(cfg, rt)
     model.train()
     net = DistributedDataParallel(model) if ddp else model
     net = torch.compile(net) if compiled else net
-    x = torch.randn(batch, 3, *cfg.data.size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.stack([torch.randint(0, len(h.classes), (batch,)) for h in cfg.heads], 1).to(device)
-    column = {h.name: i for i, h in enumerate(cfg.heads)}
+    x = rt.input(torch.randn(batch, 3, *cfg.data.size))
+    y = torch.stack([torch.randint(0, len(h.classes), (batch,)) for h in cfg.heads], 1).to(rt.device)
 
     def step() -> int:
-        with autocast(device, dtype):
+        with rt.autocast():
             logits = model.split(net(x))
-        loss, _ = loss_fn(logits, y, column)
+        loss, _ = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return batch
 
-    return measure(step, device, warmup=3)
+    return measure(step, rt.device, warmup=3)
 
 
-def pipeline(cfg, table, images, batch: int, steps: int, device: torch.device, dtype, channels_last: bool,
-             cached: bool) -> dict:
+def pipeline(cfg, table, images, batch: int, steps: int, rt: Runtime, cached: bool) -> dict:
     """(b)/(c) ``steps`` batches read from the cache (or decoded from disk), augmented, trained on."""
-    model, loss_fn, opt = setup(cfg, device, channels_last)
+    model, loss_fn, opt = setup(cfg, rt)
     rows = table.head(batch * steps)
-    ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), train_transform(cfg.data, cfg.augment),
-                      Prepare.from_config(cfg.data), images if cached else None,
-                      rows["_row"].to_numpy() if cached else None)
-    workers = loader_workers(cfg.data.workers, device, cached)
-    column = {h.name: i for i, h in enumerate(cfg.heads)}
+    pre = Preprocessing.from_config(cfg)
+    ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.prepare,
+                      images if cached else None, rows["_row"].to_numpy() if cached else None)
+    workers = loader_workers(cfg.data.workers, rt.device, cached)
 
     def epoch() -> int:
-        train_one_epoch(model, make_loader(ds, batch, workers, device, shuffle=True), loss_fn, opt, device, dtype,
-                        channels_last, column, cfg.augment, np.random.default_rng(0), 1, progress=False)
+        train_one_epoch(model, make_loader(ds, batch, workers, rt.device, shuffle=True), loss_fn, opt, rt, 1)
         return len(ds)
 
-    return measure(epoch, device, warmup=1, min_runs=3)
+    return measure(epoch, rt.device, warmup=1, min_runs=3)
 
 
-def inference(cfg, batch: int, device: torch.device, dtype, channels_last: bool) -> dict:
+def inference(cfg, batch: int, rt: Runtime) -> dict:
     model, _ = build_model(cfg.model, cfg.heads)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, *cfg.data.size, device=device)
+    model = rt.place(model).eval()
+    x = torch.randn(batch, 3, *cfg.data.size)
 
     def step() -> int:
-        with torch.inference_mode(), autocast(device, dtype):
-            model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+        with torch.inference_mode(), rt.autocast():
+            model(rt.input(x))
         return batch
 
-    return measure(step, device, warmup=3)
+    return measure(step, rt.device, warmup=3)
 
 
 def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
@@ -179,11 +169,11 @@ def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
     return 1 / grid["img_s"], 1 / one["img_s"]
 
 
-def compiled_vs_eager(cfg, batch: int, device: torch.device, dtype, eager: dict) -> dict:
+def compiled_vs_eager(cfg, batch: int, rt: Runtime, eager: dict) -> dict:
     """(g) the model step (a) under torch.compile (train.compile) against ``eager``, (a) itself; a compiler
     that cannot run here (no C compiler, an unsupported op) is reported, not raised."""
     try:
-        comp = model_only(cfg, batch, device, dtype, cfg.train.channels_last, compiled=True)
+        comp = model_only(cfg, batch, rt, compiled=True)
     except Exception as e:  # inductor's failures have many types; one line says which
         first = (str(e).strip().splitlines() or [""])[0][:160]
         return {"eager": eager, "error": f"{type(e).__name__}: {first}",
@@ -215,8 +205,9 @@ def ddp_worker(a) -> int:
         h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
         torch.set_num_threads(distributed.threads_per_process(world, os.cpu_count() or 1))
-        dtype = resolve_precision(cfg.train.precision, torch.device("cpu"))
-        m = model_only(cfg, a.batch, torch.device("cpu"), dtype, cfg.train.channels_last, ddp=world.active)
+        cpu = torch.device("cpu")
+        rt = Runtime(cpu, resolve_precision(cfg.train.precision, cpu), cfg.train.channels_last)
+        m = model_only(cfg, a.batch, rt, ddp=world.active)
         rates = distributed.gather(world, m["img_s"])
         if world.main:
             print("DDP " + json.dumps({"img_s": float(sum(rates)), "spread": m["spread"], "processes": world.size}))
@@ -252,13 +243,13 @@ def main(argv=None) -> int:
                                              f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
             table, _ = load_table(cfg)
             table = table.assign(_row=np.arange(len(table)))
-            images, _ = cached_images(table["path"].tolist(), Prepare.from_config(cfg.data),
+            images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
                                       Path(cfg.data.cache_dir), log=lambda s: None)
-            cl = cfg.train.channels_last
-            r = {"a_model": model_only(cfg, a.batch, device, dtype, cl),
-                 "b_pipeline": pipeline(cfg, table, images, a.batch, a.steps, device, dtype, cl, True),
-                 "c_plain": pipeline(cfg, table, images, a.batch, a.steps, device, None, False, False),
-                 "d_inference": inference(cfg, a.batch * 2, device, dtype, cl)}
+            rt = Runtime(device, dtype, cfg.train.channels_last)
+            r = {"a_model": model_only(cfg, a.batch, rt),
+                 "b_pipeline": pipeline(cfg, table, images, a.batch, a.steps, rt, True),
+                 "c_plain": pipeline(cfg, table, images, a.batch, a.steps, Runtime(device), False),
+                 "d_inference": inference(cfg, a.batch * 2, rt)}
             r["e_cam_grid_s"], r["e_single_cam_s"] = cam_latency(cfg, device)
             r["b_over_a"] = r["b_pipeline"]["img_s"] / r["a_model"]["img_s"]
             r["b_over_c"] = r["b_pipeline"]["img_s"] / r["c_plain"]["img_s"]
@@ -274,12 +265,12 @@ def main(argv=None) -> int:
         h, w = (int(v) for v in size.split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
         if device.type == "cpu":  # what bf16 autocast buys on this CPU, whatever precision=auto chose
-            fp32 = model_only(cfg, a.batch, device, None, cfg.train.channels_last)
-            bf16 = model_only(cfg, a.batch, device, torch.bfloat16, cfg.train.channels_last)
+            fp32 = model_only(cfg, a.batch, replace(rt, dtype=None))
+            bf16 = model_only(cfg, a.batch, replace(rt, dtype=torch.bfloat16))
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
-        rows["compile"] = compiled_vs_eager(cfg, a.batch, device, dtype, rows["sizes"][size]["a_model"])
+        rows["compile"] = compiled_vs_eager(cfg, a.batch, rt, rows["sizes"][size]["a_model"])
         print(f"model step at {size}, train.compile: {rows['compile']['summary']}")
     size = a.sizes.split(",")[0]
     results["data_parallel"] = {}

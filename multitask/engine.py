@@ -7,17 +7,18 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from multitask.config import AugmentConfig, Config, ConfigError, TrainConfig
+from multitask.config import Config, ConfigError, TrainConfig
 from multitask.distributed import World, threads_per_process
-from multitask.losses import MultiHeadLoss, mix_batch
+from multitask.losses import MultiHeadLoss
 from multitask.model import MultiHeadNet, param_groups
 
 
@@ -149,25 +150,47 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sh
                       drop_last=drop_last)
 
 
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the network runs: the device, the autocast dtype (None: plain fp32), the memory format."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, world: World = World()) -> "Runtime":
+        device = resolve_device(train.device, world)
+        return cls(device, resolve_precision(train.precision, device), train.channels_last)
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def train_one_epoch(model: MultiHeadNet, loader: DataLoader, loss_fn: MultiHeadLoss, optimizer, device,
-                    dtype: Optional[torch.dtype], channels_last: bool, column: Dict[str, int], aug: AugmentConfig,
-                    mix_rng: np.random.Generator, epoch: int, scaler=None, progress: bool = True,
+Mix = Callable[[torch.Tensor, torch.Tensor], tuple]  # (x, y) -> (x, y, partner targets or None, lam)
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHeadLoss, optimizer, rt: Runtime,
+                    epoch: int, mix: Optional[Mix] = None, scaler=None, progress: bool = False,
                     desc: str = "train") -> Dict[str, float]:
     model.train()
     totals: Dict[str, float] = {}
     seen, start = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch, (x, y) in enumerate(bar):
-        x, y = _to_device(x, device, channels_last), y.to(device)
-        x, y, y_b, lam = mix_batch(x, y, aug, mix_rng)
-        with autocast(device, dtype):
+        x, y = rt.input(x), y.to(rt.device)
+        x, y, y_b, lam = mix(x, y) if mix is not None else (x, y, None, 1.0)
+        with rt.autocast():
             logits = unwrap(model).split(model(x))
-        loss, parts = loss_fn(logits, y, column, y_b, lam)
+        loss, parts = loss_fn(logits, y, y_b, lam)
         if not math.isfinite(loss.item()):
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch}: "
                                 f"{ {k: round(v.item(), 4) for k, v in parts.items()} }; try a lower learning rate")
@@ -190,15 +213,14 @@ def train_one_epoch(model: MultiHeadNet, loader: DataLoader, loss_fn: MultiHeadL
 
 
 @torch.inference_mode()
-def predict_logits(model: MultiHeadNet, loader: DataLoader, device, dtype: Optional[torch.dtype],
-                   channels_last: bool, progress: bool = False, desc: str = "eval") -> torch.Tensor:
+def predict_logits(model: MultiHeadNet, loader: DataLoader, rt: Runtime, progress: bool = False,
+                   desc: str = "eval") -> torch.Tensor:
     """Concatenated logits for every sample, in loader order."""
     model.eval()
     out = []
     for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        x = _to_device(x, device, channels_last)
-        with autocast(device, dtype):
-            out.append(model(x).float().cpu())
+        with rt.autocast():
+            out.append(model(rt.input(x)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, sum(unwrap(model).head_sizes))
 
 

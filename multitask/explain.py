@@ -47,7 +47,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 
 from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
-from multitask.data.transforms import Prepare, denormalize, eval_transform  # noqa: E402
+from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
 from multitask.io import atomic_to_csv  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
@@ -210,8 +210,9 @@ def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Pat
 
 def network_input(cfg: Config) -> Callable[[Union[Path, np.ndarray]], torch.Tensor]:
     """Photo file or RGB array -> C x H x W tensor, preprocessed like the run's validation photos."""
-    prepare, transform = Prepare.from_config(cfg.data), eval_transform(cfg.data)
-    return lambda photo: transform(image=prepare(photo))["image"]
+    pre = Preprocessing.from_config(cfg)
+    transform = pre.eval()
+    return lambda photo: transform(image=pre.prepare(photo))["image"]
 
 
 def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:

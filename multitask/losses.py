@@ -26,9 +26,12 @@ class MultiHeadLoss(nn.Module):
     label) are ignored."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
-                 class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None):
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
+                 column: Optional[Dict[str, int]] = None):
+        """``column``: each head's column in the target matrix (default: the order of ``heads``)."""
         super().__init__()
         self.heads, self.loss_weights = list(heads), list(loss_weights)
+        self.column = dict(column) if column is not None else {h: i for i, h in enumerate(self.heads)}
         self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
         for name, w in (class_weights or {}).items():
@@ -49,15 +52,15 @@ class MultiHeadLoss(nn.Module):
         norm = weight[target].sum() if weight is not None else torch.tensor(float(len(target)))
         return ce.sum() / norm.clamp_min(1e-12)
 
-    def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor, column: Dict[str, int],
+    def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor,
                 targets_b: Optional[torch.Tensor] = None, lam: float = 1.0):
         """(total loss, per-head losses); with mixing, lam * loss(targets) + (1 - lam) * loss(targets_b)."""
         parts = {}
         for name in self.heads:
-            t = targets[:, column[name]]
+            t = targets[:, self.column[name]]
             loss = self._head_loss(name, logits[name], t)
             if targets_b is not None and lam < 1.0:
-                loss = lam * loss + (1 - lam) * self._head_loss(name, logits[name], targets_b[:, column[name]])
+                loss = lam * loss + (1 - lam) * self._head_loss(name, logits[name], targets_b[:, self.column[name]])
             parts[name] = loss
         total = sum(w * parts[n] for n, w in zip(self.heads, self.loss_weights))
         return total, parts

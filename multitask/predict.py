@@ -43,13 +43,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from multitask.config import Config, ConfigError  # noqa: E402
-from multitask.data.dataset import ArrayDataset, cached_images, preparation  # noqa: E402
+from multitask.data.dataset import ArrayDataset, cached_images, preprocessing  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
 from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
                                     load_source, read_csv_or_fail)
-from multitask.data.transforms import eval_transform  # noqa: E402
-from multitask.engine import (configure_threads, loader_workers, make_loader, predict_logits, resolve_device,  # noqa: E402
-                              resolve_precision)
+from multitask.data.transforms import Preprocessing  # noqa: E402
+from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader, predict_logits,  # noqa: E402
+                              resolve_device, resolve_precision)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
@@ -69,15 +69,15 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
                    views: Sequence[tuple], batch_size: int = 128, progress: bool = False
                    ) -> Dict[int, Dict[str, np.ndarray]]:
     """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
-    dtype = resolve_precision(cfg.train.precision, device)
+    rt = Runtime(device, resolve_precision(cfg.train.precision, device), cfg.train.channels_last)
+    pre = Preprocessing.from_config(cfg)
     out = {}
     for k, model in models.items():
         acc: Dict[str, np.ndarray] = {}
         for scale, flip in views:
-            ds = ArrayDataset(images, eval_transform(cfg.data, scale, flip))
+            ds = ArrayDataset(images, pre.eval(scale, flip))
             loader = make_loader(ds, batch_size, loader_workers(cfg.data.workers, device, True), device)
-            logits = predict_logits(model, loader, device, dtype, cfg.train.channels_last, progress,
-                                    desc=f"fold {k} view {scale}{' flip' if flip else ''}")
+            logits = predict_logits(model, loader, rt, progress, desc=f"fold {k} view {scale}{' flip' if flip else ''}")
             for name, part in model.probabilities(logits).items():
                 acc[name] = acc.get(name, 0) + part.numpy() / len(views)
         out[k] = acc
@@ -176,10 +176,11 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     models = RunDir(run_dir).load_models(cfg, folds, device)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    prepare, face_found = preparation(cfg.data, todo["path"].tolist(), log=lambda s: None)
+    pre, face_found = preprocessing(cfg, todo["path"].tolist(), log=lambda s: None)
     if face_found is not None:
         todo = todo.assign(face_found=face_found)  # False: no face found, the centre crop was used
-    images, unreadable = (cached_images(todo["path"].tolist(), prepare, Path(cfg.data.cache_dir), log=lambda s: None)
+    images, unreadable = (cached_images(todo["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir),
+                                        log=lambda s: None)
                           if len(todo) else (None, []))
     problems = problems + unreadable
     if problems and kind == "evaluation":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -25,17 +26,17 @@ from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
-from multitask.data.dataset import ArrayDataset, PhotoDataset, cached_images, prepare_all, preparation
+from multitask.data.dataset import ArrayDataset, PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
                                   training_targets, with_found_classes)
-from multitask.data.transforms import Prepare, eval_transform, train_transform
+from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
-from multitask.engine import (head_probabilities, learning_rates_at, loader_workers, make_loader, make_optimizer,
-                              predict_logits, resolve_device, resolve_precision, train_one_epoch, uses_sgd)
+from multitask.engine import (Runtime, head_probabilities, learning_rates_at, loader_workers, make_loader,
+                              make_optimizer, predict_logits, train_one_epoch, uses_sgd)
 from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
-from multitask.losses import MultiHeadLoss, inverse_frequency_weights
+from multitask.losses import MultiHeadLoss, inverse_frequency_weights, mix_batch
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
 from multitask.run import RunDir, final_stage, prediction_frame
@@ -52,16 +53,15 @@ class Context:
     run: RunDir
     table: pd.DataFrame  # with fold and _row (row in the image cache)
     images: Optional[np.ndarray]
-    prepare: Prepare
-    device: torch.device
-    dtype: Optional[torch.dtype]
+    pre: Preprocessing
+    rt: Runtime
     log: Log
     clock: Clock
     world: World
 
 
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform) -> PhotoDataset:
-    return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.prepare, ctx.images,
+    return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.pre.prepare, ctx.images,
                         rows["_row"].to_numpy() if ctx.images is not None else None)
 
 
@@ -94,26 +94,23 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
     if run.stage_done(fold, stage_no).exists():
         model.load_state_dict(load_checkpoint(run.best(fold, stage_no))["model"])
-        return model.to(ctx.device)
+        return model.to(ctx.rt.device)
 
     train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
     if train_rows.empty or val_rows.empty:
         raise DataError([Problem(str(run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
-    column = {h.name: i for i, h in enumerate(cfg.heads)}
-    loss_fn = stage_loss(cfg, active, y_train).to(ctx.device)
-    train_tf = train_transform(cfg.data, cfg.augment)
+    loss_fn = stage_loss(cfg, active, y_train).to(ctx.rt.device)
+    train_tf = ctx.pre.train()
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
-    workers = loader_workers(cfg.data.workers, ctx.device, ctx.images is not None, world)
-    val_ds = dataset(ctx, val_rows, y_val, eval_transform(cfg.data))
+    workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
+    val_ds = dataset(ctx, val_rows, y_val, ctx.pre.eval())
     val_sampler = DistributedSampler(val_ds, world.size, world.rank, shuffle=False) if world.active else None
-    val_loader = make_loader(val_ds, cfg.data.batch_size * 2, workers, ctx.device, sampler=val_sampler)
+    val_loader = make_loader(val_ds, cfg.data.batch_size * 2, workers, ctx.rt.device, sampler=val_sampler)
 
-    model = model.to(ctx.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = ctx.rt.place(model)
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     last = run.last(fold, stage_no)
     ckpt = load_checkpoint(last) if last.exists() else None
@@ -127,7 +124,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
     if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg, start):
         optimizer.load_state_dict(ckpt["optimizer"])
-    scaler = torch.amp.GradScaler() if ctx.dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
 
     for epoch in range(start, stage.epochs):
         if uses_sgd(cfg, epoch) and not isinstance(optimizer, torch.optim.SGD):
@@ -139,12 +136,12 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         seed = epoch_seed(cfg, fold, stage_no, epoch)
         loader = epoch_loader(ctx, train_ds, train_tf, seed, workers)
         tick = time.perf_counter()
-        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.device, ctx.dtype, cfg.train.channels_last,
-                                column, cfg.augment, np.random.default_rng(seed + world.rank), epoch + 1, scaler,
+        mix = functools.partial(mix_batch, aug=cfg.augment, gen=np.random.default_rng(seed + world.rank))
+        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1, mix, scaler,
                                 cfg.train.progress and world.main,
                                 desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
         probs, _ = validate(ctx, model, val_loader)
-        targets = {h.name: y_val[:, column[h.name]] for h in cfg.heads}
+        targets = {h.name: y_val[:, i] for i, h in enumerate(cfg.heads)}
         scores = score(active, targets, probs)
         value = selection_score(scores)
         stats["images_per_s"] *= world.size  # every process trained as many photos
@@ -183,7 +180,7 @@ def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray) -> Mu
     weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active
                 if h.loss == "ce"} if cfg.loss.class_weights else None)
     return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
-                         [h.loss for h in active])
+                         [h.loss for h in active], column)
 
 
 def wrap_for_training(ctx: Context, model: MultiHeadNet) -> nn.Module:
@@ -193,7 +190,8 @@ def wrap_for_training(ctx: Context, model: MultiHeadNet) -> nn.Module:
     if ctx.world.active:
         if ctx.cfg.train.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        device = ctx.rt.device
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(net) if ctx.cfg.train.compile else net
 
 
@@ -205,7 +203,7 @@ def epoch_loader(ctx: Context, train_ds: PhotoDataset, train_tf, seed: int, work
     drop_last = len(train_ds) > batch * world.size
     sampler = (DistributedSampler(train_ds, world.size, world.rank, shuffle=True, seed=seed, drop_last=drop_last)
                if world.active else None)
-    return make_loader(train_ds, batch, workers, ctx.device, shuffle=True, seed=seed, drop_last=drop_last,
+    return make_loader(train_ds, batch, workers, ctx.rt.device, shuffle=True, seed=seed, drop_last=drop_last,
                        sampler=sampler)
 
 
@@ -237,7 +235,7 @@ def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, va
 def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """Class probabilities (and years, for heads that predict them) per head for a loader's photos, in order;
     under torchrun each process predicts its share and every process gets all rows."""
-    logits = predict_logits(model, loader, ctx.device, ctx.dtype, ctx.cfg.train.channels_last)
+    logits = predict_logits(model, loader, ctx.rt)
     if ctx.world.active:
         logits = gather_rows(ctx.world, torch.as_tensor(list(loader.sampler)), logits, len(loader.dataset))
     return head_probabilities(model, logits), {k: v.numpy() for k, v in model.years(logits).items()}
@@ -278,10 +276,10 @@ def load_extra_val(cfg: Config, log: Log) -> Dict[str, tuple[pd.DataFrame, np.nd
     sets = {}
     for name, root in zip(extra_val_names(cfg.data), cfg.data.extra_val):
         table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
-        prepare, face_found = preparation(cfg.data, table["path"].tolist(), log)
+        pre, face_found = preprocessing(cfg, table["path"].tolist(), log)
         if face_found is not None:
             table = table.assign(face_found=face_found)
-        images, unreadable = cached_images(table["path"].tolist(), prepare, Path(cfg.data.cache_dir), log)
+        images, unreadable = cached_images(table["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir), log)
         apply_policy(problems + unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
         keep = ~table["path"].isin({p.path for p in unreadable}).to_numpy()
         sets[name] = (table[keep].reset_index(drop=True), np.asarray(images)[keep])
@@ -294,10 +292,9 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
     cfg = ctx.cfg
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
-        ds = ArrayDataset(images, eval_transform(cfg.data), targets)
-        loader = make_loader(ds, cfg.data.batch_size * 2, 0, ctx.device)
-        probs = head_probabilities(model, predict_logits(model, loader, ctx.device, ctx.dtype,
-                                                         cfg.train.channels_last))
+        ds = ArrayDataset(images, ctx.pre.eval(), targets)
+        loader = make_loader(ds, cfg.data.batch_size * 2, 0, ctx.rt.device)
+        probs = head_probabilities(model, predict_logits(model, loader, ctx.rt))
         frame = oof_frame(cfg, table.assign(fold=fold), targets, probs)
         atomic_to_csv(frame, ctx.run.extra_val(fold, name))
 
@@ -306,19 +303,19 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
 
 
 def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
-                 ) -> tuple[pd.DataFrame, Optional[np.ndarray], Prepare]:
+                 ) -> tuple[pd.DataFrame, Optional[np.ndarray], Preprocessing]:
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
     run = RunDir(run_dir)
     table, problems = load_table(cfg)
     paths = table["path"].tolist()
-    prepare, face_found = preparation(cfg.data, paths, log)
+    pre, face_found = preprocessing(cfg, paths, log)
     if face_found is not None:
         table = table.assign(face_found=face_found)
         log(f"face found in {int(face_found.sum())} of {len(paths)} photos; the others use the centre crop")
     if cfg.data.cache:
-        images, unreadable = cached_images(paths, prepare, Path(cfg.data.cache_dir), log)
+        images, unreadable = cached_images(paths, pre.prepare, Path(cfg.data.cache_dir), log)
     else:
-        images, unreadable = None, prepare_all(paths, prepare)
+        images, unreadable = None, prepare_all(paths, pre.prepare)
     problems = problems + unreadable
     apply_policy(problems, cfg.data.on_bad_file, str(cfg.data.root or "synthetic data"))
     table = table.assign(_row=np.arange(len(table)))
@@ -328,11 +325,11 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
         log(f"skipped {len(problems)} problem file(s); listed in {run.skipped}")
         bad = {p.path for p in unreadable}
         table = table[~table["path"].isin(bad)]
-    return table, images, prepare
+    return table, images, pre
 
 
 def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
-             ) -> tuple[Config, pd.DataFrame, Optional[np.ndarray], Prepare]:
+             ) -> tuple[Config, pd.DataFrame, Optional[np.ndarray], Preprocessing]:
     """The run's shared files, written once (by rank 0, by the first job): config.yaml, folds.csv, data.csv,
     skipped.csv. Later jobs and resumes read them and never write over them. Returns the config as the run
     trains it (an image folder's class names filled in) and the data, with folds."""
@@ -340,10 +337,10 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
     run = RunDir(run_dir)
     if world.main:
         run.root.mkdir(parents=True, exist_ok=True)
-        table, images, prepare = prepare_data(cfg, run.root, log)  # rank 0 first: it builds the caches
+        table, images, pre = prepare_data(cfg, run.root, log)  # rank 0 first: it builds the caches
     barrier(world)
     if not world.main:
-        table, images, prepare = prepare_data(cfg, run.root, lambda s: None, main=False)
+        table, images, pre = prepare_data(cfg, run.root, lambda s: None, main=False)
     if world.main:
         if not run.config.exists():
             save_config(cfg, run.config)
@@ -353,7 +350,7 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
     table = attach_folds(table, pd.read_csv(run.folds, dtype={"person_id": str}), run.folds)
     if world.main and not run.data.exists():
         atomic_to_csv(table.drop(columns=["_row"]), run.data)
-    return cfg, table, images, prepare
+    return cfg, table, images, pre
 
 
 @contextlib.contextmanager
@@ -386,18 +383,17 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     made after. Several jobs may share one run directory, each with its own folds."""
     log = log if world.main else (lambda s: None)
     torch.manual_seed(cfg.train.seed)
-    cfg, table, images, prepare = open_run(cfg, run_dir, log, world)
-    device = resolve_device(cfg.train.device, world)
-    dtype = resolve_precision(cfg.train.precision, device)
+    cfg, table, images, pre = open_run(cfg, run_dir, log, world)
+    rt = Runtime.from_config(cfg.train, world)
     todo = folds_to_train(cfg, run_dir)
     run = RunDir(run_dir)
     stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
     sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
-    ctx = Context(cfg, run, table, images, prepare, device, dtype, log, Clock(planned), world)
+    ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log) if world.main else {}  # rank 0 alone scores them
-    log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {device}"
-        f"{f' x {world.size} processes' if world.active else ''}, precision {dtype or 'fp32'}, "
+    log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
+        f"{f' x {world.size} processes' if world.active else ''}, precision {rt.dtype or 'fp32'}, "
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
@@ -425,7 +421,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
         atomic_write_text(ctx.run.recorded_file, json.dumps({
             "weights_loaded": loaded, "lr_trunk": lrs[0], "lr_heads": lrs[1], "processes": world.size,
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
-            "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.device), "precision": str(ctx.dtype or "fp32"),
+            "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.rt.device), "precision": str(ctx.rt.dtype or "fp32"),
             "data_root": str(resolve_root(cfg).resolve()),
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from multitask.config import load_config
-from multitask.data.dataset import preparation
+from multitask.data.dataset import preprocessing
 from multitask.data.faces import find_faces
 from multitask.data.synth import generate
 from multitask.data.transforms import widen
@@ -55,11 +55,12 @@ def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, t
     cfg = load_config([f"data.cache_dir={tmp_path}", "data.face_crop=detector", "data.crop=[120,96]",
                        "data.size=[64,64]"])
     paths = [str(p) for p in sorted(anywhere_root.rglob("normal.jpg"))]
-    prepare, found = preparation(cfg.data, paths, log=lambda s: None)
+    detected, found = preprocessing(cfg, paths, log=lambda s: None)
     assert found is not None and found.any() and len(found) == len(paths)
     i = int(np.argmax(found))
     center = load_config([f"data.cache_dir={tmp_path}", "data.crop=[120,96]", "data.size=[64,64]"])
-    center_prepare, none_found = preparation(center.data, paths, log=lambda s: None)
+    centred, none_found = preprocessing(center, paths, log=lambda s: None)
+    prepare, center_prepare = detected.prepare, centred.prepare
     assert none_found is None
     assert prepare(paths[i]).shape == center_prepare(paths[i]).shape
     assert not np.array_equal(prepare(paths[i]), center_prepare(paths[i]))

@@ -9,6 +9,7 @@ from multitask.config import load_config
 from multitask.folds import stage_split
 from multitask.data.table import eval_targets, training_targets
 from multitask.data.sources import load_competition
+from multitask.engine import Runtime
 from multitask.losses import MultiHeadLoss, mix_batch
 
 
@@ -55,9 +56,8 @@ def test_focal_loss_weighs_down_the_easy_examples():
     targets = torch.tensor([[0], [0]])
     ce = MultiHeadLoss(["mask"], [1.0], load_config(["loss.label_smoothing=0"]).loss)
     focal = MultiHeadLoss(["mask"], [1.0], load_config(["loss.label_smoothing=0", "loss.focal_gamma=2"]).loss)
-    each_ce = [ce({"mask": logits["mask"][i:i + 1]}, targets[i:i + 1], {"mask": 0})[0].item() for i in range(2)]
-    each_focal = [focal({"mask": logits["mask"][i:i + 1]}, targets[i:i + 1], {"mask": 0})[0].item()
-                  for i in range(2)]
+    each_ce = [ce({"mask": logits["mask"][i:i + 1]}, targets[i:i + 1])[0].item() for i in range(2)]
+    each_focal = [focal({"mask": logits["mask"][i:i + 1]}, targets[i:i + 1])[0].item() for i in range(2)]
     assert each_focal[0] < each_ce[0] * 0.01 and each_focal[1] > each_ce[1] * 0.3
 
 
@@ -98,6 +98,6 @@ def test_bench_reports_a_compiler_that_cannot_run_here_instead_of_stopping(monke
         raise RuntimeError("no working C compiler\ndetails")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    r = bench.compiled_vs_eager(load_config(["data.size=[32,32]"]), 2, torch.device("cpu"), None,
+    r = bench.compiled_vs_eager(load_config(["data.size=[32,32]"]), 2, Runtime(torch.device("cpu")),
                                 {"img_s": 10.0, "spread": 0.1})
     assert r["error"] == "RuntimeError: no working C compiler" and "torch.compile failed here" in r["summary"]

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from multitask.config import DataConfig
+from multitask.config import Config
 from multitask.data.images import files_key
 from multitask.data.sources import Problem
-from multitask.data.transforms import Prepare
+from multitask.data.transforms import Prepare, Preprocessing
 
 
 def _prepare_chunk(args) -> list:
@@ -90,17 +90,17 @@ def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
     return np.load(array_path, mmap_mode="r"), problems
 
 
-def preparation(data: DataConfig, paths: Sequence[str], log: Callable[[str], None] = print
-                ) -> tuple[Prepare, Optional[np.ndarray]]:
-    """The run's ``Prepare`` for these photos and, under ``face_crop=detector``, whether each photo's face was
-    found (the boxes are found once and cached beside the image cache; None for the other face crops)."""
-    prepare = Prepare.from_config(data)
-    if data.face_crop != "detector":
-        return prepare, None
+def preprocessing(cfg: Config, paths: Sequence[str], log: Callable[[str], None] = print
+                  ) -> tuple[Preprocessing, Optional[np.ndarray]]:
+    """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector``, whether each photo's face
+    was found (the boxes are found once and cached beside the image cache; None for the other face crops)."""
+    pre = Preprocessing.from_config(cfg)
+    if cfg.data.face_crop != "detector":
+        return pre, None
     from multitask.data.faces import find_faces
 
-    faces = find_faces(paths, Path(data.cache_dir), log)
-    return prepare.with_boxes(faces), faces["found"].to_numpy(dtype=bool)
+    faces = find_faces(paths, Path(cfg.data.cache_dir), log)
+    return pre.with_boxes(faces), faces["found"].to_numpy(dtype=bool)
 
 
 class PhotoDataset(Dataset):

@@ -1,8 +1,9 @@
 """Preprocessing (deterministic, cacheable) and augmentation presets (albumentations).
 
-A photo goes through ``Prepare`` once (decode, centre crop to the face region, resize to a little more than the
-network size); that result is what the cache stores. ``train_transform`` and ``eval_transform`` then run on it.
-Prediction uses exactly ``Prepare`` + ``eval_transform`` built from the run's saved config.
+A photo goes through ``Prepare`` once (decode, crop to the face region, resize to a little more than the network
+size); that result is what the cache stores. The training or evaluation transform then runs on it. All three come
+from one ``Preprocessing`` built from the run's config, so training, predict, explain and the dashboard see a
+photo the same way.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import cv2
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 
-from multitask.config import AugmentConfig, DataConfig
+from multitask.config import AugmentConfig, Config, DataConfig
 from multitask.data.images import read_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,6 +142,30 @@ def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False) -> 
     if flip:
         steps.append(A.HorizontalFlip(p=1.0))
     return A.Compose(steps + _finish())
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """A run's preprocessing, decided once from its config (as timm's ``resolve_data_config`` then
+    ``create_transform``): ``prepare`` (cacheable), then ``train()`` or ``eval()`` on the prepared photo."""
+
+    prepare: Prepare
+    data: DataConfig = field(compare=False, repr=False)
+    augment: AugmentConfig = field(compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Preprocessing":
+        return cls(Prepare.from_config(cfg.data), cfg.data, cfg.augment)
+
+    def with_boxes(self, faces) -> "Preprocessing":
+        """The same preprocessing with face boxes looked up by path (a ``faces.find_faces`` table)."""
+        return replace(self, prepare=self.prepare.with_boxes(faces))
+
+    def train(self) -> A.Compose:
+        return train_transform(self.data, self.augment)
+
+    def eval(self, scale: float = 1.0, flip: bool = False) -> A.Compose:
+        return eval_transform(self.data, scale, flip)
 
 
 def denormalize(tensor) -> np.ndarray:
