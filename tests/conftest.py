@@ -72,17 +72,17 @@ def trained_run(faces_root, mask_folders_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory) -> Path:
     """A model trained long enough to be right on synthetic faces (fold 0 of 3, 200 people, 96x72 px of the
-    face region; 14 epochs: the painted masks take longer to learn than plain shapes): for the learning and CAM
-    sanity tests. fp32, the same numerics on every CPU (bf16 is emulated, and slow, without AVX512-BF16).
-    About 2.5 minutes on 2 cores."""
+    face region, 8 epochs): for the learning and CAM sanity tests. Without the real-photo augmentation, which
+    the synthetic photos do not need (it would double the epochs needed), and in fp32, the same numerics on every
+    CPU (bf16 is emulated, and slow, without AVX512-BF16). About 1.5 minutes on 2 cores."""
     from multitask.trainer import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("learned")
     root = generate(tmp / "faces", people=200, size=(96, 128), seed=5)
     cfg = load_config(tiny_overrides(root, tmp) + [
-        "data.size=[96,72]", "data.crop=[72,60]", "cv.run_folds=[0]", "stage1.epochs=2", "stage2.epochs=14",
-        "train.precision=fp32"])
+        "data.size=[96,72]", "data.crop=[72,60]", "cv.run_folds=[0]", "stage1.epochs=2", "stage2.epochs=8",
+        "augment.degrade=0", "augment.color=0", "augment.affine=0", "train.precision=fp32"])
     run = tmp / "runs" / "learned"
     run_cv(cfg, run, log=lambda s: None)
     write_report(run)
