@@ -51,7 +51,7 @@ from multitask.data.transforms import Preprocessing  # noqa: E402
 from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader,  # noqa: E402
                               resolve_precision, train_one_epoch)
 from multitask.explain import cam_grid  # noqa: E402
-from multitask.losses import MultiHeadLoss  # noqa: E402
+from multitask.losses import MultiHeadLoss, batch_mixer  # noqa: E402
 from multitask.model import build_model, param_groups, stage_layers  # noqa: E402
 
 
@@ -133,7 +133,8 @@ def pipeline(cfg, table, images, batch: int, steps: int, rt: Runtime, cached: bo
     workers = loader_workers(cfg.data.workers, rt.device, cached)
 
     def epoch() -> int:
-        train_one_epoch(model, make_loader(ds, batch, workers, rt.device, shuffle=True), loss_fn, opt, rt, 1)
+        train_one_epoch(model, make_loader(ds, batch, workers, rt.device, shuffle=True), loss_fn, opt, rt, 1,
+                        batch_mixer(cfg.augment, seed=0))
         return len(ds)
 
     return measure(epoch, rt.device, warmup=1, min_runs=3)
@@ -205,9 +206,7 @@ def ddp_worker(a) -> int:
         h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
         torch.set_num_threads(distributed.threads_per_process(world, os.cpu_count() or 1))
-        cpu = torch.device("cpu")
-        rt = Runtime(cpu, resolve_precision(cfg.train.precision, cpu), cfg.train.channels_last)
-        m = model_only(cfg, a.batch, rt, ddp=world.active)
+        m = model_only(cfg, a.batch, Runtime.on(torch.device("cpu"), cfg.train), ddp=world.active)
         rates = distributed.gather(world, m["img_s"])
         if world.main:
             print("DDP " + json.dumps({"img_s": float(sum(rates)), "spread": m["spread"], "processes": world.size}))
@@ -264,6 +263,7 @@ def main(argv=None) -> int:
         size = a.sizes.split(",")[0]
         h, w = (int(v) for v in size.split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
+        rt = Runtime(device, dtype, cfg.train.channels_last)
         if device.type == "cpu":  # what bf16 autocast buys on this CPU, whatever precision=auto chose
             fp32 = model_only(cfg, a.batch, replace(rt, dtype=None))
             bf16 = model_only(cfg, a.batch, replace(rt, dtype=torch.bfloat16))

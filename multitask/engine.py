@@ -160,7 +160,11 @@ class Runtime:
 
     @classmethod
     def from_config(cls, train: TrainConfig, world: World = World()) -> "Runtime":
-        device = resolve_device(train.device, world)
+        return cls.on(resolve_device(train.device, world), train)
+
+    @classmethod
+    def on(cls, device: torch.device, train: TrainConfig) -> "Runtime":
+        """The run's precision and memory format on a device already chosen."""
         return cls(device, resolve_precision(train.precision, device), train.channels_last)
 
     def autocast(self):

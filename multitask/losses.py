@@ -1,7 +1,8 @@
 """Per-head losses (label smoothing, class weights, focal) and mixup / CutMix on batches."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import functools
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +65,14 @@ class MultiHeadLoss(nn.Module):
             parts[name] = loss
         total = sum(w * parts[n] for n, w in zip(self.heads, self.loss_weights))
         return total, parts
+
+
+def batch_mixer(aug: AugmentConfig, seed: int) -> Optional[Callable]:
+    """``augment.mix`` as the callable ``train_one_epoch`` takes (``mix_batch`` with its own random stream), or
+    None when mixing is off."""
+    if aug.mix == "none":
+        return None
+    return functools.partial(mix_batch, aug=aug, gen=np.random.default_rng(seed))
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, aug: AugmentConfig, gen: np.random.Generator):

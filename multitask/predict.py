@@ -49,7 +49,7 @@ from multitask.data.sources import (DataError, Problem, detect_source, image_fil
                                     load_source, read_csv_or_fail)
 from multitask.data.transforms import Preprocessing  # noqa: E402
 from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader, predict_logits,  # noqa: E402
-                              resolve_device, resolve_precision)
+                              resolve_device)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
@@ -69,7 +69,7 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
                    views: Sequence[tuple], batch_size: int = 128, progress: bool = False
                    ) -> Dict[int, Dict[str, np.ndarray]]:
     """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
-    rt = Runtime(device, resolve_precision(cfg.train.precision, device), cfg.train.channels_last)
+    rt = Runtime.on(device, cfg.train)
     pre = Preprocessing.from_config(cfg)
     out = {}
     for k, model in models.items():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import socket
@@ -36,7 +35,7 @@ from multitask.engine import (Runtime, head_probabilities, learning_rates_at, lo
                               make_optimizer, predict_logits, train_one_epoch, uses_sgd)
 from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
-from multitask.losses import MultiHeadLoss, inverse_frequency_weights, mix_batch
+from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
 from multitask.run import RunDir, final_stage, prediction_frame
@@ -136,8 +135,8 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         seed = epoch_seed(cfg, fold, stage_no, epoch)
         loader = epoch_loader(ctx, train_ds, train_tf, seed, workers)
         tick = time.perf_counter()
-        mix = functools.partial(mix_batch, aug=cfg.augment, gen=np.random.default_rng(seed + world.rank))
-        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1, mix, scaler,
+        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1,
+                                batch_mixer(cfg.augment, seed + world.rank), scaler,
                                 cfg.train.progress and world.main,
                                 desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
         probs, _ = validate(ctx, model, val_loader)
