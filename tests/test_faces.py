@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from multitask.config import load_config
-from multitask.data.dataset import preprocessing
-from multitask.data.faces import find_faces
+from multitask.data.dataset import cache_key, preprocessing
+from multitask.data.faces import COLUMNS, find_faces
 from multitask.data.synth import generate
-from multitask.data.transforms import widen
+from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, Prepare, widen
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,38 @@ def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, t
     assert none_found is None
     assert prepare(paths[i]).shape == center_prepare(paths[i]).shape
     assert not np.array_equal(prepare(paths[i]), center_prepare(paths[i]))
-    if not found.all():
-        j = int(np.argmin(found))  # no face: exactly the centre crop
+    if not found.all() and found.sum() < TYPICAL_BOX_MIN_PHOTOS:
+        j = int(np.argmin(found))  # no face and too few found to know the typical box: exactly the centre crop
         assert np.array_equal(prepare(paths[j]), center_prepare(paths[j]))
+
+
+def face_table(found_boxes, missed_sizes) -> pd.DataFrame:
+    """A find_faces table: 384x512 photos with these boxes, then photos of these sizes where no face was found."""
+    rows = [dict(path=f"found{i}.jpg", found=True, score=0.99, width=384, height=512, x0=x0, y0=y0, x1=x1, y1=y1)
+            for i, (x0, y0, x1, y1) in enumerate(found_boxes)]
+    rows += [dict(path=f"missed{i}.jpg", found=False, width=w, height=h) for i, (w, h) in enumerate(missed_sizes)]
+    return pd.DataFrame(rows).reindex(columns=["path"] + COLUMNS)
+
+
+def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
+    found = [(100 + i, 150 - i, 280 + 2 * i, 360) for i in range(TYPICAL_BOX_MIN_PHOTOS)]
+    prepare = Prepare(None, (64, 64), "detector").with_boxes(face_table(found, [(384, 512), (200, 200)]))
+    typical = np.median(np.array(found, dtype=float), axis=0)
+    assert np.allclose(prepare.boxes["missed0.jpg"], typical)
+    assert prepare.boxes["missed1.jpg"] is None  # no photo of its size was found: the centre crop
+    assert prepare.boxes["found3.jpg"] == found[3]
+    too_few = Prepare(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))
+    assert too_few.boxes["missed0.jpg"] is None
+
+
+def test_other_face_boxes_give_another_image_cache(tmp_path):
+    paths = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+    prepare = Prepare(None, (64, 64), "detector")
+    one = prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)]).assign(path=paths))
+    other = prepare.with_boxes(face_table([(0, 0, 12, 10)], [(384, 512)]).assign(path=paths))
+    assert cache_key(paths, one) != cache_key(paths, other)
+    assert cache_key(paths, one) == cache_key(paths, prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)])
+                                                                       .assign(path=paths)))
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 
 def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
-    return files_key(paths, repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, 2)))
+    boxes = None if prepare.boxes is None else [prepare.boxes.get(str(p)) for p in paths]
+    return files_key(paths, repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes, 3)))
 
 
 def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,

@@ -20,6 +20,7 @@ from multitask.data.images import read_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TYPICAL_BOX_MIN_PHOTOS = 10
 
 
 def load_size(data: DataConfig) -> tuple[int, int]:
@@ -56,7 +57,7 @@ class Prepare:
     The face region (``data.face_crop``): ``center``: the centre ``crop`` when the photo is large enough;
     ``none``: the whole photo; ``detector``: the detected face box widened by ``face_margin`` (boxes looked up in
     ``boxes``, found once by ``faces.find_faces``; other photos are detected on the spot), the centre crop when no
-    face is found."""
+    face is found and no typical box is known (``with_boxes``)."""
 
     crop: Optional[tuple[int, int]]
     size: tuple[int, int]
@@ -69,8 +70,15 @@ class Prepare:
         return cls(tuple(data.crop) if data.crop else None, load_size(data), data.face_crop, data.face_margin)
 
     def with_boxes(self, faces) -> "Prepare":
-        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table)."""
-        boxes = {r.path: ((r.x0, r.y0, r.x1, r.y1) if r.found else None) for r in faces.itertuples()}
+        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table). A photo without
+        a face takes the median box of the found photos of its size, when there are at least
+        ``TYPICAL_BOX_MIN_PHOTOS`` of them: portraits of one set are framed alike, so a missed (often masked)
+        face is cropped like the others instead of as the whole photo, which would make framing a mask cue."""
+        found = faces[faces["found"].astype(bool)]
+        typical = {size: tuple(group[["x0", "y0", "x1", "y1"]].median())
+                   for size, group in found.groupby(["width", "height"]) if len(group) >= TYPICAL_BOX_MIN_PHOTOS}
+        boxes = {r.path: (r.x0, r.y0, r.x1, r.y1) if r.found else typical.get((r.width, r.height))
+                 for r in faces.itertuples()}
         return replace(self, boxes=boxes)
 
     def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
