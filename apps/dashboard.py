@@ -31,8 +31,9 @@ st.set_page_config(page_title="multitask inspector", layout="wide")
 
 @st.cache_resource(show_spinner="loading models")
 def models_for(run: str, folds: tuple):
+    """(config, fold models, the run's preprocessing)."""
     cfg = RunDir(run).load_config()
-    return cfg, RunDir(run).load_models(cfg, list(folds))
+    return cfg, RunDir(run).load_models(cfg, list(folds)), RunDir(run).preprocessing(cfg)
 
 
 @st.cache_data
@@ -46,15 +47,15 @@ def csv(path: Path) -> pd.DataFrame | None:
 
 @st.cache_data(show_spinner="computing Grad-CAM")
 def cams_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
-    cfg, models = models_for(run, folds)
-    return explain_photo(models, cfg, _photo, method, dict(targets) or None)
+    _, models, pre = models_for(run, folds)
+    return explain_photo(models, pre, _photo, method, dict(targets) or None)
 
 
 @st.cache_data(show_spinner="scoring faithfulness")
 def faithfulness_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
-    cfg, models = models_for(run, folds)
+    _, models, pre = models_for(run, folds)
     _, grid = cams_for(run, folds, photo_key, _photo, method, targets)
-    return photo_faithfulness(models, cfg, _photo, grid)
+    return photo_faithfulness(models, pre, _photo, grid)
 
 
 def list_runs(root: Path) -> list[Path]:
@@ -102,7 +103,7 @@ def show_prediction(cfg, grid) -> None:
 
 def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str) -> None:
     """Photo, predictions and the CAM grid with its pickers."""
-    cfg, _ = models_for(str(run), folds)
+    cfg, _, pre = models_for(str(run), folds)
     c1, c2, c3 = st.columns([2, 3, 2])
     method = c1.selectbox("CAM method", list(METHODS), key=f"{key}_method")
     opacity = c3.slider("CAM opacity", 0.0, 1.0, 0.5, 0.05, key=f"{key}_opacity")
@@ -118,7 +119,7 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
     rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key)
     left, right = st.columns([1, 3])
     if cfg.data.face_crop == "detector":
-        left.image(*face_box_view(cfg, photo), width="stretch")
+        left.image(*face_box_view(pre, photo), width="stretch")
     left.image(rgb, caption="network input", width="stretch")
     with right:
         show_prediction(cfg, grid)
@@ -164,9 +165,9 @@ def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
     return None
 
 
-def face_box_view(cfg, photo: np.ndarray) -> tuple[np.ndarray, str]:
+def face_box_view(pre: Preprocessing, photo: np.ndarray) -> tuple[np.ndarray, str]:
     """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
-    box = Preprocessing.from_config(cfg).prepare.face_box(photo, photo)
+    box = pre.prepare.face_box(photo, photo)
     if box is None:
         return photo, "no face found: the centre crop is used"
     shown = photo.copy()

@@ -78,8 +78,8 @@ class DataConfig:
     on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
     # The face region: center (the centre crop above) | none (whole photo) | detector (a face detector's box,
-    # widened by face_margin of its size on each side; found once and cached; the centre crop where no face is
-    # found, flagged face_found=False in data.csv and predictions.csv)
+    # widened by face_margin of its size on each side; found once and cached; where no face is found, the typical
+    # box of photos of that size, else the centre crop; flagged face_found=False in data.csv and predictions.csv)
     face_crop: str = "center"
     face_margin: float = 0.25
     size: List[int] = field(default_factory=lambda: [72, 56])  # H x W fed to the network (competition preset: 128x96)

@@ -208,23 +208,23 @@ def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Pat
     plt.close(fig)
 
 
-def network_input(cfg: Config) -> Callable[[Union[Path, np.ndarray]], torch.Tensor]:
+def network_input(pre: Preprocessing) -> Callable[[Union[Path, np.ndarray]], torch.Tensor]:
     """Photo file or RGB array -> C x H x W tensor, preprocessed like the run's validation photos."""
-    pre = Preprocessing.from_config(cfg)
     transform = pre.eval()
     return lambda photo: transform(image=pre.prepare(photo))["image"]
 
 
-def prepare_inputs(cfg: Config, paths: Sequence[Path]) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:
+def prepare_inputs(pre: Preprocessing, paths: Sequence[Path]
+                   ) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:
     """(network inputs, the photos as shown under the CAMs, unreadable files)."""
-    to_input = network_input(cfg)
+    to_input = network_input(pre)
     xs, problems = [], []
     for p in paths:
         try:
             xs.append(to_input(p))
         except Exception as e:  # a bad file is reported, the others are explained
             problems.append(Problem(str(p), f"unreadable image ({type(e).__name__}: {e})"))
-    x = torch.stack(xs) if xs else torch.zeros(0, 3, *cfg.data.size)
+    x = torch.stack(xs) if xs else torch.zeros(0, 3, *pre.data.size)
     return x, [denormalize(t) for t in x], problems
 
 
@@ -236,13 +236,14 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
     trained = run.trained_folds(cfg)
     fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
     model = run.load_models(cfg, [fold])[fold]
+    pre = run.preprocessing(cfg)
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
     rows, problems = [], []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
-        x, rgbs, bad = prepare_inputs(cfg, batch)
+        x, rgbs, bad = prepare_inputs(pre, batch)
         problems += bad
         good = [p for p in batch if str(p) not in {b.path for b in bad}]
         if not good:
@@ -279,23 +280,24 @@ def parse_targets(items: Sequence[str], cfg: Config) -> Dict[str, int]:
     return out
 
 
-def photo_faithfulness(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, grid: CamGrid
+def photo_faithfulness(models: Dict[int, MultiHeadNet], pre: Preprocessing, photo: np.ndarray, grid: CamGrid
                        ) -> pd.DataFrame:
     """Faithfulness of ``explain_photo``'s deepest-layer CAMs, a row per head, averaged over the models."""
-    x = network_input(cfg)(photo)[None]
+    x = network_input(pre)(photo)[None]
     scores = [faithfulness(m, x, grid) for m in models.values()]
     return pd.DataFrame([{"head": h, **{metric: float(np.mean([s[h][metric] for s in scores]))
                                         for metric in ("confidence_change", "road")}} for h in grid.heads])
 
 
-def explain_photo(models: Dict[int, MultiHeadNet], cfg: Config, photo: np.ndarray, method: str = "gradcam",
+def explain_photo(models: Dict[int, MultiHeadNet], pre: Preprocessing, photo: np.ndarray, method: str = "gradcam",
                   target_classes: Optional[Dict[str, int]] = None, layers: Optional[Sequence[str]] = None
                   ) -> tuple[np.ndarray, CamGrid]:
     """One RGB photo through one model or a fold ensemble: (the photo as the network sees it, CAM grid).
 
     With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
-    predicted class (or the chosen one), so the maps answer for the prediction shown."""
-    x = network_input(cfg)(photo)[None]
+    predicted class (or the chosen one), so the maps answer for the prediction shown. ``pre``: the run's
+    preprocessing (``RunDir.preprocessing``)."""
+    x = network_input(pre)(photo)[None]
     with CAM_LOCK:  # the ensemble's forward passes and CAMs as one unit
         return _explain(models, x, method, target_classes, layers)
 

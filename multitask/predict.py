@@ -176,9 +176,9 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     models = RunDir(run_dir).load_models(cfg, folds, device)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    pre, face_found = preprocessing(cfg, todo["path"].tolist(), log=lambda s: None)
+    pre, face_found = preprocessing(cfg, todo["path"].tolist(), lambda s: None, RunDir(run_dir).typical_face_boxes())
     if face_found is not None:
-        todo = todo.assign(face_found=face_found)  # False: no face found, the centre crop was used
+        todo = todo.assign(face_found=face_found)  # False: no face found; the typical box or the centre crop
     images, unreadable = (cached_images(todo["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir),
                                         log=lambda s: None)
                           if len(todo) else (None, []))

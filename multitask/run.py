@@ -84,8 +84,21 @@ class RunDir:
         return load_config(base=self.config)
 
     def recorded(self) -> dict:
-        """What training recorded (run.json): learning rates used, weights loaded, devices, data root."""
+        """What training recorded (run.json): learning rates used, weights loaded, devices, data root, typical
+        face boxes."""
         return json.loads(self.recorded_file.read_text()) if self.recorded_file.exists() else {}
+
+    def typical_face_boxes(self) -> Dict[tuple, tuple]:
+        """(width, height) -> the median face box of the run's photos of that size (``face_crop=detector``): how
+        predict, explain and the dashboard crop a photo whose face is not found, as training did."""
+        recorded = self.recorded().get("typical_face_boxes", {})
+        return {tuple(int(v) for v in size.split("x")): tuple(box) for size, box in recorded.items()}
+
+    def preprocessing(self, cfg: Config):
+        """The run's ``Preprocessing``: from its config, with its typical face boxes."""
+        from multitask.data.transforms import Preprocessing
+
+        return Preprocessing.from_config(cfg).with_typical(self.typical_face_boxes())
 
     def _per_fold(self, path_of) -> Dict[int, Path]:
         folds = sorted(int(p.name[4:]) for p in self.root.glob("fold*") if p.name[4:].isdigit())

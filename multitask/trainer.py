@@ -270,12 +270,13 @@ def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years=None) ->
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------
 
 
-def load_extra_val(cfg: Config, log: Log) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
-    """name -> (table, prepared images) of each extra validation set; unreadable files follow data.on_bad_file."""
+def load_extra_val(cfg: Config, log: Log, typical=None) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    """name -> (table, prepared images) of each extra validation set, framed like the training photos (the
+    training set's ``typical`` face boxes); unreadable files follow data.on_bad_file."""
     sets = {}
     for name, root in zip(extra_val_names(cfg.data), cfg.data.extra_val):
         table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
-        pre, face_found = preprocessing(cfg, table["path"].tolist(), log)
+        pre, face_found = preprocessing(cfg, table["path"].tolist(), log, typical)
         if face_found is not None:
             table = table.assign(face_found=face_found)
         images, unreadable = cached_images(table["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir), log)
@@ -310,7 +311,9 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     pre, face_found = preprocessing(cfg, paths, log)
     if face_found is not None:
         table = table.assign(face_found=face_found)
-        log(f"face found in {int(face_found.sum())} of {len(paths)} photos; the others use the centre crop")
+        sizes = ", ".join(f"{w}x{h}" for w, h in pre.prepare.typical) or "none"
+        log(f"face found in {int(face_found.sum())} of {len(paths)} photos; the others are cropped with the typical "
+            f"box of their size (known for {sizes}), else centred")
     if cfg.data.cache:
         images, unreadable = cached_images(paths, pre.prepare, Path(cfg.data.cache_dir), log)
     else:
@@ -390,7 +393,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
-    extra_val = load_extra_val(cfg, log) if world.main else {}  # rank 0 alone scores them
+    extra_val = load_extra_val(cfg, log, pre.prepare.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
         f"{f' x {world.size} processes' if world.active else ''}, precision {rt.dtype or 'fp32'}, "
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
@@ -422,6 +425,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.rt.device), "precision": str(ctx.rt.dtype or "fp32"),
             "data_root": str(resolve_root(cfg).resolve()),
+            "typical_face_boxes": {f"{w}x{h}": list(box) for (w, h), box in ctx.pre.prepare.typical.items()},
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")

@@ -110,7 +110,7 @@ def test_mask_head_looks_at_the_mask(learned_run):
     cfg, model = fold0(learned_run)
     photos, _ = masked_validation_photos(learned_run)
     assert len(photos) >= 100
-    x, _, problems = prepare_inputs(cfg, photos["path"].tolist())
+    x, _, problems = prepare_inputs(RunDir(learned_run).preprocessing(cfg), photos["path"].tolist())
     assert not problems
     inside = []
     for start in range(0, len(x), 64):
@@ -130,7 +130,7 @@ def test_cams_change_when_the_trunk_is_randomized(learned_run):
     trunk must not agree (mean Spearman rank correlation below 0.5)."""
     cfg, model = fold0(learned_run)
     photos, _ = masked_validation_photos(learned_run)
-    x, _, _ = prepare_inputs(cfg, photos["path"].tolist()[:24])
+    x, _, _ = prepare_inputs(RunDir(learned_run).preprocessing(cfg), photos["path"].tolist()[:24])
     random_model = copy.deepcopy(model)
     torch.manual_seed(0)
     for m in random_model.trunk.modules():
@@ -154,12 +154,13 @@ def test_cams_from_many_threads_on_shared_models_match_one_at_a_time(trained_run
 
     cfg = load_config(base=trained_run / "config.yaml")
     models = RunDir(trained_run).load_models(cfg)
+    pre = RunDir(trained_run).preprocessing(cfg)
     photos = [read_rgb(p) for p in sorted((faces_root / "images").rglob("*.jpg"))[:8]]
     jobs = [(photo, {0: models[0]} if i % 2 else models, ("gradcam", "layercam")[i % 2])
             for i, photo in enumerate(photos)]
-    expected = [explain_photo(m, cfg, p, method)[1] for p, m, method in jobs]
+    expected = [explain_photo(m, pre, p, method)[1] for p, m, method in jobs]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda job: explain_photo(job[1], cfg, job[0], job[2])[1], jobs * 3))
+        got = list(pool.map(lambda job: explain_photo(job[1], pre, job[0], job[2])[1], jobs * 3))
     for i, grid in enumerate(got):
         want = expected[i % len(jobs)]
         for layer in want.layers:

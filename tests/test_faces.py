@@ -12,6 +12,8 @@ from multitask.data.dataset import cache_key, preprocessing
 from multitask.data.faces import COLUMNS, find_faces
 from multitask.data.synth import generate
 from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, Prepare, widen
+from multitask.io import atomic_write_text
+from multitask.run import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +82,13 @@ def face_table(found_boxes, missed_sizes) -> pd.DataFrame:
 def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
     found = [(100 + i, 150 - i, 280 + 2 * i, 360) for i in range(TYPICAL_BOX_MIN_PHOTOS)]
     prepare = Prepare(None, (64, 64), "detector").with_boxes(face_table(found, [(384, 512), (200, 200)]))
+    region = lambda path, w, h: prepare.face_box(path, np.zeros((h, w, 3), np.uint8))  # noqa: E731
     typical = np.median(np.array(found, dtype=float), axis=0)
-    assert np.allclose(prepare.boxes["missed0.jpg"], typical)
-    assert prepare.boxes["missed1.jpg"] is None  # no photo of its size was found: the centre crop
-    assert prepare.boxes["found3.jpg"] == found[3]
+    assert np.allclose(region("missed0.jpg", 384, 512), widen(typical, prepare.face_margin, 1.0))
+    assert region("missed1.jpg", 200, 200) is None  # no face found in a photo of its size: the centre crop
+    assert np.allclose(region("found3.jpg", 384, 512), widen(found[3], prepare.face_margin, 1.0))
     too_few = Prepare(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))
-    assert too_few.boxes["missed0.jpg"] is None
+    assert too_few.face_box("missed0.jpg", np.zeros((512, 384, 3), np.uint8)) is None
 
 
 def test_other_face_boxes_give_another_image_cache(tmp_path):
@@ -96,6 +99,17 @@ def test_other_face_boxes_give_another_image_cache(tmp_path):
     assert cache_key(paths, one) != cache_key(paths, other)
     assert cache_key(paths, one) == cache_key(paths, prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)])
                                                                        .assign(path=paths)))
+
+
+def test_a_run_crops_a_photo_without_a_face_with_the_typical_box_it_recorded(tmp_path):
+    """Predict, explain and the dashboard frame a missed face as training did: with the run's typical box."""
+    atomic_write_text(tmp_path / "run.json", '{"typical_face_boxes": {"384x512": [100, 150, 280, 360]}}')
+    cfg = load_config(["data.face_crop=detector", "data.size=[64,64]"])
+    pre = RunDir(tmp_path).preprocessing(cfg)
+    no_face = np.full((512, 384, 3), 128, np.uint8)
+    assert np.allclose(pre.prepare.face_box(no_face, no_face), widen([100, 150, 280, 360], cfg.data.face_margin, 1.0))
+    other_size = np.full((300, 300, 3), 128, np.uint8)
+    assert pre.prepare.face_box(other_size, other_size) is None
 
 
 @pytest.mark.slow
@@ -111,5 +125,7 @@ def test_training_and_prediction_with_the_detector_crop(tmp_path):
     data = pd.read_csv(run / "data.csv")
     assert data["face_found"].dtype == bool and len(data) == 28
     assert "face_found" in pd.read_csv(run / "fold0" / "oof.csv")
+    found_here, _ = preprocessing(cfg, data["path"].tolist(), log=lambda s: None)
+    assert RunDir(run).typical_face_boxes() == {size: tuple(box) for size, box in found_here.prepare.typical.items()}
     preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
     assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28

@@ -11,7 +11,7 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
     boxes = None if prepare.boxes is None else [prepare.boxes.get(str(p)) for p in paths]
-    return files_key(paths, repr((prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes, 3)))
+    framing = (prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes, sorted(prepare.typical.items()))
+    return files_key(paths, repr(framing + (3,)))
 
 
 def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
@@ -91,11 +92,13 @@ def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
     return np.load(array_path, mmap_mode="r"), problems
 
 
-def preprocessing(cfg: Config, paths: Sequence[str], log: Callable[[str], None] = print
+def preprocessing(cfg: Config, paths: Sequence[str], log: Callable[[str], None] = print,
+                  typical: Optional[Mapping[tuple[int, int], tuple]] = None
                   ) -> tuple[Preprocessing, Optional[np.ndarray]]:
     """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector``, whether each photo's face
-    was found (the boxes are found once and cached beside the image cache; None for the other face crops)."""
-    pre = Preprocessing.from_config(cfg)
+    was found (the boxes are found once and cached beside the image cache; None for the other face crops).
+    ``typical``: a trained run's typical face boxes by photo size, which take precedence over these photos'."""
+    pre = Preprocessing.from_config(cfg).with_typical(typical or {})
     if cfg.data.face_crop != "detector":
         return pre, None
     from multitask.data.faces import find_faces

@@ -56,33 +56,33 @@ class Prepare:
 
     The face region (``data.face_crop``): ``center``: the centre ``crop`` when the photo is large enough;
     ``none``: the whole photo; ``detector``: the detected face box widened by ``face_margin`` (boxes looked up in
-    ``boxes``, found once by ``faces.find_faces``; other photos are detected on the spot), the centre crop when no
-    face is found and no typical box is known (``with_boxes``)."""
+    ``boxes``, found once by ``faces.find_faces``; other photos are detected on the spot); where no face is found,
+    the ``typical`` box of photos of that size (``with_boxes``), else the centre crop."""
 
     crop: Optional[tuple[int, int]]
     size: tuple[int, int]
     face_crop: str = "center"
     face_margin: float = 0.25
     boxes: Optional[Mapping[str, Optional[tuple]]] = field(default=None, compare=False, hash=False, repr=False)
+    typical: Mapping[tuple[int, int], tuple] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "Prepare":
         return cls(tuple(data.crop) if data.crop else None, load_size(data), data.face_crop, data.face_margin)
 
     def with_boxes(self, faces) -> "Prepare":
-        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table). A photo without
-        a face takes the median box of the found photos of its size, when there are at least
-        ``TYPICAL_BOX_MIN_PHOTOS`` of them: portraits of one set are framed alike, so a missed (often masked)
-        face is cropped like the others instead of as the whole photo, which would make framing a mask cue."""
+        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table), and the typical
+        box of each photo size with at least ``TYPICAL_BOX_MIN_PHOTOS`` found faces (sizes already known keep
+        theirs: a trained run's, from its training photos)."""
         found = faces[faces["found"].astype(bool)]
-        typical = {size: tuple(group[["x0", "y0", "x1", "y1"]].median())
-                   for size, group in found.groupby(["width", "height"]) if len(group) >= TYPICAL_BOX_MIN_PHOTOS}
-        boxes = {r.path: (r.x0, r.y0, r.x1, r.y1) if r.found else typical.get((r.width, r.height))
-                 for r in faces.itertuples()}
-        return replace(self, boxes=boxes)
+        typical = {(int(w), int(h)): tuple(float(v) for v in group[["x0", "y0", "x1", "y1"]].median())
+                   for (w, h), group in found.groupby(["width", "height"]) if len(group) >= TYPICAL_BOX_MIN_PHOTOS}
+        boxes = {r.path: (r.x0, r.y0, r.x1, r.y1) if r.found else None for r in faces.itertuples()}
+        return replace(self, boxes=boxes, typical={**typical, **self.typical})
 
     def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
-        """The region cropped for this photo under ``face_crop=detector`` (None: no face found)."""
+        """The region cropped for this photo under ``face_crop=detector``: its face box, else the typical box of
+        its size, else None (the centre crop)."""
         if self.boxes is not None and not isinstance(image, np.ndarray) and str(image) in self.boxes:
             box = self.boxes[str(image)]
         else:
@@ -90,6 +90,8 @@ class Prepare:
 
             face = detect(rgb)
             box = None if face is None else face.box
+        if box is None:  # portraits of one size are framed alike: a missed (often masked) face is cropped like
+            box = self.typical.get((rgb.shape[1], rgb.shape[0]))  # the found ones, so framing is no mask cue
         return None if box is None else widen(box, self.face_margin, self.size[0] / self.size[1])
 
     def __call__(self, image) -> np.ndarray:
@@ -168,6 +170,10 @@ class Preprocessing:
     def with_boxes(self, faces) -> "Preprocessing":
         """The same preprocessing with face boxes looked up by path (a ``faces.find_faces`` table)."""
         return replace(self, prepare=self.prepare.with_boxes(faces))
+
+    def with_typical(self, typical: Mapping[tuple[int, int], tuple]) -> "Preprocessing":
+        """The same preprocessing with these typical face boxes by photo size (width, height): a trained run's."""
+        return replace(self, prepare=replace(self.prepare, typical=dict(typical)))
 
     def train(self) -> A.Compose:
         return train_transform(self.data, self.augment)
