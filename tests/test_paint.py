@@ -59,12 +59,27 @@ def test_masks_follow_a_tilted_head():
     assert covered(alpha, tilted[2]) and covered(alpha, (tilted[3] + tilted[4]) / 2)
 
 
-def test_masks_vary_in_shape_colour_and_pattern():
+def test_masks_vary_in_shape_colour_pattern_and_valve():
     rgb, marks = unmasked_face(1)
     infos = [paint_mask(rgb, marks, np.random.default_rng(s))[2] for s in range(60)]
     assert {i["shape"] for i in infos} == set(SHAPES)
     assert len({i["color"] for i in infos}) >= 6
     assert len({i["pattern"] for i in infos}) >= 2
+    assert 0 < sum(i["valve"] for i in infos) < 30 and not any(i["valve"] for i in infos if i["shape"] == "surgical")
+
+
+@pytest.mark.parametrize("shape", ["kn95", "n95", "cloth"])
+def test_a_valve_is_drawn_on_the_mask_and_nowhere_else(shape):
+    shown = 0
+    for seed in range(6):
+        rgb, marks = unmasked_face(seed)
+        plain, alpha, _ = paint_mask(rgb, marks, np.random.default_rng(seed), "worn", shape, valve=False)
+        valved, _, info = paint_mask(rgb, marks, np.random.default_rng(seed), "worn", shape, valve=True)
+        assert info["valve"]
+        changed = np.abs(valved.astype(int) - plain.astype(int)).sum(2) > 0  # the same mask, plus the valve
+        assert (alpha[changed] > 0.5).mean() > 0.95, (shape, seed)  # on the mask, not on the face
+        shown += changed.sum() > 20  # a hand in front of the mask may hide it
+    assert shown >= 4
 
 
 def test_paint_masks_writes_a_competition_set_that_data_check_accepts(tmp_path):

@@ -3,8 +3,9 @@
 A mask is drawn in the face's own frame (origin between the eyes, x along the eye line, y down the face, one
 unit = the distance between the eyes), so it follows the head's tilt, size and turn. What varies, drawn from the
 generator for each photo: the shape (surgical with pleats, cloth, KN95 folded, N95 cup), the colour (the usual
-whites and blues, dark and bright cloth, prints: stripes, dots, blotches), pleats and folds, fabric noise, a
-shading that follows the face's own light, soft edges, ear loops and, sometimes, something in front of the mask.
+whites and blues, dark and bright cloth, prints: stripes, dots, blotches, bold graphics such as a cartoon mouth),
+an exhalation valve on respirators and sport masks, pleats and folds, fabric noise, a shading that follows the
+face's own light, soft edges, ear loops and, sometimes, something in front of the mask.
 Worn incorrectly: below the nose (``nose_out``) or pulled down to the chin (``chin``).
 
 ``python -m multitask.data paint-masks SRC OUT`` turns unmasked photos into the competition layout (see
@@ -31,8 +32,12 @@ COLORS = {  # name -> RGB; whites and blues first, as on the street
     "black": (36, 36, 40), "navy": (42, 52, 92), "red": (170, 50, 55), "yellow": (225, 205, 110),
 }
 COLOR_P = np.array([0.28, 0.2, 0.1, 0.06, 0.03, 0.04, 0.03, 0.05, 0.12, 0.04, 0.03, 0.02])
-PATTERNS = ("plain", "stripes", "dots", "blotches")
-PATTERN_P = (0.8, 0.07, 0.07, 0.06)
+PATTERNS = ("plain", "stripes", "dots", "blotches", "graphic")
+PATTERN_P = (0.74, 0.06, 0.06, 0.06, 0.08)
+# Exhalation valves: on many respirators and sport masks, rarely on cloth. Models trained without them called
+# real valved masks "not worn" (the README's real-mask error analysis).
+VALVE_P = {"surgical": 0.0, "cloth": 0.12, "kn95": 0.3, "n95": 0.45}
+VALVE_COLORS = ((235, 235, 235), (140, 140, 145), (30, 30, 32), (60, 160, 80), (230, 120, 40), (70, 110, 190))
 WEARS = ("worn", "nose_out", "chin")
 UTK_RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
@@ -112,18 +117,57 @@ def texture(h: int, w: int, color: np.ndarray, pattern: str, rng: np.random.Gene
     elif pattern == "blotches":
         noise = cv2.GaussianBlur(rng.normal(0, 1, (h, w)).astype(np.float32), (0, 0), max(1.0, unit * 0.12))
         tex[noise > noise.std() * 0.6] = other
+    elif pattern == "graphic":  # a few large bold shapes, as on printed fun masks (teeth, snouts, logos)
+        palette = np.array(list(COLORS.values()) + [(250, 250, 250), (10, 10, 10)], np.float32)
+        for _ in range(int(rng.integers(2, 6))):
+            ink = tuple(float(v) for v in palette[rng.integers(len(palette))])
+            c = (int(rng.uniform(0.2, 0.8) * w), int(rng.uniform(0.25, 0.85) * h))
+            size = (int(unit * rng.uniform(0.1, 0.45)), int(unit * rng.uniform(0.06, 0.3)))
+            if rng.random() < 0.6:
+                cv2.ellipse(tex, c, size, float(rng.uniform(0, 180)), 0, 360, ink, -1, cv2.LINE_AA)
+            else:
+                zig = np.stack([np.linspace(-size[0], size[0], 7), size[1] * (np.arange(7) % 2 * 2 - 1)], 1)
+                cv2.polylines(tex, [(zig + c).astype(np.int32)], False, ink, max(1, int(unit * 0.05)), cv2.LINE_AA)
     grain = rng.normal(0, rng.uniform(2, 8), (h, w, 1)).astype(np.float32)
     return tex + grain
 
 
+def draw_valve(out: np.ndarray, centre: np.ndarray, radius: float, shade: np.ndarray, on: np.ndarray,
+               rng: np.random.Generator) -> np.ndarray:
+    """An exhalation valve (disc or rounded square, a rim, a cap with vents) at ``centre`` (ROI pixels), lit
+    like the mask under it and only where the mask is (``on``: its opacity)."""
+    colour = np.array(VALVE_COLORS[rng.integers(len(VALVE_COLORS))], np.float32) + rng.normal(0, 8, 3)
+    c, r = tuple(int(round(v)) for v in centre), max(2, int(round(radius)))
+    body, layer = np.zeros(out.shape[:2], np.float32), out.copy()
+    if rng.random() < 0.65:
+        cv2.circle(body, c, r, 1.0, -1, cv2.LINE_AA)
+    else:
+        cv2.rectangle(body, (c[0] - r, c[1] - r), (c[0] + r, c[1] + r), 1.0, -1)
+        body = cv2.GaussianBlur(body, (0, 0), max(0.5, r * 0.25))
+    layer[:] = colour
+    rim = tuple(float(v) for v in colour * 0.6)
+    cv2.circle(layer, c, r, rim, max(1, r // 5), cv2.LINE_AA)
+    cv2.circle(layer, c, max(1, int(r * 0.5)), tuple(float(v) for v in colour * rng.uniform(0.75, 1.1)), -1,
+               cv2.LINE_AA)
+    for k in range(-1, 2):  # vents
+        y = c[1] + k * max(1, r // 3)
+        cv2.line(layer, (c[0] - int(r * 0.4), y), (c[0] + int(r * 0.4), y), rim, max(1, r // 8), cv2.LINE_AA)
+    body = (body * on)[..., None]
+    return out * (1 - body) + layer * shade[..., None] * body
+
+
 def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator, wear: str = "worn",
-               shape: Optional[str] = None, color: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(painted RGB uint8, the mask's opacity H x W in 0..1, what was drawn). ``landmarks``: 5 x 2 (faces.py)."""
+               shape: Optional[str] = None, color: Optional[str] = None, valve: Optional[bool] = None
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(painted RGB uint8, the mask's opacity H x W in 0..1, what was drawn). ``landmarks``: 5 x 2 (faces.py).
+    ``shape``, ``color``, ``valve``: drawn from the generator unless given."""
     if wear not in WEARS:
         raise ValueError(f"wear {wear!r}: one of {WEARS}")
     shape = shape or str(rng.choice(SHAPES, p=SHAPE_P))
     color = color or str(rng.choice(list(COLORS), p=COLOR_P / COLOR_P.sum()))
     pattern = str(rng.choice(PATTERNS, p=PATTERN_P)) if color not in ("white", "light_blue") else "plain"
+    valve = bool(rng.random() < VALVE_P[shape]) if valve is None else valve
+    drawn = dict(wear=wear, shape=shape, color=color, pattern=pattern, valve=valve, occluded=False)
     h, w = rgb.shape[:2]
     origin, ax, ay, unit = face_frame(np.asarray(landmarks, dtype=np.float64))
     to_face = lambda p: np.array([(p - origin) @ ax, (p - origin) @ ay]) / unit  # noqa: E731
@@ -140,7 +184,7 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     x1, y1 = np.minimum(np.ceil(outline_xy.max(0) + pad), [w, h]).astype(int)
     alpha_full = np.zeros((h, w), np.float32)
     if x1 <= x0 or y1 <= y0:  # the face is outside the photo
-        return rgb.copy(), alpha_full, dict(wear=wear, shape=shape, color=color, pattern=pattern, occluded=False)
+        return rgb.copy(), alpha_full, drawn
     roi = rgb[y0:y1, x0:x1].astype(np.float32)
     rh, rw = roi.shape[:2]
     corner = np.array([x0, y0], np.float64)
@@ -175,6 +219,11 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     tint = np.array(COLORS[color], np.float32) + rng.normal(0, 10, 3)
     tex = texture(rh, rw, tint, pattern, rng, unit) * shade[..., None].astype(np.float32)
     out = roi * (1 - alpha[..., None]) + np.clip(tex, 0, 255) * alpha[..., None]
+    valve_rng = np.random.default_rng(rng.integers(1 << 32))  # its own stream: the rest of the mask is the same
+    if valve:  # in front or on one cheek, inside the outline                  # with or without a valve
+        at = to_image(np.array([center + valve_rng.uniform(-0.35, 0.35),
+                                (top + bottom) / 2 + valve_rng.uniform(-0.05, 0.12)]))
+        out = draw_valve(out, at - corner, unit * valve_rng.uniform(0.17, 0.28), shade, alpha, valve_rng)
     occluded = bool(rng.random() < 0.12)
     if occluded:  # a hand or a phone in front of part of the mask (it hides the mask, not uncovers the face)
         occluder = np.zeros((rh, rw), np.float32)
@@ -200,7 +249,7 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     painted = rgb.copy()
     painted[y0:y1, x0:x1] = np.clip(out, 0, 255).astype(np.uint8)
     alpha_full[y0:y1, x0:x1] = alpha
-    return painted, alpha_full, dict(wear=wear, shape=shape, color=color, pattern=pattern, occluded=occluded)
+    return painted, alpha_full, {**drawn, "occluded": occluded}
 
 
 # --- paint-masks: unmasked photos -> the competition layout ----------------------------------------------
@@ -230,7 +279,7 @@ def _paint_person(args) -> dict:
     photos.append(("incorrect_mask", "nose_out" if rng.random() < 0.7 else "chin"))
     shapes = rng.permutation(SHAPES).tolist() + [None]  # each person gets every shape once, then any
     for (name, wear), shape in zip(photos, [None] + shapes + [None]):
-        info = {"wear": "none", "shape": "", "color": "", "pattern": "", "occluded": False}
+        info = {"wear": "none", "shape": "", "color": "", "pattern": "", "valve": False, "occluded": False}
         img = rgb
         if wear is not None:
             img, _, info = paint_mask(rgb, face.landmarks, rng, wear, shape)
