@@ -135,6 +135,9 @@ class OptimConfig:
     warmup_epochs: int = 0
     sgd_after: Optional[int] = None  # switch Adam -> SGD after this many epochs of a stage
     sgd_lr_scale: float = 1.0  # SGD learning rates relative to the Adam ones
+    # > 0: keep an exponential moving average of the weights, updated every step with this decay, and validate
+    # and keep it instead of the raw weights (its horizon is about 1 / (1 - decay) steps: 0.99 for ~100)
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -292,7 +295,7 @@ RANGES = {
     "optim.lr_heads_pretrained": (0, INF, False), "optim.lr_scratch": (0, INF, False),
     "optim.weight_decay": (0, 1, True), "optim.momentum": (0, 1, True), "optim.step_every": (1, INF, True),
     "optim.step_gamma": (0, 1, False), "optim.warmup_epochs": (0, INF, True), "optim.sgd_after": (0, INF, True),
-    "optim.sgd_lr_scale": (0, INF, False), "loss.label_smoothing": (0, 1, True), "loss.focal_gamma": (0, 10, True),
+    "optim.sgd_lr_scale": (0, INF, False), "optim.ema_decay": (0, 0.9999, True), "loss.label_smoothing": (0, 1, True), "loss.focal_gamma": (0, 10, True),
     "augment.hflip": (0, 1, True), "augment.brightness_contrast": (0, 1, True), "augment.coarse_dropout": (0, 1, True),
     "augment.degrade": (0, 1, True), "augment.color": (0, 1, True), "augment.affine": (0, 1, True),
     "augment.mix_alpha": (0, INF, False), "augment.mix_prob": (0, 1, True), "cv.folds": (2, INF, True),

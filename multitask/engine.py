@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -182,9 +183,15 @@ class Runtime:
 Mix = Callable[[torch.Tensor, torch.Tensor], tuple]  # (x, y) -> (x, y, partner targets or None, lam)
 
 
+def weight_average(model: MultiHeadNet, decay: float) -> Optional[AveragedModel]:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (None when decay is 0)."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if decay > 0 else None
+
+
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHeadLoss, optimizer, rt: Runtime,
                     epoch: int, mix: Optional[Mix] = None, scaler=None, progress: bool = False,
-                    desc: str = "train") -> Dict[str, float]:
+                    desc: str = "train", ema: Optional[AveragedModel] = None) -> Dict[str, float]:
+    """One pass over ``loader``; ``ema`` (``weight_average``) follows every step."""
     model.train()
     totals: Dict[str, float] = {}
     seen, start = 0, time.perf_counter()
@@ -206,6 +213,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         n = len(x)
         seen += n
         for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():

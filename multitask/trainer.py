@@ -32,7 +32,7 @@ from multitask.data.table import (apply_policy, eval_targets, load_labeled, load
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_probabilities, learning_rates_at, loader_workers, make_loader,
-                              make_optimizer, predict_logits, train_one_epoch, uses_sgd)
+                              make_optimizer, predict_logits, train_one_epoch, uses_sgd, weight_average)
 from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
@@ -119,6 +119,10 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         torch.set_rng_state(ckpt["rng"])
         history = pd.read_csv(run.metrics(fold, stage_no)).to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
+    ema = weight_average(model, cfg.optim.ema_decay)
+    if ema is not None and ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+    kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
     optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
     if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg, start):
@@ -138,8 +142,8 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1,
                                 batch_mixer(cfg.augment, seed + world.rank), scaler,
                                 cfg.train.progress and world.main,
-                                desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}")
-        probs, _ = validate(ctx, model, val_loader)
+                                desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}", ema=ema)
+        probs, _ = validate(ctx, kept, val_loader)
         targets = {h.name: y_val[:, i] for i, h in enumerate(cfg.heads)}
         scores = score(active, targets, probs)
         value = selection_score(scores)
@@ -156,10 +160,11 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
             if improved:
                 # fp16 only for the final stage's model, the one a run keeps: stage 1's seeds stage 2 unrounded
                 dtype = cfg.train.weights_dtype if stage_no == final_stage(cfg) else "fp32"
-                atomic_torch_save({"model": saved_weights(model, dtype), "epoch": epoch, "score": value},
+                atomic_torch_save({"model": saved_weights(kept, dtype), "epoch": epoch, "score": value},
                                   run.best(fold, stage_no))
             atomic_to_csv(pd.DataFrame(history), run.metrics(fold, stage_no))
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            atomic_torch_save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                               "optimizer": optimizer.state_dict(),
                                "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
                                "config": fold_config(cfg), "best_score": best_score, "best_epoch": best_epoch,
                                "rng": torch.get_rng_state()}, last)

@@ -9,8 +9,11 @@ from multitask.config import load_config
 from multitask.folds import stage_split
 from multitask.data.table import eval_targets, training_targets
 from multitask.data.sources import load_competition
-from multitask.engine import Runtime
+from multitask.engine import Runtime, weight_average
 from multitask.losses import MultiHeadLoss, mix_batch
+from multitask.trainer import run_cv
+
+from conftest import tiny_overrides
 
 
 def batch(n=8, seed=0):
@@ -101,3 +104,54 @@ def test_bench_reports_a_compiler_that_cannot_run_here_instead_of_stopping(monke
     r = bench.compiled_vs_eager(load_config(["data.size=[32,32]"]), 2, Runtime(torch.device("cpu")),
                                 {"img_s": 10.0, "spread": 0.1})
     assert r["error"] == "RuntimeError: no working C compiler" and "torch.compile failed here" in r["summary"]
+
+
+def test_the_weight_average_follows_each_step_with_its_decay():
+    model = torch.nn.Linear(2, 1)
+    ema = weight_average(model, 0.9)
+    first = model.weight.detach().clone()
+    ema.update_parameters(model)  # the first step copies
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, 0.9 * first + 0.1 * model.weight)
+    assert weight_average(model, 0.0) is None
+
+
+@pytest.mark.slow
+def test_with_a_weight_average_a_resumed_stage_keeps_the_same_average(faces_root, tmp_path, monkeypatch):
+    """The average is part of the stage's checkpoint: a stage stopped after epoch 2 and resumed ends with the
+    average of an uninterrupted run; validation and best.pt use the average, not the last weights."""
+    import multitask.trainer as trainer
+    from multitask.model import load_checkpoint
+
+    overrides = tiny_overrides(faces_root, tmp_path) + [
+        "cv.run_folds=[0]", "stage1.enabled=false", "stage2.epochs=3", "optim.ema_decay=0.9", "train.threads=1",
+        "train.weights_dtype=fp32"]
+    original = trainer.train_one_epoch
+
+    def recording(into, stop_at=None):
+        def train_one_epoch(model, *args, **kw):
+            if len(into) + 1 == stop_at:
+                raise KeyboardInterrupt
+            out = original(model, *args, **kw)
+            copy = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731
+            into.append((copy(model), copy(kw["ema"].module)))
+            return out
+        return train_one_epoch
+
+    whole, resumed = [], []
+    monkeypatch.setattr(trainer, "train_one_epoch", recording(whole))
+    run_cv(load_config(overrides), tmp_path / "whole", log=lambda s: None)
+    monkeypatch.setattr(trainer, "train_one_epoch", recording(resumed, stop_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(load_config(overrides), tmp_path / "resumed", log=lambda s: None)
+    monkeypatch.setattr(trainer, "train_one_epoch", recording(resumed))
+    run_cv(load_config(overrides), tmp_path / "resumed", log=lambda s: None)
+    assert len(whole) == len(resumed) == 3
+    (raw, average), (_, resumed_average) = whole[-1], resumed[-1]
+    for name, tensor in average.items():
+        assert torch.allclose(tensor.float(), resumed_average[name].float(), atol=1e-6), name
+    assert not torch.allclose(raw["heads.mask.1.weight"], average["heads.mask.1.weight"])
+    best = load_checkpoint(tmp_path / "whole" / "fold0" / "stage2" / "best.pt")["model"]
+    assert any(torch.equal(best["heads.mask.1.weight"], a["heads.mask.1.weight"]) for _, a in whole)
