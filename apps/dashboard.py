@@ -167,13 +167,14 @@ def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
 
 def face_box_view(pre: Preprocessing, photo: np.ndarray) -> tuple[np.ndarray, str]:
     """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
-    box = pre.prepare.face_box(photo, photo)
+    box, how = pre.prepare.face_region(photo, photo)
     if box is None:
         return photo, "no face found: the centre crop is used"
     shown = photo.copy()
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     cv2.rectangle(shown, (x0, y0), (x1, y1), (255, 40, 40), max(2, photo.shape[1] // 150))
-    return shown, "detected face region"
+    return shown, ("detected face region" if how == "detected"
+                   else "no face found: the run's typical face region for photos of this size")
 
 
 def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple[np.ndarray, str] | None:

@@ -85,6 +85,8 @@ def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
     region = lambda path, w, h: prepare.face_box(path, np.zeros((h, w, 3), np.uint8))  # noqa: E731
     typical = np.median(np.array(found, dtype=float), axis=0)
     assert np.allclose(region("missed0.jpg", 384, 512), widen(typical, prepare.face_margin, 1.0))
+    assert prepare.face_region("missed0.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "typical"
+    assert prepare.face_region("found3.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "detected"
     assert region("missed1.jpg", 200, 200) is None  # no face found in a photo of its size: the centre crop
     assert np.allclose(region("found3.jpg", 384, 512), widen(found[3], prepare.face_margin, 1.0))
     too_few = Prepare(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))

@@ -61,7 +61,8 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
     boxes = None if prepare.boxes is None else [prepare.boxes.get(str(p)) for p in paths]
-    framing = (prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes, sorted(prepare.typical.items()))
+    framing = (prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes,
+               sorted(prepare.typical.items()))
     return files_key(paths, repr(framing + (3,)))
 
 

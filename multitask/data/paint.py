@@ -219,8 +219,9 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     tint = np.array(COLORS[color], np.float32) + rng.normal(0, 10, 3)
     tex = texture(rh, rw, tint, pattern, rng, unit) * shade[..., None].astype(np.float32)
     out = roi * (1 - alpha[..., None]) + np.clip(tex, 0, 255) * alpha[..., None]
-    valve_rng = np.random.default_rng(rng.integers(1 << 32))  # its own stream: the rest of the mask is the same
-    if valve:  # in front or on one cheek, inside the outline                  # with or without a valve
+    # The valve draws from its own stream, so the rest of the mask is the same with or without one.
+    valve_rng = np.random.default_rng(rng.integers(1 << 32))
+    if valve:  # in front or on one cheek, inside the outline
         at = to_image(np.array([center + valve_rng.uniform(-0.35, 0.35),
                                 (top + bottom) / 2 + valve_rng.uniform(-0.05, 0.12)]))
         out = draw_valve(out, at - corner, unit * valve_rng.uniform(0.17, 0.28), shade, alpha, valve_rng)

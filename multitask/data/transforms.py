@@ -80,9 +80,9 @@ class Prepare:
         boxes = {r.path: (r.x0, r.y0, r.x1, r.y1) if r.found else None for r in faces.itertuples()}
         return replace(self, boxes=boxes, typical={**typical, **self.typical})
 
-    def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
-        """The region cropped for this photo under ``face_crop=detector``: its face box, else the typical box of
-        its size, else None (the centre crop)."""
+    def face_region(self, image, rgb: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+        """(the region cropped for this photo under ``face_crop=detector``, where it comes from): its face box
+        ("detected"), else the typical box of its size ("typical"), else (None, "centre")."""
         if self.boxes is not None and not isinstance(image, np.ndarray) and str(image) in self.boxes:
             box = self.boxes[str(image)]
         else:
@@ -90,9 +90,17 @@ class Prepare:
 
             face = detect(rgb)
             box = None if face is None else face.box
-        if box is None:  # portraits of one size are framed alike: a missed (often masked) face is cropped like
-            box = self.typical.get((rgb.shape[1], rgb.shape[0]))  # the found ones, so framing is no mask cue
-        return None if box is None else widen(box, self.face_margin, self.size[0] / self.size[1])
+        how = "detected"
+        if box is None:
+            # Portraits of one size are framed alike: a missed (often masked) face is cropped like the found ones,
+            # so that the framing is no mask cue.
+            box, how = self.typical.get((rgb.shape[1], rgb.shape[0])), "typical"
+        if box is None:
+            return None, "centre"
+        return widen(box, self.face_margin, self.size[0] / self.size[1]), how
+
+    def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
+        return self.face_region(image, rgb)[0]
 
     def __call__(self, image) -> np.ndarray:
         rgb = read_rgb(image) if not isinstance(image, np.ndarray) else image
