@@ -94,6 +94,11 @@ class RunDir:
         recorded = self.recorded().get("typical_face_boxes", {})
         return {tuple(int(v) for v in size.split("x")): tuple(box) for size, box in recorded.items()}
 
+    @staticmethod
+    def typical_face_boxes_record(typical: Dict[tuple, tuple]) -> dict:
+        """``typical_face_boxes`` as run.json stores it: {"<width>x<height>": [x0, y0, x1, y1]}."""
+        return {f"{w}x{h}": list(box) for (w, h), box in typical.items()}
+
     def preprocessing(self, cfg: Config):
         """The run's ``Preprocessing``: from its config, with its typical face boxes."""
         from multitask.data.transforms import Preprocessing

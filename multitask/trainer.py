@@ -275,7 +275,8 @@ def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years=None) ->
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------
 
 
-def load_extra_val(cfg: Config, log: Log, typical=None) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
+def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] = None
+                   ) -> Dict[str, tuple[pd.DataFrame, np.ndarray]]:
     """name -> (table, prepared images) of each extra validation set, framed like the training photos (the
     training set's ``typical`` face boxes); unreadable files follow data.on_bad_file."""
     sets = {}
@@ -430,7 +431,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.rt.device), "precision": str(ctx.rt.dtype or "fp32"),
             "data_root": str(resolve_root(cfg).resolve()),
-            "typical_face_boxes": {f"{w}x{h}": list(box) for (w, h), box in ctx.pre.prepare.typical.items()},
+            "typical_face_boxes": RunDir.typical_face_boxes_record(ctx.pre.prepare.typical),
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")

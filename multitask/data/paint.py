@@ -138,13 +138,12 @@ def draw_valve(out: np.ndarray, centre: np.ndarray, radius: float, shade: np.nda
     like the mask under it and only where the mask is (``on``: its opacity)."""
     colour = np.array(VALVE_COLORS[rng.integers(len(VALVE_COLORS))], np.float32) + rng.normal(0, 8, 3)
     c, r = tuple(int(round(v)) for v in centre), max(2, int(round(radius)))
-    body, layer = np.zeros(out.shape[:2], np.float32), out.copy()
+    body, layer = np.zeros(out.shape[:2], np.float32), np.full_like(out, colour)
     if rng.random() < 0.65:
         cv2.circle(body, c, r, 1.0, -1, cv2.LINE_AA)
     else:
         cv2.rectangle(body, (c[0] - r, c[1] - r), (c[0] + r, c[1] + r), 1.0, -1)
         body = cv2.GaussianBlur(body, (0, 0), max(0.5, r * 0.25))
-    layer[:] = colour
     rim = tuple(float(v) for v in colour * 0.6)
     cv2.circle(layer, c, r, rim, max(1, r // 5), cv2.LINE_AA)
     cv2.circle(layer, c, max(1, int(r * 0.5)), tuple(float(v) for v in colour * rng.uniform(0.75, 1.1)), -1,
