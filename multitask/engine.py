@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from multitask.config import Config, ConfigError, TrainConfig
+from multitask.config import Config, ConfigError, PredictConfig, TrainConfig
+from multitask.data.dataset import ArrayDataset
+from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss
 from multitask.model import MultiHeadNet, param_groups
@@ -239,6 +241,27 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, rt: Runtime, progres
 
 def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.probabilities(logits).items()}
+
+
+def tta_views(predict: PredictConfig, flip: Optional[bool] = None) -> List[tuple]:
+    """(scale, flip) pairs: the plain view, its mirror, and each extra scale (mirrored too)."""
+    flip = predict.tta_flip if flip is None else flip
+    scales = [1.0] + [s for s in predict.tta_scales if s != 1.0]
+    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+
+
+def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, views: Sequence[tuple],
+                  rt: Runtime, batch_size: int, workers: int = 0, progress: bool = False,
+                  desc: str = "") -> Dict[str, np.ndarray]:
+    """Per head, the class probabilities of prepared photos (N x H x W x 3 uint8) averaged over test-time views
+    (``tta_views``): what predict gives, and what the extra validation sets are scored with."""
+    acc: Dict[str, np.ndarray] = {}
+    for scale, flip in views:
+        loader = make_loader(ArrayDataset(images, pre.eval(scale, flip)), batch_size, workers, rt.device)
+        logits = predict_logits(model, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
+        for name, part in head_probabilities(model, logits).items():
+            acc[name] = acc.get(name, 0) + part / len(views)
+    return acc
 
 
 # --- the learning rate and the optimizer ------------------------------------------------------------------

@@ -43,13 +43,13 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from multitask.config import Config, ConfigError  # noqa: E402
-from multitask.data.dataset import ArrayDataset, cached_images, preprocessing  # noqa: E402
+from multitask.data.dataset import cached_images, preprocessing  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
 from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
                                     load_source, read_csv_or_fail)
 from multitask.data.transforms import Preprocessing  # noqa: E402
-from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader, predict_logits,  # noqa: E402
-                              resolve_device)
+from multitask.engine import (Runtime, configure_threads, loader_workers, predict_views,  # noqa: E402
+                              resolve_device, tta_views)
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
@@ -58,30 +58,14 @@ from multitask.run import RunDir, final_heads, prediction_frame, true_column  # 
 from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
-def tta_views(cfg: Config, flip: Optional[bool] = None) -> List[tuple]:
-    """(scale, flip) pairs: the plain view, its mirror, and each extra scale (mirrored too)."""
-    flip = cfg.predict.tta_flip if flip is None else flip
-    scales = [1.0] + [s for s in cfg.predict.tta_scales if s != 1.0]
-    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-
-
 def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
                    views: Sequence[tuple], batch_size: int = 128, progress: bool = False
                    ) -> Dict[int, Dict[str, np.ndarray]]:
     """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
-    rt = Runtime.on(device, cfg.train)
-    pre = Preprocessing.from_config(cfg)
-    out = {}
-    for k, model in models.items():
-        acc: Dict[str, np.ndarray] = {}
-        for scale, flip in views:
-            ds = ArrayDataset(images, pre.eval(scale, flip))
-            loader = make_loader(ds, batch_size, loader_workers(cfg.data.workers, device, True), device)
-            logits = predict_logits(model, loader, rt, progress, desc=f"fold {k} view {scale}{' flip' if flip else ''}")
-            for name, part in model.probabilities(logits).items():
-                acc[name] = acc.get(name, 0) + part.numpy() / len(views)
-        out[k] = acc
-    return out
+    rt, pre = Runtime.on(device, cfg.train), Preprocessing.from_config(cfg)
+    workers = loader_workers(cfg.data.workers, device, True)
+    return {k: predict_views(model, images, pre, views, rt, batch_size, workers, progress, desc=f"fold {k}")
+            for k, model in models.items()}
 
 
 def ensemble(per_fold: Dict[int, Dict[str, np.ndarray]], how: str = "mean") -> tuple[dict, dict]:
@@ -194,7 +178,7 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
                       out / "skipped.csv")
     if todo.empty:
         raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
-    views = tta_views(cfg, flip)
+    views = tta_views(cfg.predict, flip)
     per_fold = predict_arrays(models, np.asarray(images)[keep], cfg, device, views, batch_size, progress)
     probs, preds = ensemble(per_fold, how)
     df = predictions_frame(cfg, todo, probs, preds)
@@ -215,7 +199,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         configure_threads(RunDir(a.run).load_config().train)
-        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size)
+        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty())
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

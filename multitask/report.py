@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from multitask.config import Config, HeadConfig, extra_val_names  # noqa: E402
+from multitask.engine import tta_views  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
@@ -271,8 +272,10 @@ def write_report(run_dir: Path) -> dict:
     extra = extra_val_scores(run, cfg, heads)
     if extra:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
-                  "Scored by each fold's model and by their ensemble (mean probabilities). \"Mask on vs not worn\": "
-                  "a mask on the face, worn or incorrectly, against no mask."] + extra_val_lines(extra)
+                  "Scored by each fold's model and by their ensemble (mean probabilities), with the test-time "
+                  f"views predict uses ({len(tta_views(cfg.predict))} per photo: predict.tta_flip, tta_scales), so "
+                  "the ensemble row is what predict gives. \"Mask on vs not worn\": a mask on the face, worn or "
+                  "incorrectly, against no mask."] + extra_val_lines(extra)
     age, age_lines = age_results(oof, heads, plots)
     lines += age_lines
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)

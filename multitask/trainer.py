@@ -25,14 +25,15 @@ from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
-from multitask.data.dataset import ArrayDataset, PhotoDataset, cached_images, prepare_all, preprocessing
+from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
                                   training_targets, with_found_classes)
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_probabilities, learning_rates_at, loader_workers, make_loader,
-                              make_optimizer, predict_logits, train_one_epoch, uses_sgd, weight_average)
+                              make_optimizer, predict_logits, predict_views, train_one_epoch, tta_views, uses_sgd,
+                              weight_average)
 from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
@@ -294,13 +295,12 @@ def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] 
 
 
 def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
-    """fold<k>/extra_val/<name>.csv: the fold model's probabilities on each extra validation set."""
+    """fold<k>/extra_val/<name>.csv: the fold model's probabilities on each extra validation set, with the
+    run's test-time views (predict.tta_flip, tta_scales), so the report's ensemble row is what predict gives."""
     cfg = ctx.cfg
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
-        ds = ArrayDataset(images, ctx.pre.eval(), targets)
-        loader = make_loader(ds, cfg.data.batch_size * 2, 0, ctx.rt.device)
-        probs = head_probabilities(model, predict_logits(model, loader, ctx.rt))
+        probs = predict_views(model, images, ctx.pre, tta_views(cfg.predict), ctx.rt, cfg.data.batch_size * 2)
         frame = oof_frame(cfg, table.assign(fold=fold), targets, probs)
         atomic_to_csv(frame, ctx.run.extra_val(fold, name))
 

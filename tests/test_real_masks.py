@@ -100,3 +100,10 @@ def test_predict_scores_a_folder_per_mask_class(trained_run, mask_folders_root, 
     assert "true_mask" in df and "true_gender" not in df and len(df) == 96
     scores = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(scores) == ["mask"] and "mask_on_accuracy" in scores["mask"]
+    # the report's ensemble row on the same set is this prediction: every fold, the run's test-time views
+    probs = ["p_mask_worn", "p_mask_incorrect", "p_mask_not_worn"]
+    folds = [pd.read_csv(trained_run / f"fold{k}" / "extra_val" / "masked.csv").set_index("path")[probs]
+             for k in range(3)]
+    mean = sum(folds) / 3
+    got = df.assign(path=df["path"].astype(str)).set_index("path")[probs]
+    np.testing.assert_allclose(got.loc[mean.index].to_numpy(), mean.to_numpy(), atol=1e-4)
