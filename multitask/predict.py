@@ -1,5 +1,9 @@
 """``python -m multitask.predict --run RUN_DIR INPUT --out OUT_DIR``: fold ensemble + TTA on new photos.
 
+``--run`` may be given several times: the runs' ensembles are averaged, each run counting once (runs of
+different trunks or recipes make different mistakes; each run keeps its own preprocessing). They must predict
+the same heads and classes.
+
 INPUT: an image, a folder of images (recursively), a manifest CSV (``path`` column, labels optional), the
 competition's train layout (labeled) or its evaluation layout (``info.csv`` with ``ImageID,ans`` + ``images/``).
 Writes ``predictions.csv``; ``submission.csv`` for the evaluation layout; ``report.md``/``report.json`` and
@@ -12,7 +16,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 
 def parse_folds(text: str) -> List[int]:
@@ -24,10 +28,11 @@ def parse_folds(text: str) -> List[int]:
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="run directory of python -m multitask.train")
+    p.add_argument("--run", type=Path, required=True, action="append",
+                   help="run directory of python -m multitask.train; repeat to average several runs")
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold)")
+    p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold; of every run)")
     p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with mirrored photos (default: the run's predict.tta_flip)")
@@ -54,7 +59,7 @@ from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
 from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
 from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
-from multitask.run import RunDir, final_heads, prediction_frame, true_column  # noqa: E402
+from multitask.run import RunDir, check_same_classes, final_heads, prediction_frame, true_column  # noqa: E402
 from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
@@ -68,16 +73,18 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
             for k, model in models.items()}
 
 
-def ensemble(per_fold: Dict[int, Dict[str, np.ndarray]], how: str = "mean") -> tuple[dict, dict]:
-    """(mean probabilities per head, predicted class per head). ``vote``: majority of the folds' classes,
-    ties broken by the mean probability."""
-    heads = next(iter(per_fold.values())).keys()
-    probs = {h: np.mean([f[h] for f in per_fold.values()], axis=0) for h in heads}
+def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "mean") -> tuple[dict, dict]:
+    """(probabilities per head, predicted class per head) of runs' fold predictions (one dict fold -> head ->
+    probabilities per run). Probabilities: the mean of the runs' fold means, so each run counts once however
+    many folds it has. ``vote``: the majority of every fold model's class, ties broken by those probabilities."""
+    heads = next(iter(per_run[0].values())).keys()
+    probs = {h: np.mean([np.mean([f[h] for f in folds.values()], axis=0) for folds in per_run], axis=0)
+             for h in heads}
     if how == "mean":
         return probs, {h: p.argmax(1) for h, p in probs.items()}
     preds = {}
     for h, p in probs.items():
-        votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for f in per_fold.values())
+        votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for folds in per_run for f in folds.values())
         preds[h] = (votes + p * 1e-3).argmax(1)
     return probs, preds
 
@@ -148,29 +155,39 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
     return scores
 
 
-def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence[int]] = None,
-            how: Optional[str] = None, flip: Optional[bool] = None, batch_size: int = 128,
-            progress: bool = True, log=print) -> pd.DataFrame:
-    cfg = RunDir(run_dir).load_config()
+def prepared_photos(run: RunDir, cfg: Config, paths: List[str]) -> tuple:
+    """(prepared photos, unreadable ones, face found per photo or None): the photos as ``run`` prepares them."""
+    if not paths:
+        return None, [], None
+    pre, face_found = preprocessing(cfg, paths, lambda s: None, run.typical_face_boxes())
+    images, unreadable = cached_images(paths, pre.prepare, Path(cfg.data.cache_dir), log=lambda s: None)
+    return images, unreadable, face_found
+
+
+def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
+            folds: Optional[Sequence[int]] = None, how: Optional[str] = None, flip: Optional[bool] = None,
+            batch_size: int = 128, progress: bool = True, log=print) -> pd.DataFrame:
+    runs = [RunDir(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    cfgs = [run.load_config() for run in runs]
+    check_same_classes(runs, cfgs)
+    cfg = cfgs[0]
     how = how or cfg.predict.ensemble
     if how not in ("mean", "vote"):
         raise ConfigError(f"ensemble {how!r}: must be mean or vote")
     device = resolve_device(cfg.train.device)
     table, kind, problems = read_input(input_path, cfg)
-    models = RunDir(run_dir).load_models(cfg, folds, device)
+    models = [run.load_models(c, folds, device) for run, c in zip(runs, cfgs)]
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    pre, face_found = preprocessing(cfg, todo["path"].tolist(), lambda s: None, RunDir(run_dir).typical_face_boxes())
+    prepared = [prepared_photos(run, c, todo["path"].tolist()) for run, c in zip(runs, cfgs)]
+    face_found = next((found for _, _, found in prepared if found is not None), None)
     if face_found is not None:
         todo = todo.assign(face_found=face_found)  # False: no face found; the typical box or the centre crop
-    images, unreadable = (cached_images(todo["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir),
-                                        log=lambda s: None)
-                          if len(todo) else (None, []))
+    unreadable = list({p.path: p for _, bad, _ in prepared for p in bad}.values())
     problems = problems + unreadable
     if problems and kind == "evaluation":
         raise DataError(problems, f"{input_path} (the submission needs every image)")
-    bad = {p.path for p in unreadable}
-    keep = ~todo["path"].isin(bad).to_numpy()
+    keep = ~todo["path"].isin({p.path for p in unreadable}).to_numpy()
     todo = todo[keep].reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     if problems:
@@ -178,9 +195,10 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
                       out / "skipped.csv")
     if todo.empty:
         raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
-    views = tta_views(cfg.predict, flip)
-    per_fold = predict_arrays(models, np.asarray(images)[keep], cfg, device, views, batch_size, progress)
-    probs, preds = ensemble(per_fold, how)
+    views = [tta_views(c.predict, flip) for c in cfgs]
+    per_run = [predict_arrays(m, np.asarray(images)[keep], c, device, v, batch_size, progress)
+               for m, (images, _, _), c, v in zip(models, prepared, cfgs, views)]
+    probs, preds = ensemble(per_run, how)
     df = predictions_frame(cfg, todo, probs, preds)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
@@ -189,8 +207,10 @@ def predict(run_dir: Path, input_path: Path, out: Path, folds: Optional[Sequence
     if labeled:
         scores = write_labeled_report(cfg, labeled, df, out)
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
-    log(f"{len(df)} photos predicted with folds {sorted(models)} x {len(views)} view(s) ({how}); "
-        f"{len(problems)} skipped" + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
+    used = "; ".join(f"{run.root.name}: folds {sorted(m)} x {len(v)} view(s)"
+                     for run, m, v in zip(runs, models, views))
+    log(f"{len(df)} photos predicted ({how}) by {used}; {len(problems)} skipped"
+        + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
     return df
 
 
@@ -198,7 +218,7 @@ def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
     try:
-        configure_threads(RunDir(a.run).load_config().train)
+        configure_threads(RunDir(a.run[0]).load_config().train)
         predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty())
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 
 def cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multitask.report", description="Rebuild a run's report.")
-    p.add_argument("run_dir", type=Path)
+    p = argparse.ArgumentParser(prog="python -m multitask.report",
+                                description="Rebuild a run's report, or score several runs' average (--out).")
+    p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, help="with several runs: where the report of their average goes")
     return p
 
 
@@ -26,13 +29,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from multitask.config import Config, HeadConfig, extra_val_names  # noqa: E402
+from multitask.config import Config, ConfigError, HeadConfig, extra_val_names  # noqa: E402
 from multitask.engine import tta_views  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
-from multitask.run import (RunDir, final_heads, frame_arrays, labeled_heads, pred_column, prob_columns,  # noqa: E402
-                           years_column)
+from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
+                           mean_frame, pred_column, years_column)
 from multitask.tasks import joint_class_names  # noqa: E402
 
 
@@ -134,29 +137,29 @@ def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
     return s
 
 
-def extra_val_scores(run: RunDir, cfg: Config, heads: Sequence[HeadConfig]) -> dict:
-    """name -> {"folds": {k: scores}, "ensemble": scores} for each extra validation set, on its labeled heads
-    (a folder per mask class labels the mask only); mask scores add ``mask_on_accuracy``."""
+def extra_val_frames(run: RunDir, cfg: Config) -> Dict[str, Dict[int, pd.DataFrame]]:
+    """Extra validation set -> fold -> that fold model's predictions on it."""
+    sets = {name: run.extra_vals(name) for name in extra_val_names(cfg.data)}
+    return {name: {k: pd.read_csv(p) for k, p in paths.items()} for name, paths in sets.items() if paths}
+
+
+def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequence[HeadConfig]) -> dict:
+    """name -> {"folds": {member: scores}, "ensemble": scores of the members' mean} for each extra validation
+    set (members: a run's folds, or runs), on its labeled heads (a folder per mask class labels the mask only);
+    mask scores add ``mask_on_accuracy``."""
     out = {}
-    for name in extra_val_names(cfg.data):
-        frames = {k: pd.read_csv(p) for k, p in run.extra_vals(name).items()}
-        if not frames:
-            continue
+    for name, frames in sets.items():
         first = next(iter(frames.values()))
         labeled = labeled_heads(heads, first)
         if not labeled:
             continue
-        mean = first.copy()
-        for h in labeled:
-            mean[prob_columns(h)] = np.mean([f[prob_columns(h)].to_numpy() for f in frames.values()], axis=0)
-            mean[pred_column(h)] = mean[prob_columns(h)].to_numpy().argmax(1)
         out[name] = {"photos": len(first), "heads": [h.name for h in labeled],
                      "folds": {k: labeled_scores(labeled, f) for k, f in frames.items()},
-                     "ensemble": labeled_scores(labeled, mean)}
+                     "ensemble": labeled_scores(labeled, mean_frame(list(frames.values()), labeled))}
     return out
 
 
-def extra_val_lines(results: dict) -> List[str]:
+def extra_val_lines(results: dict, member=lambda k: f"fold {k}") -> List[str]:
     lines = []
     for name, r in results.items():
         cols = []
@@ -168,7 +171,7 @@ def extra_val_lines(results: dict) -> List[str]:
                 cols.append(("mask on vs not worn acc", lambda s: s["mask"]["mask_on_accuracy"]))
         lines += ["", f"### {name} ({r['photos']} photos, never trained on)", "",
                   "| model | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        rows = [(f"fold {k}", s) for k, s in r["folds"].items()] + [("**ensemble**", r["ensemble"])]
+        rows = [(member(k), s) for k, s in r["folds"].items()] + [("**ensemble**", r["ensemble"])]
         lines += [f"| {who} | " + " | ".join(f"{get(s):.4f}" for _, get in cols) + " |" for who, s in rows]
     return lines
 
@@ -269,7 +272,7 @@ def write_report(run_dir: Path) -> dict:
     if seconds:
         lines += ["", "Training time per fold: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in sorted(seconds.items()) if v is not None)]
-    extra = extra_val_scores(run, cfg, heads)
+    extra = extra_val_scores(extra_val_frames(run, cfg), heads)
     if extra:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
                   "Scored by each fold's model and by their ensemble (mean probabilities), with the test-time "
@@ -288,12 +291,83 @@ def write_report(run_dir: Path) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def by_path(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
+    """Runs trained on the same folds, averaged with each run counting once (what ``predict --run A --run B``
+    does): macro-F1 per fold of the average of their out-of-fold predictions beside each run's, and the extra
+    validation sets they share. Writes report.md, report.json, oof.csv and plots/ to ``out``."""
+    runs = [RunDir(r) for r in run_dirs]
+    if RunDir(out).is_run():
+        raise ConfigError(f"{out}: is a run directory; give the average's report its own --out")
+    cfgs = [run.load_config() for run in runs]
+    check_same_classes(runs, cfgs)
+    heads = final_heads(cfgs[0])
+    oofs = [by_path(collect_oof(run)) for run in runs]
+    for run, oof in zip(runs[1:], oofs[1:]):
+        if not (oof["path"].equals(oofs[0]["path"]) and oof["fold"].equals(oofs[0]["fold"])):
+            raise ConfigError(f"{run.root}: its out-of-fold photos or folds differ from {runs[0].root}'s; only runs "
+                              "on the same folds (same data, cv.folds and cv.seed) can be averaged")
+    oof = mean_frame(oofs, heads)
+    s = summarize(cfgs[0], heads, oof)
+    each = {run.root.name: summarize(cfg, heads, o) for run, cfg, o in zip(runs, cfgs, oofs)}
+    keys = list(s["mean"])
+    row = lambda who, r: (f"| {who} | " + " | ".join(  # noqa: E731
+        f"{r['mean'][k]['f1_macro']:.4f} ± {r['std'][k]['f1_macro']:.4f}" for k in keys) + " |")
+    names = ", ".join(f"`{run.root}`" for run in runs)
+    lines = [f"# Average of {len(runs)} runs", "",
+             f"Runs: {names}, each counting once (what `python -m multitask.predict` gives with a `--run` for "
+             f"each). {len(oof)} out-of-fold photos of {oof['person_id'].nunique()} persons, the same "
+             f"{len(s['folds'])} folds in every run.", "",
+             "## Macro-F1 (mean ± std over folds)", "",
+             "| | " + " | ".join(label(k, heads) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [row(name, r) for name, r in each.items()] + [row("**average**", s)]
+    lines += ["", "## The average, per fold", "", "| fold | " + " | ".join(label(k, heads) for k in keys) + " |",
+              "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f}" for x in keys) + " |" for k, f in s["folds"].items()]
+    shared = set.intersection(*(set(extra_val_names(cfg.data)) for cfg in cfgs))
+    sets: Dict[str, Dict[str, pd.DataFrame]] = {}
+    for run, cfg in zip(runs, cfgs):
+        for name, frames in extra_val_frames(run, cfg).items():
+            if name in shared:
+                sets.setdefault(name, {})[run.root.name] = by_path(mean_frame(list(frames.values()), heads))
+    sets = {name: members for name, members in sets.items() if len(members) == len(runs)}
+    extra = extra_val_scores(sets, heads)
+    if extra:
+        lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average."]
+        lines += extra_val_lines(extra, member=str)
+    plots = Path(out) / "plots"
+    confusions = write_confusions(s["pooled"], heads, plots)
+    age, age_lines = age_results(oof, heads, plots)
+    lines += age_lines + ["", "## Confusion matrices (all out-of-fold photos)", ""]
+    lines += [f"![{c}](plots/{c})" for c in confusions]
+    atomic_to_csv(oof, Path(out) / "oof.csv")
+    atomic_write_text(Path(out) / "report.md", "\n".join(lines) + "\n")
+    result = {"runs": [str(run.root) for run in runs], "joint_name": joint_name(heads), **s,
+              "runs_mean": {name: r["mean"] for name, r in each.items()}, "extra_val": extra, "age": age}
+    atomic_write_text(Path(out) / "report.json", json.dumps(result, indent=1))
+    return result
+
+
+def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
-    write_report(a.run_dir)
-    print(RunDir(a.run_dir).report_md.read_text())
+    if len(a.run_dirs) > 1 and a.out is None:
+        p.error("several runs: give --out DIR for the report of their average")
+    try:
+        if len(a.run_dirs) == 1:
+            write_report(a.run_dirs[0])
+            print(RunDir(a.run_dirs[0]).report_md.read_text())
+        else:
+            write_ensemble_report(a.run_dirs, a.out)
+            print((a.out / "report.md").read_text())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -161,6 +161,17 @@ def final_heads(cfg: Config) -> List[HeadConfig]:
     return [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
 
 
+def check_same_classes(runs: Sequence[RunDir], cfgs: Sequence[Config]) -> None:
+    """Runs whose predictions are averaged must predict the same heads, classes and age groups."""
+    def classes(cfg: Config) -> list:
+        return [(h.name, list(h.classes)) for h in final_heads(cfg)] + [list(cfg.data.age_thresholds)]
+
+    for run, cfg in zip(runs[1:], cfgs[1:]):
+        if classes(cfg) != classes(cfgs[0]):
+            raise ConfigError(f"{run.root}: its heads, classes or age thresholds differ from {runs[0].root}'s; "
+                              "runs averaged together must predict the same classes")
+
+
 # --- prediction tables ---------------------------------------------------------------------------------
 
 
@@ -204,6 +215,19 @@ def frame_arrays(heads: Sequence[HeadConfig], df: pd.DataFrame):
     targets = {h.name: df[true_column(h)].to_numpy(dtype=np.int64) for h in heads}
     probs = {h.name: df[prob_columns(h)].to_numpy(dtype=np.float64) for h in heads}
     return targets, probs
+
+
+def mean_frame(frames: Sequence[pd.DataFrame], heads: Sequence[HeadConfig]) -> pd.DataFrame:
+    """The first table with each head's probabilities (and predicted years, where any table has them)
+    averaged over ``frames``, which hold the same photos in the same order, and the predicted class redone."""
+    mean = frames[0].copy()
+    for h in heads:
+        mean[prob_columns(h)] = np.mean([f[prob_columns(h)].to_numpy() for f in frames], axis=0)
+        mean[pred_column(h)] = mean[prob_columns(h)].to_numpy().argmax(1)
+        years = [f[years_column(h)].to_numpy() for f in frames if years_column(h) in f]
+        if years:
+            mean[years_column(h)] = np.mean(years, axis=0)
+    return mean
 
 
 def labeled_heads(heads: Sequence[HeadConfig], df: pd.DataFrame) -> List[HeadConfig]:

@@ -49,10 +49,16 @@ def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weig
 
 def test_vote_takes_the_majority_of_fold_classes():
     fold = lambda c: {"h": np.eye(3)[[c]] * 0.6 + 0.1}  # noqa: E731
-    probs, preds = ensemble({0: fold(2), 1: fold(2), 2: fold(0)}, "vote")
+    probs, preds = ensemble([{0: fold(2), 1: fold(2), 2: fold(0)}], "vote")
     assert preds["h"].tolist() == [2]
-    _, mean_preds = ensemble({0: fold(2), 1: fold(0)}, "mean")
+    _, mean_preds = ensemble([{0: fold(2), 1: fold(0)}], "mean")
     assert mean_preds["h"].tolist() == [0]  # a tie in the mean goes to the first class
+
+
+def test_each_run_counts_once_however_many_folds_it_has():
+    fold = lambda c: {"h": np.eye(3)[[c]] * 0.6 + 0.1}  # noqa: E731
+    probs, preds = ensemble([{0: fold(0), 1: fold(0), 2: fold(0)}, {0: fold(2)}], "mean")
+    np.testing.assert_allclose(probs["h"], (fold(0)["h"] + fold(2)["h"]) / 2)
 
 
 def test_flip_tta_changes_nothing_on_a_mirror_symmetric_photo(trained_run, tmp_path):
