@@ -1,6 +1,7 @@
 """The face crop (data.face_crop=detector): boxes found once, cached, and used the same way everywhere."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from multitask.config import load_config
 from multitask.data.dataset import cache_key, preprocessing
+from multitask.data import faces as faces_module
 from multitask.data.faces import COLUMNS, find_faces
 from multitask.data.synth import generate
 from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, Prepare, widen
@@ -44,13 +46,25 @@ def test_the_crop_contains_the_drawn_face_wherever_it_is(anywhere_root, tmp_path
         assert overlap(truth, crop) >= 0.85, (drawn.path, crop, truth)
 
 
-def test_boxes_are_found_once_and_reused(anywhere_root, tmp_path):
-    paths = [str(p) for p in sorted(anywhere_root.rglob("normal.jpg"))]
-    logs = []
-    first = find_faces(paths, tmp_path, logs.append)
-    second = find_faces(paths, tmp_path, logs.append)
-    assert len(logs) == 1 and list(tmp_path.glob("faces-*.csv"))
-    pd.testing.assert_frame_equal(first, second, check_dtype=False)
+def test_each_photo_is_detected_once_whatever_set_it_comes_in(anywhere_root, tmp_path, monkeypatch):
+    paths = []
+    for i, p in enumerate(sorted(anywhere_root.rglob("normal.jpg"))):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        shutil.copy(p, paths[-1])
+    real, detected, logs = faces_module.detect, [], []
+    monkeypatch.setattr(faces_module, "detect", lambda rgb: detected.append(1) or real(rgb))
+    part = find_faces(paths[:3], tmp_path, logs.append)
+    assert len(detected) == 3
+    whole = find_faces(list(reversed(paths)), tmp_path, logs.append)  # another set, in another order
+    assert len(detected) == len(paths)  # only the photos not seen before
+    again = find_faces(paths, tmp_path, logs.append)
+    assert len(detected) == len(paths) and len(logs) == 2
+    shutil.copy(paths[1], paths[0])  # a changed file is detected again
+    changed = find_faces(paths, tmp_path, logs.append)
+    assert len(detected) == len(paths) + 1
+    pd.testing.assert_frame_equal(part, again.iloc[:3])
+    pd.testing.assert_frame_equal(whole.iloc[::-1].reset_index(drop=True), again)
+    assert changed.iloc[0, 1:].tolist() == pytest.approx(again.iloc[1, 1:].tolist(), nan_ok=True)
 
 
 def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, tmp_path):

@@ -16,6 +16,7 @@ painter (``python -m multitask.data paint-masks``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -86,24 +87,41 @@ def face_row(face: Optional[Face], shape=(np.nan, np.nan)) -> dict:
     return dict(zip(COLUMNS, [True, face.score, w, h, *face.box, *face.landmarks.ravel()]))
 
 
-def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """One row per path (``path`` + COLUMNS), detected once and cached in ``cache_dir/faces-<key>.csv``, keyed by
-    the files (path, size, mtime). Unreadable files get ``found`` False; they are reported by the image loader."""
-    paths = list(paths)
-    cache = Path(cache_dir) / f"faces-{files_key(paths, repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE)))}.csv"
-    if cache.exists():  # rows in the order of the key's paths, which may be spelled another way (relative)
-        return pd.read_csv(cache, dtype={"path": str}).assign(path=paths)
-    log(f"finding faces in {len(paths)} photos (cached in {cache})")
-    rows = []
-    for p in paths:
-        try:
-            rgb = read_rgb(p)
-        except (OSError, ValueError):
-            rows.append({"path": p, **face_row(None)})
-            continue
-        rows.append({"path": p, **face_row(detect(rgb), rgb.shape)})
-    table = pd.DataFrame(rows, columns=["path"] + COLUMNS)
-    from multitask.io import atomic_to_csv
+def file_stamp(path: str) -> str:
+    """How a file is now (size, modification time): a cached box is reused while this is unchanged."""
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
 
-    atomic_to_csv(table, cache)
-    return table
+
+def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """One row per path (``path`` + COLUMNS), each photo detected once: boxes are cached per photo (absolute path,
+    size, modification time) in ``cache_dir/faces-<detector settings>.csv``, so any set of photos reuses the boxes
+    of any earlier one. Unreadable files get ``found`` False; they are reported by the image loader."""
+    paths = list(paths)
+    cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE)))}.csv"
+    keys = pd.DataFrame({"key": [os.path.abspath(p) for p in paths], "stamp": [file_stamp(p) for p in paths]})
+    known = (pd.read_csv(cache, dtype={"key": str, "stamp": str}) if cache.exists()
+             else pd.DataFrame(columns=["key", "stamp"] + COLUMNS))
+    hits = keys.merge(known.drop_duplicates(["key", "stamp"], keep="last"), on=["key", "stamp"], how="left",
+                      indicator=True)
+    todo = (hits["_merge"] == "left_only").to_numpy()
+    if todo.any():
+        log(f"finding faces in {todo.sum()} of {len(paths)} photos (the others cached; boxes kept in {cache})")
+        rows = []
+        for p in np.asarray(paths)[todo]:
+            try:
+                rgb = read_rgb(p)
+                rows.append(face_row(detect(rgb), rgb.shape))
+            except (OSError, ValueError):
+                rows.append(face_row(None))
+        found = pd.DataFrame(rows, columns=COLUMNS)
+        hits.loc[todo, COLUMNS] = found.to_numpy(dtype=object)
+        from multitask.io import atomic_to_csv
+
+        fresh = pd.concat([known, hits.loc[todo, ["key", "stamp"] + COLUMNS]], ignore_index=True)
+        atomic_to_csv(fresh.drop_duplicates(["key", "stamp"], keep="last"), cache)
+    table = hits[COLUMNS].assign(path=paths)[["path"] + COLUMNS]
+    return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
