@@ -252,16 +252,20 @@ def tta_views(predict: PredictConfig, flip: Optional[bool] = None) -> List[tuple
 
 def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, views: Sequence[tuple],
                   rt: Runtime, batch_size: int, workers: int = 0, progress: bool = False,
-                  desc: str = "") -> Dict[str, np.ndarray]:
-    """Per head, the class probabilities of prepared photos (N x H x W x 3 uint8) averaged over test-time views
-    (``tta_views``): what predict gives, and what the extra validation sets are scored with."""
-    acc: Dict[str, np.ndarray] = {}
+                  desc: str = "") -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(per head the class probabilities, per head that predicts them the years) of prepared photos
+    (N x H x W x 3 uint8), averaged over test-time views (``tta_views``): what predict gives, and what the extra
+    validation sets are scored with."""
+    probs: Dict[str, np.ndarray] = {}
+    years: Dict[str, np.ndarray] = {}
     for scale, flip in views:
         loader = make_loader(ArrayDataset(images, pre.eval(scale, flip)), batch_size, workers, rt.device)
         logits = predict_logits(model, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
         for name, part in head_probabilities(model, logits).items():
-            acc[name] = acc.get(name, 0) + part / len(views)
-    return acc
+            probs[name] = probs.get(name, 0) + part / len(views)
+        for name, part in model.years(logits).items():
+            years[name] = years.get(name, 0) + part.numpy() / len(views)
+    return probs, years
 
 
 # --- the learning rate and the optimizer ------------------------------------------------------------------

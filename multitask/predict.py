@@ -65,8 +65,9 @@ from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
                    views: Sequence[tuple], batch_size: int = 128, progress: bool = False
-                   ) -> Dict[int, Dict[str, np.ndarray]]:
-    """Per fold, per head: class probabilities of prepared photos (N x H x W x 3 uint8), averaged over views."""
+                   ) -> Dict[int, tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
+    """Per fold: (per head the class probabilities, per head that predicts them the years) of prepared photos
+    (N x H x W x 3 uint8), averaged over views."""
     rt, pre = Runtime.on(device, cfg.train), Preprocessing.from_config(cfg)
     workers = loader_workers(cfg.data.workers, device, True)
     return {k: predict_views(model, images, pre, views, rt, batch_size, workers, progress, desc=f"fold {k}")
@@ -87,6 +88,13 @@ def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "me
         votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for folds in per_run for f in folds.values())
         preds[h] = (votes + p * 1e-3).argmax(1)
     return probs, preds
+
+
+def mean_years(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
+    """Per head that predicts years: the mean of the fold means of the runs whose head predicts them."""
+    means = [{h: np.mean([f[h] for f in folds.values()], axis=0) for h in next(iter(folds.values()))}
+             for folds in per_run]
+    return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in {h for m in means for h in m}}
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -122,13 +130,14 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     return pd.DataFrame({"path": [str(p.resolve()) for p in files]}), "folder", []
 
 
-def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict) -> pd.DataFrame:
+def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict, years: dict) -> pd.DataFrame:
     """predictions.csv: the input's rows, the run's prediction columns (true classes where the input has
-    labels), each head's class name, and the joint label (the competition's 18-class ``ans``)."""
+    labels; years where a head predicts them), each head's class name, and the joint label (the competition's
+    18-class ``ans``)."""
     heads = [h for h in cfg.heads if h.name in probs]
     targets = {h.name: table[h.column].astype(np.int64).to_numpy() for h in heads if h.column in table.columns
                and table[h.column].notna().all() and (table[h.column].astype(np.int64) >= 0).all()}
-    df = prediction_frame(heads, table, probs, preds, targets)
+    df = prediction_frame(heads, table, probs, preds, targets, years)
     for h in heads:
         df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
     df["label"] = joint_label(heads, preds)
@@ -198,8 +207,9 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     views = [tta_views(c.predict, flip) for c in cfgs]
     per_run = [predict_arrays(m, np.asarray(images)[keep], c, device, v, batch_size, progress)
                for m, (images, _, _), c, v in zip(models, prepared, cfgs, views)]
-    probs, preds = ensemble(per_run, how)
-    df = predictions_frame(cfg, todo, probs, preds)
+    probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], how)
+    years = mean_years([{k: y for k, (_, y) in folds.items()} for folds in per_run])
+    df = predictions_frame(cfg, todo, probs, preds, years)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")

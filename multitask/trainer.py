@@ -300,8 +300,8 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
     cfg = ctx.cfg
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
-        probs = predict_views(model, images, ctx.pre, tta_views(cfg.predict), ctx.rt, cfg.data.batch_size * 2)
-        frame = oof_frame(cfg, table.assign(fold=fold), targets, probs)
+        probs, years = predict_views(model, images, ctx.pre, tta_views(cfg.predict), ctx.rt, cfg.data.batch_size * 2)
+        frame = oof_frame(cfg, table.assign(fold=fold), targets, probs, years)
         atomic_to_csv(frame, ctx.run.extra_val(fold, name))
 
 

@@ -15,6 +15,7 @@ from multitask.trainer import run_cv
 from multitask.data.table import training_targets
 from multitask.data.sources import load_competition
 from multitask.model import build_model
+from multitask.predict import predict
 from multitask.report import write_report
 
 from conftest import tiny_overrides
@@ -100,6 +101,9 @@ def test_each_age_loss_trains_and_the_report_shows_age_by_year(faces_root, tmp_p
         expected = (oof["years_age"] - oof["age"]).abs().mean()
         assert report["age"]["mae_years"][0] == pytest.approx(expected)
         assert (run / "plots" / "age_predicted_vs_true.png").exists()
+        oof[["path"]].to_csv(tmp_path / "photos.csv", index=False)  # predict gives the same years
+        again = predict(run, tmp_path / "photos.csv", tmp_path / "p", flip=False, progress=False, log=lambda s: None)
+        np.testing.assert_allclose(again["years_age"], oof["years_age"], atol=0.05)
     else:
         assert "mae_years" not in report["age"]
     assert json.loads((run / "report.json").read_text())["age"]["by_year"]

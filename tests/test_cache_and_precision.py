@@ -129,7 +129,7 @@ def test_bf16_keeps_the_validation_f1_of_fp32(learned_run):
         cfg.train.precision = precision
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "bf16 is emulated" on CPUs without AVX512-BF16
-            probs = predict_arrays(models, images, cfg, torch.device("cpu"), views=[(1.0, False)])[0]
+            probs = predict_arrays(models, images, cfg, torch.device("cpu"), views=[(1.0, False)])[0][0]
         scores[precision] = {h: f1_score(oof[f"true_{h}"], p.argmax(1), average="macro") for h, p in probs.items()}
     assert set(scores["fp32"]) == {"mask", "gender", "age"}
     for head, f1 in scores["fp32"].items():
