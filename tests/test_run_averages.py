@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from multitask.predict import predict
-from multitask.report import write_ensemble_report
+from multitask.predict import main as predict_main, predict
+from multitask.report import main as report_main, write_ensemble_report
 
 pytestmark = pytest.mark.slow
 QUIET = dict(progress=False, log=lambda s: None)
@@ -47,14 +45,13 @@ def test_several_runs_average_their_ensembles_each_with_its_own_preprocessing(tr
     np.testing.assert_allclose(both, np.mean(alone, axis=0), atol=1e-6)
 
 
-def test_runs_that_predict_different_classes_cannot_be_averaged(trained_run, faces_root, tmp_path):
+def test_runs_that_predict_different_classes_cannot_be_averaged(trained_run, faces_root, tmp_path, capsys):
     other = copy_run(trained_run, tmp_path / "other")
     edit_config(other, "age_thresholds:\n  - 30\n  - 60", "age_thresholds:\n  - 25\n  - 60")
-    out = subprocess.run([sys.executable, "-m", "multitask.predict", "--run", str(trained_run), "--run", str(other),
-                          str(faces_root), "--out", str(tmp_path / "out")], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.startswith(f"error: {other}:") and "Traceback" not in out.stderr
-    assert not (tmp_path / "out").exists()
+    code = predict_main(["--run", str(trained_run), "--run", str(other), str(faces_root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {other}: its heads, classes or age thresholds differ")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 def test_the_report_of_two_runs_scores_the_average_of_their_out_of_fold_predictions(trained_run, tmp_path):
@@ -76,13 +73,12 @@ def test_the_report_of_two_runs_scores_the_average_of_their_out_of_fold_predicti
     assert set(report["extra_val"]) == {"masked"}  # the extra validation set both runs scored
 
 
-def test_runs_on_other_folds_cannot_be_averaged(trained_run, tmp_path):
+def test_runs_on_other_folds_cannot_be_averaged(trained_run, tmp_path, capsys):
     other = copy_run(trained_run, tmp_path / "other")
     oof = pd.read_csv(other / "fold0" / "oof.csv")
     oof.loc[:3, "fold"] = 1
     oof.to_csv(other / "fold0" / "oof.csv", index=False)
-    out = subprocess.run([sys.executable, "-m", "multitask.report", str(trained_run), str(other),
-                          "--out", str(tmp_path / "avg")], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.startswith(f"error: {other}: its out-of-fold photos or folds differ") and "Traceback" not in out.stderr
-    assert not (tmp_path / "avg" / "report.md").exists()
+    code = report_main([str(trained_run), str(other), "--out", str(tmp_path / "avg")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {other}: its out-of-fold photos or folds differ")
+    assert err.count("\n") == 1 and not (tmp_path / "avg" / "report.md").exists()
