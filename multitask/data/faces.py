@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from multitask.data.images import files_key, read_rgb
+from multitask.data.images import file_stamp, files_key, read_rgb
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 COLUMNS = ["found", "score", "width", "height", "x0", "y0", "x1", "y1"] + [f"{n}_{a}" for n in LANDMARKS for a in "xy"]
@@ -87,22 +87,15 @@ def face_row(face: Optional[Face], shape=(np.nan, np.nan)) -> dict:
     return dict(zip(COLUMNS, [True, face.score, w, h, *face.box, *face.landmarks.ravel()]))
 
 
-def file_stamp(path: str) -> str:
-    """How a file is now (size, modification time): a cached box is reused while this is unchanged."""
-    try:
-        st = os.stat(path)
-        return f"{st.st_size}-{st.st_mtime_ns}"
-    except OSError:
-        return "missing"
-
-
 def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
     """One row per path (``path`` + COLUMNS), each photo detected once: boxes are cached per photo (absolute path,
     size, modification time) in ``cache_dir/faces-<detector settings>.csv``, so any set of photos reuses the boxes
     of any earlier one. Unreadable files get ``found`` False; they are reported by the image loader."""
     paths = list(paths)
     cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE)))}.csv"
-    keys = pd.DataFrame({"key": [os.path.abspath(p) for p in paths], "stamp": [file_stamp(p) for p in paths]})
+    stamps = [file_stamp(p) for p in paths]
+    keys = pd.DataFrame({"key": [os.path.abspath(p) for p in paths],
+                         "stamp": [f"{s[0]}-{s[1]}" if s else "missing" for s in stamps]})
     known = (pd.read_csv(cache, dtype={"key": str, "stamp": str}) if cache.exists()
              else pd.DataFrame(columns=["key", "stamp"] + COLUMNS))
     hits = keys.merge(known.drop_duplicates(["key", "stamp"], keep="last"), on=["key", "stamp"], how="left",
