@@ -76,11 +76,9 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
 
 def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "mean") -> tuple[dict, dict]:
     """(probabilities per head, predicted class per head) of runs' fold predictions (one dict fold -> head ->
-    probabilities per run). Probabilities: the mean of the runs' fold means, so each run counts once however
-    many folds it has. ``vote``: the majority of every fold model's class, ties broken by those probabilities."""
-    heads = next(iter(per_run[0].values())).keys()
-    probs = {h: np.mean([np.mean([f[h] for f in folds.values()], axis=0) for folds in per_run], axis=0)
-             for h in heads}
+    probabilities per run). Probabilities: ``mean_of_runs``. ``vote``: the majority of every fold model's class,
+    ties broken by those probabilities."""
+    probs = mean_of_runs(per_run)
     if how == "mean":
         return probs, {h: p.argmax(1) for h, p in probs.items()}
     preds = {}
@@ -90,11 +88,12 @@ def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "me
     return probs, preds
 
 
-def mean_years(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
-    """Per head that predicts years: the mean of the fold means of the runs whose head predicts them."""
+def mean_of_runs(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
+    """Per head: the mean of the runs' fold means, over the runs that have that head (class probabilities: every
+    run; predicted years: the runs whose head predicts them), so each run counts once however many folds it has."""
     means = [{h: np.mean([f[h] for f in folds.values()], axis=0) for h in next(iter(folds.values()))}
              for folds in per_run]
-    return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in {h for m in means for h in m}}
+    return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in dict.fromkeys(h for m in means for h in m)}
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -208,7 +207,7 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     per_run = [predict_arrays(m, np.asarray(images)[keep], c, device, v, batch_size, progress)
                for m, (images, _, _), c, v in zip(models, prepared, cfgs, views)]
     probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], how)
-    years = mean_years([{k: y for k, (_, y) in folds.items()} for folds in per_run])
+    years = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
     df = predictions_frame(cfg, todo, probs, preds, years)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":

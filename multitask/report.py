@@ -327,13 +327,11 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     lines += ["", "## The average, per fold", "", "| fold | " + " | ".join(label(k, heads) for k in keys) + " |",
               "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f}" for x in keys) + " |" for k, f in s["folds"].items()]
-    shared = set.intersection(*(set(extra_val_names(cfg.data)) for cfg in cfgs))
     sets: Dict[str, Dict[str, pd.DataFrame]] = {}
     for run, cfg in zip(runs, cfgs):
         for name, frames in extra_val_frames(run, cfg).items():
-            if name in shared:
-                sets.setdefault(name, {})[run.root.name] = by_path(mean_frame(list(frames.values()), heads))
-    sets = {name: members for name, members in sets.items() if len(members) == len(runs)}
+            sets.setdefault(name, {})[run.root.name] = by_path(mean_frame(list(frames.values()), heads))
+    sets = {name: members for name, members in sets.items() if len(members) == len(runs)}  # the sets all scored
     extra = extra_val_scores(sets, heads)
     if extra:
         lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average."]

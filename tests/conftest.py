@@ -5,6 +5,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -37,6 +39,11 @@ def mask_folders_root(faces_root, tmp_path_factory) -> Path:
 def faces_copy(faces_root, tmp_path) -> Path:
     """A writable copy, for tests that break the data on purpose."""
     return Path(shutil.copytree(faces_root, tmp_path / "faces"))
+
+
+def probs_of(df: pd.DataFrame) -> np.ndarray:
+    """Every probability column of a prediction table."""
+    return df[[c for c in df.columns if c.startswith("p_")]].to_numpy()
 
 
 def tiny_overrides(root: Path, tmp_path: Path) -> list[str]:

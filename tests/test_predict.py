@@ -16,12 +16,10 @@ from multitask.config import load_config
 from multitask.data.sources import DataError
 from multitask.predict import ensemble, predict
 
+from conftest import probs_of
+
 pytestmark = pytest.mark.slow
 QUIET = dict(progress=False, log=lambda s: None)
-
-
-def probs_of(df: pd.DataFrame) -> np.ndarray:
-    return df[[c for c in df.columns if c.startswith("p_")]].to_numpy()
 
 
 def test_the_ensemble_is_the_mean_of_the_folds(trained_run, faces_root, tmp_path):

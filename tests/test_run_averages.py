@@ -14,13 +14,11 @@ from sklearn.metrics import f1_score
 from multitask.predict import main as predict_main, predict
 from multitask.report import main as report_main, write_ensemble_report
 
+from conftest import probs_of
+
 pytestmark = pytest.mark.slow
 QUIET = dict(progress=False, log=lambda s: None)
 AGE = ["p_age_<30", "p_age_30-59", "p_age_60+"]
-
-
-def probs_of(df: pd.DataFrame) -> np.ndarray:
-    return df[[c for c in df.columns if c.startswith("p_")]].to_numpy()
 
 
 def copy_run(run: Path, to: Path) -> Path:
