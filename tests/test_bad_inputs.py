@@ -14,7 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from multitask.data.check import main as data_main
 from multitask.data.images import MAX_PIXELS, read_rgb
+from multitask.explain import main as explain_main
+from multitask.predict import main as predict_main
+from multitask.train import main as train_main
 
 from conftest import tiny_overrides
 
@@ -82,6 +86,15 @@ def no_traceback(proc: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-2000:]
 
 
+def run_main(main, capsys, *args) -> subprocess.CompletedProcess:
+    """A command's main() in this process: the exit code and the output `python -m` would give, without its five
+    seconds of imports (an exception would fail the test, as a traceback would). Training runs as `python -m`
+    below, and each command's entry point runs as one in its own tests (predict, explain, data check)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.mark.parametrize("name", sorted(READABLE))
 def test_awkward_but_valid_photos_load_as_rgb(zoo, name):
     rgb = read_rgb(zoo / name)
@@ -96,10 +109,10 @@ def test_the_pixel_limit_is_read_before_decoding(zoo):
         read_rgb(zoo / "bomb.png")
 
 
-def test_data_check_names_every_unreadable_file_and_exits_1(zoo, tmp_path):
+def test_data_check_names_every_unreadable_file_and_exits_1(zoo, tmp_path, capsys):
     root = tmp_path / "folders"
     shutil.copytree(zoo, root / "any_class")
-    out = subprocess.run([sys.executable, "-m", "multitask.data", "check", str(root)], capture_output=True, text=True)
+    out = run_main(data_main, capsys, "check", root)
     no_traceback(out)
     assert out.returncode == 1
     for name, (_, reason) in UNREADABLE.items():
@@ -110,12 +123,12 @@ def test_data_check_names_every_unreadable_file_and_exits_1(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["empty", "no_layout"])
-def test_data_check_fails_a_folder_with_no_photos(tmp_path, layout):
+def test_data_check_fails_a_folder_with_no_photos(tmp_path, layout, capsys):
     root = tmp_path / "data"
     root.mkdir()
     if layout == "no_layout":
         (root / "notes.txt").write_text("not a photo")
-    out = subprocess.run([sys.executable, "-m", "multitask.data", "check", str(root)], capture_output=True, text=True)
+    out = run_main(data_main, capsys, "check", root)
     no_traceback(out)
     assert out.returncode == 1 and "no photo found" in out.stdout
 
@@ -151,9 +164,8 @@ def test_training_stops_on_bad_files_or_skips_them_as_told(faces_root, zoo, tmp_
 
 
 @pytest.mark.slow
-def test_predict_names_unreadable_photos_and_predicts_the_rest(trained_run, zoo, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "multitask.predict", "--run", str(trained_run), str(zoo),
-                          "--out", str(tmp_path / "p")], capture_output=True, text=True, timeout=600)
+def test_predict_names_unreadable_photos_and_predicts_the_rest(trained_run, zoo, tmp_path, capsys):
+    out = run_main(predict_main, capsys, "--run", trained_run, zoo, "--out", tmp_path / "p")
     no_traceback(out)
     assert out.returncode == 0, out.stderr[-2000:]
     preds = pd.read_csv(tmp_path / "p" / "predictions.csv")
@@ -166,25 +178,23 @@ def test_predict_names_unreadable_photos_and_predicts_the_rest(trained_run, zoo,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["predict", "explain"])
-def test_nothing_readable_is_an_error_with_the_reasons_listed(trained_run, zoo, tmp_path, tool):
+def test_nothing_readable_is_an_error_with_the_reasons_listed(trained_run, zoo, tmp_path, tool, capsys):
+    main = {"predict": predict_main, "explain": explain_main}[tool]
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in ("truncated.jpg", "html.jpg"):
         shutil.copy(zoo / name, bad / name)
-    out = subprocess.run([sys.executable, "-m", f"multitask.{tool}", "--run", str(trained_run), str(bad),
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=600)
+    out = run_main(main, capsys, "--run", trained_run, bad, "--out", tmp_path / "o")
     no_traceback(out)
     assert out.returncode == 2 and "no photo could be" in out.stderr
     assert len(pd.read_csv(tmp_path / "o" / "skipped.csv")) == 2
-    single = subprocess.run([sys.executable, "-m", f"multitask.{tool}", "--run", str(trained_run),
-                             str(bad / "html.jpg"), "--out", str(tmp_path / "o1")], capture_output=True, text=True,
-                            timeout=600)
+    single = run_main(main, capsys, "--run", trained_run, bad / "html.jpg", "--out", tmp_path / "o1")
     no_traceback(single)
     assert single.returncode == 2
 
 
 @pytest.mark.slow
-def test_a_hostile_checkpoint_is_refused_in_one_line(trained_run, tmp_path, faces_root):
+def test_a_hostile_checkpoint_is_refused_in_one_line(trained_run, tmp_path, faces_root, capsys):
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
 
     class Boom:
@@ -194,8 +204,7 @@ def test_a_hostile_checkpoint_is_refused_in_one_line(trained_run, tmp_path, face
     import pickle
 
     (run / "fold0" / "stage2" / "best.pt").write_bytes(pickle.dumps({"model": Boom()}))
-    out = subprocess.run([sys.executable, "-m", "multitask.predict", "--run", str(run), str(faces_root / "images"),
-                          "--out", str(tmp_path / "o"), "--folds", "0"], capture_output=True, text=True, timeout=300)
+    out = run_main(predict_main, capsys, "--run", run, faces_root / "images", "--out", tmp_path / "o", "--folds", 0)
     no_traceback(out)
     assert out.returncode == 2 and "this ran code" not in out.stdout
     assert "best.pt: not a checkpoint or state_dict this project can read safely" in out.stderr
@@ -206,10 +215,9 @@ def test_a_hostile_checkpoint_is_refused_in_one_line(trained_run, tmp_path, face
     (["data.root=/nowhere/at/all", "data.source=competition"], "/nowhere/at/all: data.root does not exist"),
     (["stage2.epochs=0"], "stage2.epochs=0: must be >= 1"),
 ])
-def test_a_bad_start_says_why_in_one_line_and_leaves_no_run_folder(tmp_path, overrides, message):
-    out = subprocess.run([sys.executable, "-m", "multitask.train", f"out_dir={tmp_path / 'runs'}",
-                          f"data.cache_dir={tmp_path / 'cache'}", *overrides], capture_output=True, text=True,
-                         timeout=120)
+def test_a_bad_start_says_why_in_one_line_and_leaves_no_run_folder(tmp_path, overrides, message, capsys):
+    out = run_main(train_main, capsys, f"out_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
+                   *overrides)
     no_traceback(out)
     assert out.returncode == 2 and message in out.stderr
     assert "--resume" not in out.stderr  # nothing to resume

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from multitask.data.check import check
+from multitask.data.check import check, main as data_main
 from multitask.data.images import read_rgb
 from multitask.config import ConfigError, load_config
 from multitask.data.sources import (SOURCES, DataError, detect_source, load_competition, load_imagefolder,
@@ -105,13 +105,12 @@ def test_unreadable_and_truncated_images_are_found_by_the_check(faces_copy):
     assert all("unreadable image" in p.message for p in problems)
 
 
-def test_check_command_exits_nonzero_listing_the_files(faces_copy):
+def test_check_command_exits_nonzero_listing_the_files(faces_copy, capsys):
     bad = first_person(faces_copy) / "incorrect_mask.jpg"
     bad.write_bytes(b"\x89PNG broken")
-    run = subprocess.run([sys.executable, "-m", "multitask.data", "check", str(faces_copy)],
-                         capture_output=True, text=True)
-    assert run.returncode == 1
-    assert str(bad.resolve()) in run.stdout and "1 problem(s)" in run.stdout
+    assert data_main(["check", str(faces_copy)]) == 1
+    out = capsys.readouterr().out
+    assert str(bad.resolve()) in out and "1 problem(s)" in out
 
 
 def test_check_command_passes_on_good_data(faces_root):

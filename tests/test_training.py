@@ -19,6 +19,7 @@ from multitask.config import HeadConfig, load_config
 from multitask.data.sources import load_competition
 from multitask.folds import make_folds
 from multitask.report import write_report
+from multitask.train import main as train_main
 from multitask.tasks import encode_joint
 from multitask.trainer import run_cv
 
@@ -138,10 +139,9 @@ def test_kill_9_in_fold_2_then_resume_finishes_with_the_same_folds(faces_root, t
     assert not list(run.rglob("*.tmp"))
 
 
-def test_resume_refuses_overrides(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "multitask.train", "--resume", str(tmp_path), "stage2.epochs=9"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "overrides would change the run" in out.stderr
+def test_resume_refuses_overrides(tmp_path, capsys):
+    assert train_main(["--resume", str(tmp_path), "stage2.epochs=9"]) == 2
+    assert "overrides would change the run" in capsys.readouterr().err
 
 
 @pytest.mark.slow
