@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from multitask.config import load_config
 from multitask.data.dataset import cache_key, preprocessing
@@ -46,7 +47,7 @@ def test_the_crop_contains_the_drawn_face_wherever_it_is(anywhere_root, tmp_path
         assert overlap(truth, crop) >= 0.85, (drawn.path, crop, truth)
 
 
-def test_each_photo_is_detected_once_whatever_set_it_comes_in(anywhere_root, tmp_path, monkeypatch):
+def test_each_photo_is_detected_once_whatever_set_or_folder_it_comes_in(anywhere_root, tmp_path, monkeypatch):
     paths = []
     for i, p in enumerate(sorted(anywhere_root.rglob("normal.jpg"))):
         paths.append(str(tmp_path / f"{i}.jpg"))
@@ -59,12 +60,17 @@ def test_each_photo_is_detected_once_whatever_set_it_comes_in(anywhere_root, tmp
     assert len(detected) == len(paths)  # only the photos not seen before
     again = find_faces(paths, tmp_path, logs.append)
     assert len(detected) == len(paths) and len(logs) == 2
-    shutil.copy(paths[1], paths[0])  # a changed file is detected again
-    changed = find_faces(paths, tmp_path, logs.append)
-    assert len(detected) == len(paths) + 1
     pd.testing.assert_frame_equal(part, again.iloc[:3])
     pd.testing.assert_frame_equal(whole.iloc[::-1].reset_index(drop=True), again)
-    assert changed.iloc[0, 1:].tolist() == pytest.approx(again.iloc[1, 1:].tolist(), nan_ok=True)
+    elsewhere = [shutil.copy(p, tmp_path / f"copy{i}.jpg") for i, p in enumerate(paths)]  # new paths and times
+    copied = find_faces(elsewhere, tmp_path, logs.append)
+    assert len(detected) == len(paths) and len(logs) == 2
+    pd.testing.assert_frame_equal(copied.drop(columns="path"), again.drop(columns="path"))
+    Image.open(paths[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[0])  # a changed photo: found again
+    changed = find_faces(paths, tmp_path, logs.append)
+    assert len(detected) == len(paths) + 1
+    mirrored_x0 = Image.open(paths[0]).width - again.loc[0, "x1"]
+    assert changed.loc[0, "x0"] == pytest.approx(mirrored_x0, abs=0.05 * Image.open(paths[0]).width)
 
 
 def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -32,18 +31,12 @@ def files_key(paths, salt: str) -> str:
     a changed, added or removed file, or other settings, give another key."""
     h = hashlib.sha1(salt.encode())
     for p in map(os.path.abspath, paths):  # ../data/x and /work/data/x are the same file: one cache
-        stamp = file_stamp(p)
-        h.update((f"{p}\0{stamp[0]}\0{stamp[1]}\n" if stamp else f"{p}\0missing\n").encode())
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
     return h.hexdigest()[:16]
-
-
-def file_stamp(path: str) -> Optional[tuple[int, int]]:
-    """(size, modification time in ns) of a file as it is now, None when it cannot be read: what caches key on."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 def is_image_name(path: Path | str) -> bool:
