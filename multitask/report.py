@@ -159,6 +159,16 @@ def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequenc
     return out
 
 
+def views_sentence(sets: Dict[str, Dict[object, pd.DataFrame]], predict_views: int) -> str:
+    """How many test-time views the folds scored the sets with: runs from before they were recorded used one."""
+    used = {int(f["views"].iloc[0]) if "views" in f else 1 for frames in sets.values() for f in frames.values()}
+    if used == {predict_views}:
+        return (f"with the test-time views predict uses ({predict_views} per photo: predict.tta_flip, tta_scales), so "
+                "the ensemble row is what predict gives.")
+    return (f"with {' or '.join(map(str, sorted(used)))} view(s) per photo, where predict uses {predict_views} "
+            "(predict.tta_flip, tta_scales): predict's scores on the same photos differ a little.")
+
+
 def extra_val_lines(results: dict, member=lambda k: f"fold {k}") -> List[str]:
     lines = []
     for name, r in results.items():
@@ -272,13 +282,14 @@ def write_report(run_dir: Path) -> dict:
     if seconds:
         lines += ["", "Training time per fold: " + ", ".join(
             f"{k} {v / 60:.1f} min" for k, v in sorted(seconds.items()) if v is not None)]
-    extra = extra_val_scores(extra_val_frames(run, cfg), heads)
+    frames = extra_val_frames(run, cfg)
+    extra = extra_val_scores(frames, heads)
     if extra:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
-                  "Scored by each fold's model and by their ensemble (mean probabilities), with the test-time "
-                  f"views predict uses ({len(tta_views(cfg.predict))} per photo: predict.tta_flip, tta_scales), so "
-                  "the ensemble row is what predict gives. \"Mask on vs not worn\": a mask on the face, worn or "
-                  "incorrectly, against no mask."] + extra_val_lines(extra)
+                  "Scored by each fold's model and by their ensemble (mean probabilities), "
+                  + views_sentence(frames, len(tta_views(cfg.predict)))
+                  + " \"Mask on vs not worn\": a mask on the face, worn or incorrectly, against no mask."]
+        lines += extra_val_lines(extra)
     age, age_lines = age_results(oof, heads, plots)
     lines += age_lines
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)

@@ -296,12 +296,14 @@ def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] 
 
 def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
     """fold<k>/extra_val/<name>.csv: the fold model's probabilities on each extra validation set, with the
-    run's test-time views (predict.tta_flip, tta_scales), so the report's ensemble row is what predict gives."""
+    run's test-time views (predict.tta_flip, tta_scales; their number in ``views``), so the report's ensemble row
+    is what predict gives."""
     cfg = ctx.cfg
+    views = tta_views(cfg.predict)
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
-        probs, years = predict_views(model, images, ctx.pre, tta_views(cfg.predict), ctx.rt, cfg.data.batch_size * 2)
-        frame = oof_frame(cfg, table.assign(fold=fold), targets, probs, years)
+        probs, years = predict_views(model, images, ctx.pre, views, ctx.rt, cfg.data.batch_size * 2)
+        frame = oof_frame(cfg, table.assign(fold=fold), targets, probs, years).assign(views=len(views))
         atomic_to_csv(frame, ctx.run.extra_val(fold, name))
 
 

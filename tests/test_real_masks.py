@@ -3,6 +3,8 @@ augmentation aimed at the gap between painted and real photos."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ from multitask.folds import make_folds
 from multitask.data.sources import load_competition, load_mask_folders
 from multitask.data.table import balanced_people, load_labeled, load_table
 from multitask.data.transforms import train_transform
-from multitask.report import mask_on_accuracy
+from multitask.report import mask_on_accuracy, write_report
 
 from conftest import tiny_overrides
 
@@ -90,6 +92,16 @@ def test_every_fold_and_the_ensemble_are_scored_on_the_extra_validation_set(trai
     assert masked["folds"]["1"]["mask"]["per_class"]["worn"]["recall"] == pytest.approx(recall)
     text = (trained_run / "report.md").read_text()
     assert "### masked (96 photos, never trained on)" in text and "mask on vs not worn acc" in text
+    assert "with the test-time views predict uses (2 per photo" in text
+
+
+@pytest.mark.slow
+def test_a_run_scored_before_the_views_were_recorded_says_it_used_one(trained_run, tmp_path):
+    run = Path(shutil.copytree(trained_run, tmp_path / "old", ignore=shutil.ignore_patterns("lock")))
+    for csv in run.glob("fold*/extra_val/*.csv"):
+        pd.read_csv(csv).drop(columns="views").to_csv(csv, index=False)
+    write_report(run)
+    assert "with 1 view(s) per photo, where predict uses 2" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow
