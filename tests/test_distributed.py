@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from multitask.distributed import World, threads_per_process
+from multitask.train import main as train_main
 
 from conftest import tiny_overrides
 
@@ -28,6 +29,12 @@ def torchrun(*args: str, nproc: int = 2) -> list[str]:
 
 def train(*args: str) -> list[str]:
     return [sys.executable, "-m", "multitask.train", *args]
+
+
+def create_run(args: list[str], capsys) -> Path:
+    """`train ... --create-only` (in this process: it trains nothing) -> the run directory it printed."""
+    assert train_main([*args, "--create-only"]) == 0
+    return Path(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 def the_run(out: Path) -> Path:
@@ -99,11 +106,8 @@ def test_kill_9_of_one_rank_then_resume_under_torchrun_finishes(faces_root, tmp_
 
 
 @pytest.mark.slow
-def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_path):
-    args = tiny_overrides(faces_root, tmp_path / "par") + ["cv.folds=2", "name=jobs"]
-    created = subprocess.run(train(*args, "--create-only"), capture_output=True, text=True, timeout=300)
-    assert created.returncode == 0, created.stderr
-    run = Path(created.stdout.strip().splitlines()[-1])
+def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_path, capsys):
+    run = create_run(tiny_overrides(faces_root, tmp_path / "par") + ["cv.folds=2", "name=jobs"], capsys)
     assert (run / "config.yaml").exists() and (run / "folds.csv").exists() and not list(run.glob("fold[0-9]*"))
     jobs = [subprocess.Popen(train("--resume", str(run), "--folds", str(k)), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ONE_THREAD) for k in (0, 1)]
@@ -125,10 +129,8 @@ def test_fold_jobs_side_by_side_make_the_same_report_as_one_job(faces_root, tmp_
 
 
 @pytest.mark.slow
-def test_a_fold_taken_twice_is_an_error_not_a_race(faces_root, tmp_path):
-    args = tiny_overrides(faces_root, tmp_path) + ["cv.folds=2", "stage2.epochs=200", "name=twice"]
-    run = Path(subprocess.run(train(*args, "--create-only"), capture_output=True, text=True,
-                              timeout=300).stdout.strip().splitlines()[-1])
+def test_a_fold_taken_twice_is_an_error_not_a_race(faces_root, tmp_path, capsys):
+    run = create_run(tiny_overrides(faces_root, tmp_path) + ["cv.folds=2", "stage2.epochs=200", "name=twice"], capsys)
     first = subprocess.Popen(train("--resume", str(run), "--folds", "0"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, env=ONE_THREAD)
     try:
@@ -136,11 +138,10 @@ def test_a_fold_taken_twice_is_an_error_not_a_race(faces_root, tmp_path):
         while time.time() < deadline and not (run / "fold0" / "stage1" / "metrics.csv").exists():
             time.sleep(0.1)  # the first job holds fold 0 and is training it
         assert first.poll() is None, first.stderr.read().decode()[-1500:]
-        second = subprocess.run(train("--resume", str(run), "--folds", "0"), capture_output=True, text=True,
-                                timeout=300, env=ONE_THREAD)
+        second = train_main(["--resume", str(run), "--folds", "0"])  # in this process: it trains nothing
+        err = capsys.readouterr().err
     finally:
         first.kill()
         first.wait()
-    assert second.returncode == 2 and "fold 0 is being trained by pid" in second.stderr
-    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert second == 2 and "fold 0 is being trained by pid" in err and len(err.strip().splitlines()) == 1
     assert not (run / "fold0" / "done.json").exists()
