@@ -66,11 +66,19 @@ def test_each_photo_is_detected_once_whatever_set_or_folder_it_comes_in(anywhere
     copied = find_faces(elsewhere, tmp_path, logs.append)
     assert len(detected) == len(paths) and len(logs) == 2
     pd.testing.assert_frame_equal(copied.drop(columns="path"), again.drop(columns="path"))
-    Image.open(paths[0]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[0])  # a changed photo: found again
+    twins = [str(tmp_path / f"twin{i}.jpg") for i in range(3)]  # a new photo, three copies in one set
+    Image.open(paths[1]).rotate(90, expand=True).save(twins[0])
+    for twin in twins[1:]:
+        shutil.copy(twins[0], twin)
+    boxes = find_faces(twins, tmp_path, logs.append).drop(columns="path")
+    assert len(detected) == len(paths) + 1 and logs[-1].startswith("finding faces in 1 of 3 photos")
+    assert boxes.drop_duplicates().shape[0] == 1
+    i = int(again["found"].idxmax())  # a photo with a face found, changed: found again
+    Image.open(paths[i]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[i])
     changed = find_faces(paths, tmp_path, logs.append)
-    assert len(detected) == len(paths) + 1
-    mirrored_x0 = Image.open(paths[0]).width - again.loc[0, "x1"]
-    assert changed.loc[0, "x0"] == pytest.approx(mirrored_x0, abs=0.05 * Image.open(paths[0]).width)
+    assert len(detected) == len(paths) + 2
+    mirrored_x0 = Image.open(paths[i]).width - again.loc[i, "x1"]
+    assert changed.loc[i, "x0"] == pytest.approx(mirrored_x0, abs=0.05 * Image.open(paths[i]).width)
 
 
 def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, tmp_path):

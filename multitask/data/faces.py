@@ -108,19 +108,19 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     hits = keys.merge(known.drop_duplicates("key", keep="last"), on="key", how="left", indicator=True)
     todo = (hits["_merge"] == "left_only").to_numpy()
     if todo.any():
-        log(f"finding faces in {todo.sum()} of {len(paths)} photos (the others cached; boxes kept in {cache})")
+        new = hits.loc[todo, "key"].drop_duplicates()  # the same photo twice in the set is detected once
+        log(f"finding faces in {len(new)} of {len(paths)} photos (the others cached; boxes kept in {cache})")
         rows = []
-        for p in np.asarray(paths)[todo]:
+        for i in new.index:
             try:
-                rgb = read_rgb(p)
+                rgb = read_rgb(paths[i])
                 rows.append(face_row(detect(rgb), rgb.shape))
             except (OSError, ValueError):
                 rows.append(face_row(None))
-        found = pd.DataFrame(rows, columns=COLUMNS)
-        hits.loc[todo, COLUMNS] = found.to_numpy(dtype=object)
+        found = pd.DataFrame(rows, columns=COLUMNS).assign(key=new.to_numpy())[["key"] + COLUMNS]
+        hits.loc[todo, COLUMNS] = hits.loc[todo, ["key"]].merge(found, on="key", how="left")[COLUMNS].to_numpy(dtype=object)
         from multitask.io import atomic_to_csv
 
-        fresh = pd.concat([known, hits.loc[todo, ["key"] + COLUMNS]], ignore_index=True)
-        atomic_to_csv(fresh.drop_duplicates("key", keep="last"), cache)
+        atomic_to_csv(pd.concat([known, found], ignore_index=True).drop_duplicates("key", keep="last"), cache)
     table = hits[COLUMNS].assign(path=paths)[["path"] + COLUMNS]
     return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
