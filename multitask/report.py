@@ -159,9 +159,13 @@ def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequenc
     return out
 
 
+def views_used(sets: Dict[str, Dict[object, pd.DataFrame]]) -> set:
+    """The test-time views per photo the folds scored the sets with: runs from before they were recorded used one."""
+    return {int(f["views"].iloc[0]) if "views" in f else 1 for frames in sets.values() for f in frames.values()}
+
+
 def views_sentence(sets: Dict[str, Dict[object, pd.DataFrame]], predict_views: int) -> str:
-    """How many test-time views the folds scored the sets with: runs from before they were recorded used one."""
-    used = {int(f["views"].iloc[0]) if "views" in f else 1 for frames in sets.values() for f in frames.values()}
+    used = views_used(sets)
     if used == {predict_views}:
         return (f"with the test-time views predict uses ({predict_views} per photo: predict.tta_flip, tta_scales), so "
                 "the ensemble row is what predict gives.")
@@ -339,13 +343,22 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
               "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f}" for x in keys) + " |" for k, f in s["folds"].items()]
     sets: Dict[str, Dict[str, pd.DataFrame]] = {}
+    views = []  # (run, views its folds used, views its predict uses)
     for run, cfg in zip(runs, cfgs):
-        for name, frames in extra_val_frames(run, cfg).items():
+        run_sets = extra_val_frames(run, cfg)
+        for name, frames in run_sets.items():
             sets.setdefault(name, {})[run.root.name] = by_path(mean_frame(list(frames.values()), heads))
+        views.append((run.root.name, views_used(run_sets), len(tta_views(cfg.predict))))
     sets = {name: members for name, members in sets.items() if len(members) == len(runs)}  # the sets all scored
     extra = extra_val_scores(sets, heads)
     if extra:
-        lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average."]
+        if all(used == {predicts} for _, used, predicts in views):
+            how = "every run with the test-time views its predict uses, so the average row is what predict gives."
+        else:
+            how = ("with these views per photo (each run's predict uses, in brackets): " + ", ".join(
+                f"`{name}` {' or '.join(map(str, sorted(used)))} ({predicts})" for name, used, predicts in views)
+                + "; predict's scores on the same photos differ a little.")
+        lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average, scored " + how]
         lines += extra_val_lines(extra, member=str)
     plots = Path(out) / "plots"
     confusions = write_confusions(s["pooled"], heads, plots)

@@ -69,6 +69,16 @@ def test_the_report_of_two_runs_scores_the_average_of_their_out_of_fold_predicti
         alone = json.loads((trained_run / "report.json").read_text())["folds"][str(k)]
         assert report["folds"][k]["mask"]["f1_macro"] == pytest.approx(alone["mask"]["f1_macro"])  # equal in both
     assert set(report["extra_val"]) == {"masked"}  # the extra validation set both runs scored
+    assert "every run with the test-time views its predict uses" in (tmp_path / "avg" / "report.md").read_text()
+
+
+def test_the_report_of_two_runs_says_which_one_scored_the_extra_sets_with_fewer_views(trained_run, tmp_path):
+    old = copy_run(trained_run, tmp_path / "old")
+    for csv in old.glob("fold*/extra_val/*.csv"):  # scored before the views were recorded: the plain photo only
+        pd.read_csv(csv).drop(columns="views").to_csv(csv, index=False)
+    write_ensemble_report([trained_run, old], tmp_path / "avg")
+    text = (tmp_path / "avg" / "report.md").read_text()
+    assert f"`{trained_run.name}` 2 (2), `old` 1 (2)" in text
 
 
 def test_runs_on_other_folds_cannot_be_averaged(trained_run, tmp_path, capsys):
