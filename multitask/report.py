@@ -160,8 +160,13 @@ def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequenc
 
 
 def views_used(sets: Dict[str, Dict[object, pd.DataFrame]]) -> set:
-    """The test-time views per photo the folds scored the sets with: runs from before they were recorded used one."""
-    return {int(f["views"].iloc[0]) if "views" in f else 1 for frames in sets.values() for f in frames.values()}
+    """The test-time views per photo the folds scored the sets with; None where not recorded (runs scored before
+    the count was recorded: 1 view before the mirror view came in, 2 after, as predict's defaults)."""
+    return {int(f["views"].iloc[0]) if "views" in f else None for frames in sets.values() for f in frames.values()}
+
+
+def views_text(used: set) -> str:
+    return " or ".join([str(v) for v in sorted(v for v in used if v is not None)] + ["unrecorded"] * (None in used))
 
 
 def views_sentence(sets: Dict[str, Dict[object, pd.DataFrame]], predict_views: int) -> str:
@@ -169,8 +174,8 @@ def views_sentence(sets: Dict[str, Dict[object, pd.DataFrame]], predict_views: i
     if used == {predict_views}:
         return (f"with the test-time views predict uses ({predict_views} per photo: predict.tta_flip, tta_scales), so "
                 "the ensemble row is what predict gives.")
-    return (f"with {' or '.join(map(str, sorted(used)))} view(s) per photo, where predict uses {predict_views} "
-            "(predict.tta_flip, tta_scales): predict's scores on the same photos differ a little.")
+    return (f"with test-time views per photo: {views_text(used)}, where predict uses {predict_views} "
+            "(predict.tta_flip, tta_scales): predict's scores on the same photos may differ a little.")
 
 
 def extra_val_lines(results: dict, member=lambda k: f"fold {k}") -> List[str]:
@@ -355,9 +360,9 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
         if all(used == {predicts} for _, used, predicts in views):
             how = "every run with the test-time views its predict uses, so the average row is what predict gives."
         else:
-            how = ("with these views per photo (each run's predict uses, in brackets): " + ", ".join(
-                f"`{name}` {' or '.join(map(str, sorted(used)))} ({predicts})" for name, used, predicts in views)
-                + "; predict's scores on the same photos differ a little.")
+            how = ("with these test-time views per photo (each run's predict uses, in brackets): " + ", ".join(
+                f"`{name}` {views_text(used)} ({predicts})" for name, used, predicts in views)
+                + "; predict's scores on the same photos may differ a little.")
         lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average, scored " + how]
         lines += extra_val_lines(extra, member=str)
     plots = Path(out) / "plots"

@@ -96,12 +96,12 @@ def test_every_fold_and_the_ensemble_are_scored_on_the_extra_validation_set(trai
 
 
 @pytest.mark.slow
-def test_a_run_scored_before_the_views_were_recorded_says_it_used_one(trained_run, tmp_path):
+def test_a_run_scored_before_the_views_were_recorded_says_so(trained_run, tmp_path):
     run = Path(shutil.copytree(trained_run, tmp_path / "old", ignore=shutil.ignore_patterns("lock")))
     for csv in run.glob("fold*/extra_val/*.csv"):
         pd.read_csv(csv).drop(columns="views").to_csv(csv, index=False)
     write_report(run)
-    assert "with 1 view(s) per photo, where predict uses 2" in (run / "report.md").read_text()
+    assert "with test-time views per photo: unrecorded, where predict uses 2" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow
