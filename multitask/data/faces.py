@@ -118,7 +118,8 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
             except (OSError, ValueError):
                 rows.append(face_row(None))
         found = pd.DataFrame(rows, columns=COLUMNS).assign(key=new.to_numpy())[["key"] + COLUMNS]
-        hits.loc[todo, COLUMNS] = hits.loc[todo, ["key"]].merge(found, on="key", how="left")[COLUMNS].to_numpy(dtype=object)
+        boxes = hits.loc[todo, ["key"]].merge(found, on="key", how="left")
+        hits.loc[todo, COLUMNS] = boxes[COLUMNS].to_numpy(dtype=object)
         from multitask.io import atomic_to_csv
 
         atomic_to_csv(pd.concat([known, found], ignore_index=True).drop_duplicates("key", keep="last"), cache)
