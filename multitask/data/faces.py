@@ -105,10 +105,8 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE, 'content')))}.csv"
     keys = pd.DataFrame({"key": [content_key(p) for p in paths]})
     known = (pd.read_csv(cache, dtype={"key": str}) if cache.exists() else pd.DataFrame(columns=["key"] + COLUMNS))
-    hits = keys.merge(known.drop_duplicates("key", keep="last"), on="key", how="left", indicator=True)
-    todo = (hits["_merge"] == "left_only").to_numpy()
-    if todo.any():
-        new = hits.loc[todo, "key"].drop_duplicates()  # the same photo twice in the set is detected once
+    new = keys.loc[~keys["key"].isin(known["key"]), "key"].drop_duplicates()  # a photo twice in the set: once
+    if len(new):
         log(f"finding faces in {len(new)} of {len(paths)} photos (the others cached; boxes kept in {cache})")
         rows = []
         for i in new.index:
@@ -118,10 +116,10 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
             except (OSError, ValueError):
                 rows.append(face_row(None))
         found = pd.DataFrame(rows, columns=COLUMNS).assign(key=new.to_numpy())[["key"] + COLUMNS]
-        boxes = hits.loc[todo, ["key"]].merge(found, on="key", how="left")
-        hits.loc[todo, COLUMNS] = boxes[COLUMNS].to_numpy(dtype=object)
+        known = pd.concat([known, found], ignore_index=True).drop_duplicates("key", keep="last")
         from multitask.io import atomic_to_csv
 
-        atomic_to_csv(pd.concat([known, found], ignore_index=True).drop_duplicates("key", keep="last"), cache)
-    table = hits[COLUMNS].assign(path=paths)[["path"] + COLUMNS]
+        atomic_to_csv(known, cache)
+    table = keys.merge(known.drop_duplicates("key", keep="last"), on="key", how="left")[COLUMNS].assign(path=paths)
+    table = table[["path"] + COLUMNS]
     return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
