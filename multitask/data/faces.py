@@ -104,7 +104,8 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     paths = list(paths)
     cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE, 'content')))}.csv"
     keys = pd.DataFrame({"key": [content_key(p) for p in paths]})
-    known = (pd.read_csv(cache, dtype={"key": str}) if cache.exists() else pd.DataFrame(columns=["key"] + COLUMNS))
+    known = (pd.read_csv(cache, dtype={"key": str}).drop_duplicates("key", keep="last") if cache.exists()
+             else pd.DataFrame(columns=["key"] + COLUMNS))
     new = keys.loc[~keys["key"].isin(known["key"]), "key"].drop_duplicates()  # a photo twice in the set: once
     if len(new):
         log(f"finding faces in {len(new)} of {len(paths)} photos (the others cached; boxes kept in {cache})")
@@ -116,10 +117,10 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
             except (OSError, ValueError):
                 rows.append(face_row(None))
         found = pd.DataFrame(rows, columns=COLUMNS).assign(key=new.to_numpy())[["key"] + COLUMNS]
-        known = pd.concat([known, found], ignore_index=True).drop_duplicates("key", keep="last")
+        known = pd.concat([known, found], ignore_index=True)  # new keys only: still one row per key
         from multitask.io import atomic_to_csv
 
         atomic_to_csv(known, cache)
-    table = keys.merge(known.drop_duplicates("key", keep="last"), on="key", how="left")[COLUMNS].assign(path=paths)
+    table = keys.merge(known, on="key", how="left")[COLUMNS].assign(path=paths)
     table = table[["path"] + COLUMNS]
     return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
