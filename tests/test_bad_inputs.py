@@ -88,8 +88,8 @@ def no_traceback(proc: subprocess.CompletedProcess) -> None:
 
 def run_main(main, capsys, *args) -> subprocess.CompletedProcess:
     """A command's main() in this process: the exit code and the output `python -m` would give, without its five
-    seconds of imports (an exception would fail the test, as a traceback would). Training runs as `python -m`
-    below, and each command's entry point runs as one in its own tests (predict, explain, data check)."""
+    seconds of imports (an exception would fail the test, as a traceback would). Each command's entry point runs
+    as `python -m` in its own tests (train, predict, explain, data check)."""
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
@@ -146,15 +146,15 @@ def competition_with_zoo(faces_root: Path, zoo: Path, tmp_path: Path) -> tuple[P
 
 
 @pytest.mark.slow
-def test_training_stops_on_bad_files_or_skips_them_as_told(faces_root, zoo, tmp_path):
+def test_training_stops_on_bad_files_or_skips_them_as_told(faces_root, zoo, tmp_path, capsys):
     root, broken = competition_with_zoo(faces_root, zoo, tmp_path)
-    args = [sys.executable, "-m", "multitask.train", *tiny_overrides(root, tmp_path), "cv.folds=2", "cv.run_folds=[0]"]
-    stop = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    args = [*tiny_overrides(root, tmp_path), "cv.folds=2", "cv.run_folds=[0]"]
+    stop = run_main(train_main, capsys, *args)
     no_traceback(stop)
     assert stop.returncode == 2 and all(Path(b).name in stop.stderr for b in broken[:1])
     assert "data.on_bad_file=skip" in stop.stderr
     assert not list((tmp_path / "runs").glob("*"))  # a start that failed leaves no run folder behind
-    skip = subprocess.run(args + ["data.on_bad_file=skip"], capture_output=True, text=True, timeout=600)
+    skip = run_main(train_main, capsys, *args, "data.on_bad_file=skip")
     no_traceback(skip)
     assert skip.returncode == 0, skip.stderr[-2000:]
     run = next((tmp_path / "runs").glob("*"))

@@ -108,7 +108,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_kill_9_in_fold_2_then_resume_finishes_with_the_same_folds(faces_root, tmp_path):
+def test_kill_9_in_fold_2_then_resume_finishes_with_the_same_folds(faces_root, tmp_path, capsys):
     args = [sys.executable, "-m", "multitask.train", *tiny_overrides(faces_root, tmp_path), "stage2.epochs=3",
             "name=killme"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -127,11 +127,11 @@ def test_kill_9_in_fold_2_then_resume_finishes_with_the_same_folds(faces_root, t
     fold0_oof = (run / "fold0" / "oof.csv").stat().st_mtime_ns
     epochs_done = len(pd.read_csv(run / "fold1" / "stage2" / "metrics.csv"))
 
-    out = subprocess.run([sys.executable, "-m", "multitask.train", "--resume", str(run)], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert "fold 0: done, kept" in out.stdout
-    assert f"fold 1 stage 2: resuming at epoch {epochs_done + 1}/3" in out.stdout
+    code = train_main(["--resume", str(run)])  # in this process: the killed one was `python -m multitask.train`
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "fold 0: done, kept" in out.out
+    assert f"fold 1 stage 2: resuming at epoch {epochs_done + 1}/3" in out.out
     assert (run / "folds.csv").read_text() == folds_before
     assert (run / "fold0" / "oof.csv").stat().st_mtime_ns == fold0_oof  # the finished fold was not retrained
     assert pd.read_csv(run / "fold1" / "stage2" / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
@@ -145,12 +145,12 @@ def test_resume_refuses_overrides(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_results(faces_root, tmp_path):
-    args = [sys.executable, "-m", "multitask.train", *tiny_overrides(faces_root, tmp_path), "optim.lr_heads=1e30",
-            "optim.lr_trunk=1e30", "loss.class_weights=false", "name=nan"]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 2
-    assert "non-finite loss" in out.stderr and "at epoch" in out.stderr and "batch" in out.stderr
+def test_non_finite_loss_stops_with_epoch_and_batch_and_keeps_results(faces_root, tmp_path, capsys):
+    code = train_main([*tiny_overrides(faces_root, tmp_path), "optim.lr_heads=1e30", "optim.lr_trunk=1e30",
+                       "loss.class_weights=false", "name=nan"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "non-finite loss" in err and "at epoch" in err and "batch" in err
     run = run_dirs(tmp_path)[0]
     assert (run / "config.yaml").exists() and (run / "folds.csv").exists()
 
