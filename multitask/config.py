@@ -112,6 +112,10 @@ class StageConfig:
     epochs: int = 6
     heads: List[str] = field(default_factory=list)  # empty: all heads
     only: Dict[str, str] = field(default_factory=dict)  # keep rows whose column has this class, e.g. mask: not_worn
+    # H x W this stage trains and validates at; null: data.size. Progressive resizing: a smaller stage 1 (e.g.
+    # [128, 128] under data.size [160, 160]) learns from the same cached photos, resized, for fewer pixels per
+    # step. The final stage is the run's model, so it stays at data.size (predict and explain use that).
+    size: Optional[List[int]] = None
 
 
 @dataclass
@@ -328,6 +332,18 @@ def check_ranges(cfg: Config) -> None:
                               f"(column age_group), not {h.column}")
 
 
+def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
+    final = "stage2" if cfg.stage2.enabled else "stage1"
+    if len(size) != 2 or min(size) < 8:
+        raise ConfigError(f"{stage_name}.size={list(size)}: two sizes of at least 8 pixels")
+    if size[0] > cfg.data.size[0] or size[1] > cfg.data.size[1]:
+        raise ConfigError(f"{stage_name}.size={list(size)}: at most data.size {list(cfg.data.size)} (photos are "
+                          f"prepared for data.size; a stage may train smaller, not larger)")
+    if stage_name == final and list(size) != list(cfg.data.size):
+        raise ConfigError(f"{stage_name}.size={list(size)}: the final stage trains the run's model, at data.size "
+                          f"{list(cfg.data.size)}; set it to null")
+
+
 def validate(cfg: Config) -> None:
     from multitask.data.sources import SOURCES  # the table of data layouts (data imports this module)
 
@@ -352,6 +368,8 @@ def validate(cfg: Config) -> None:
         unknown = (set(stage.heads) | set(stage.only)) - set(names)
         if unknown:
             raise ConfigError(f"{stage_name}.heads: unknown head(s) {sorted(unknown)}; heads are {names}")
+        if stage.size is not None:
+            check_stage_size(cfg, stage_name, stage.size)
     if not (cfg.stage1.enabled or cfg.stage2.enabled):
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
     if sorted(cfg.data.age_thresholds) != list(cfg.data.age_thresholds) or len(cfg.data.age_thresholds) != 2:

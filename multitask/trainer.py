@@ -102,11 +102,11 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
     loss_fn = stage_loss(cfg, active, y_train).to(ctx.rt.device)
-    train_tf = ctx.pre.train()
+    train_tf = ctx.pre.train(stage.size)
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
-    val_ds = dataset(ctx, val_rows, y_val, ctx.pre.eval())
+    val_ds = dataset(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size))
     val_sampler = DistributedSampler(val_ds, world.size, world.rank, shuffle=False) if world.active else None
     val_loader = make_loader(val_ds, cfg.data.batch_size * 2, workers, ctx.rt.device, sampler=val_sampler)
 
@@ -407,7 +407,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
-        for s, n in sizes.items()) + "; the time left is shown after every epoch")
+        + stage_size_note(cfg, s) for s, n in sizes.items()) + "; the time left is shown after every epoch")
     for fold in sorted(set(cfg.cv.run_folds or range(cfg.cv.folds)) - set(todo)):
         log(f"fold {fold}: done, kept")
     writer = SummaryWriter(str(run.tensorboard)) if world.main else None
@@ -418,6 +418,11 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     finally:
         if writer is not None:
             writer.close()
+
+
+def stage_size_note(cfg: Config, stage_no: int) -> str:
+    size = getattr(cfg, f"stage{stage_no}").size
+    return f" at {size[0]}x{size[1]}" if size and list(size) != list(cfg.data.size) else ""
 
 
 def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWriter]) -> None:

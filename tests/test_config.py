@@ -37,6 +37,9 @@ def test_overrides_reach_nested_fields_with_types():
     ("data.size=[0,0]", "data.size=[0, 0]: two sizes of at least 8 pixels"),
     ("augment.degrade=1.5", "augment.degrade=1.5: must be >= 0 and <= 1"),
     ("train.device=gpu", "train.device='gpu': must be auto, cpu, cuda or cuda:N"),
+    ("stage1.size=[96,56]", "stage1.size=[96, 56]: at most data.size [72, 56]"),
+    ("stage1.size=[4,4]", "stage1.size=[4, 4]: two sizes of at least 8 pixels"),
+    ("stage2.size=[48,40]", "stage2.size=[48, 40]: the final stage trains the run's model, at data.size"),
 ])
 def test_bad_overrides_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

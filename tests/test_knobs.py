@@ -155,3 +155,32 @@ def test_with_a_weight_average_a_resumed_stage_keeps_the_same_average(faces_root
     assert not torch.allclose(raw["heads.mask.1.weight"], average["heads.mask.1.weight"])
     best = load_checkpoint(tmp_path / "whole" / "fold0" / "stage2" / "best.pt")["model"]
     assert any(torch.equal(best["heads.mask.1.weight"], a["heads.mask.1.weight"]) for _, a in whole)
+
+
+def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_path, monkeypatch):
+    """Progressive resizing: stage 1 at ``stage1.size`` from the same prepared photos, stage 2 at data.size."""
+    import multitask.trainer as trainer
+
+    seen = []
+    original_train, original_validate = trainer.train_one_epoch, trainer.validate
+
+    def train_one_epoch(model, loader, *args, **kw):
+        seen.append(("train", tuple(next(iter(loader))[0].shape[1:])))
+        return original_train(model, loader, *args, **kw)
+
+    def validate(ctx, model, loader):
+        seen.append(("val", tuple(next(iter(loader))[0].shape[1:])))
+        return original_validate(ctx, model, loader)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(trainer, "validate", validate)
+    logged = []
+    cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
+        "cv.run_folds=[0]", "stage1.size=[24,16]", "train.threads=1", "data.workers=0"])
+    run_cv(cfg, tmp_path / "run", log=logged.append)
+    small, full = (3, 24, 16), (3, 40, 32)
+    # stage 1: one epoch and its validation, then the kept model re-validated; stage 2 likewise at full size
+    assert seen[:2] == [("train", small), ("val", small)]
+    assert ("train", full) in seen and all(shape in (small, full) for _, shape in seen)
+    assert seen.index(("train", full)) > max(i for i, (_, shape) in enumerate(seen) if shape == small)
+    assert any("stage 1 1 epochs of" in line and "at 24x16" in line for line in logged)

@@ -8,7 +8,7 @@ photo the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import albumentations as A
 import cv2
@@ -122,9 +122,12 @@ def _finish() -> list:
     return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
 
 
-def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
+def train_transform(data: DataConfig, aug: AugmentConfig, resize: bool = False) -> A.Compose:
+    """Random crop to ``data.size`` and the augmentation; ``resize``: the photo was prepared for another size
+    (a stage's ``size`` under the run's ``data.size``) and is first resized to this one's prepared size."""
     h, w = data.size
-    steps = [A.RandomCrop(h, w), A.HorizontalFlip(p=aug.hflip)]
+    steps = [A.Resize(*load_size(data))] if resize else []
+    steps += [A.RandomCrop(h, w), A.HorizontalFlip(p=aug.hflip)]
     if aug.brightness_contrast > 0:
         steps.append(A.RandomBrightnessContrast(0.2, 0.2, p=aug.brightness_contrast))
     if aug.affine > 0:
@@ -148,12 +151,12 @@ def train_transform(data: DataConfig, aug: AugmentConfig) -> A.Compose:
     return A.Compose(steps + _finish())
 
 
-def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False) -> A.Compose:
+def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, resize: bool = False) -> A.Compose:
     """Centre crop to the network size. Test-time views: ``scale`` != 1 resizes the prepared photo first,
-    ``flip`` mirrors it."""
+    ``flip`` mirrors it. ``resize``: as in ``train_transform``."""
     h, w = data.size
     steps = []
-    if scale != 1.0:
+    if scale != 1.0 or resize:
         lh, lw = load_size(data)
         steps.append(A.Resize(max(h, round(lh * scale)), max(w, round(lw * scale))))
     steps.append(A.CenterCrop(h, w))
@@ -183,11 +186,20 @@ class Preprocessing:
         """The same preprocessing with these typical face boxes by photo size (width, height): a trained run's."""
         return replace(self, prepare=replace(self.prepare, typical=dict(typical)))
 
-    def train(self) -> A.Compose:
-        return train_transform(self.data, self.augment)
+    def train(self, size: Optional[Sequence[int]] = None) -> A.Compose:
+        """The training transform; ``size``: at another network size than ``data.size`` (a stage's)."""
+        data, resize = self._at(size)
+        return train_transform(data, self.augment, resize)
 
-    def eval(self, scale: float = 1.0, flip: bool = False) -> A.Compose:
-        return eval_transform(self.data, scale, flip)
+    def eval(self, scale: float = 1.0, flip: bool = False, size: Optional[Sequence[int]] = None) -> A.Compose:
+        data, resize = self._at(size)
+        return eval_transform(data, scale, flip, resize)
+
+    def _at(self, size: Optional[Sequence[int]]) -> tuple[DataConfig, bool]:
+        """The data config at network ``size``, and whether prepared photos must be resized to reach it."""
+        if size is None or list(size) == list(self.data.size):
+            return self.data, False
+        return replace(self.data, size=list(size)), True
 
 
 def denormalize(tensor) -> np.ndarray:
