@@ -176,11 +176,9 @@ def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_pa
     monkeypatch.setattr(trainer, "validate", validate)
     logged = []
     cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
-        "cv.run_folds=[0]", "stage1.size=[24,16]", "train.threads=1", "data.workers=0"])
+        "cv.run_folds=[0]", "data.size=[48,40]", "stage1.size=[40,32]", "train.threads=1", "data.workers=0"])
     run_cv(cfg, tmp_path / "run", log=logged.append)
-    small, full = (3, 24, 16), (3, 40, 32)
-    # stage 1: one epoch and its validation, then the kept model re-validated; stage 2 likewise at full size
-    assert seen[:2] == [("train", small), ("val", small)]
-    assert ("train", full) in seen and all(shape in (small, full) for _, shape in seen)
-    assert seen.index(("train", full)) > max(i for i, (_, shape) in enumerate(seen) if shape == small)
-    assert any("stage 1 1 epochs of" in line and "at 24x16" in line for line in logged)
+    small, full = (3, 40, 32), (3, 48, 40)
+    # stage 1: its epoch and validation; stage 2: its epoch, validation, and the kept model's out-of-fold pass
+    assert seen == [("train", small), ("val", small), ("train", full), ("val", full), ("val", full)]
+    assert any("stage 1 1 epochs of" in line and "at 40x32" in line for line in logged)
