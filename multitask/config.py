@@ -216,6 +216,11 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
+def final_stage(cfg: Config) -> int:
+    """The stage whose best.pt is a fold's model: 2, or 1 when stage 2 is off."""
+    return 2 if cfg.stage2.enabled else 1
+
+
 CHOICES = {
     "data.on_bad_file": ("error", "skip"),
     "data.face_crop": ("none", "center", "detector"),
@@ -318,10 +323,11 @@ def check_ranges(cfg: Config) -> None:
         if not (low <= value if low_ok else low < value) or value > high:
             bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if high != INF else "")
             raise ConfigError(f"{dotted}={value!r}: must be {bound}")
-    for name in ("size", "crop", "synthetic_size"):
-        dims = getattr(cfg.data, name)
+    sizes = {f"data.{name}": getattr(cfg.data, name) for name in ("size", "crop", "synthetic_size")}
+    sizes.update({f"{stage}.size": getattr(cfg, stage).size for stage in ("stage1", "stage2")})
+    for key, dims in sizes.items():
         if dims is not None and (len(dims) != 2 or min(dims) < 8):
-            raise ConfigError(f"data.{name}={list(dims)}: two sizes of at least 8 pixels")
+            raise ConfigError(f"{key}={list(dims)}: two sizes of at least 8 pixels")
     for i, h in enumerate(cfg.heads):
         if h.loss_weight < 0:
             raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
@@ -333,13 +339,11 @@ def check_ranges(cfg: Config) -> None:
 
 
 def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
-    final = "stage2" if cfg.stage2.enabled else "stage1"
-    if len(size) != 2 or min(size) < 8:
-        raise ConfigError(f"{stage_name}.size={list(size)}: two sizes of at least 8 pixels")
+    """A stage's size against data.size (its shape is checked with the other sizes in ``check_ranges``)."""
     if size[0] > cfg.data.size[0] or size[1] > cfg.data.size[1]:
         raise ConfigError(f"{stage_name}.size={list(size)}: at most data.size {list(cfg.data.size)} (photos are "
                           f"prepared for data.size; a stage may train smaller, not larger)")
-    if stage_name == final and list(size) != list(cfg.data.size):
+    if stage_name == f"stage{final_stage(cfg)}" and list(size) != list(cfg.data.size):
         raise ConfigError(f"{stage_name}.size={list(size)}: the final stage trains the run's model, at data.size "
                           f"{list(cfg.data.size)}; set it to null")
 

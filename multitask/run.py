@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from multitask.config import Config, ConfigError, HeadConfig, load_config
+from multitask.config import Config, ConfigError, HeadConfig, final_stage, load_config
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,6 @@ class RunDir:
             model.load_state_dict(load_checkpoint(self.best(k, final_stage(cfg)))["model"])
             models[k] = model.to(device or torch.device("cpu")).eval()
         return models
-
-
-def final_stage(cfg: Config) -> int:
-    """The stage whose best.pt is a fold's model: 2, or 1 when stage 2 is off."""
-    return 2 if cfg.stage2.enabled else 1
 
 
 def final_heads(cfg: Config) -> List[HeadConfig]:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
-from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, save_config
+from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, final_stage, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem
 from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
@@ -39,7 +39,7 @@ from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
-from multitask.run import RunDir, final_stage, prediction_frame
+from multitask.run import RunDir, prediction_frame
 
 Log = Callable[[str], None]
 
