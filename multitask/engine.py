@@ -239,8 +239,10 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, rt: Runtime, progres
     return torch.cat(out) if out else torch.zeros(0, sum(unwrap(model).head_sizes))
 
 
-def head_probabilities(model: MultiHeadNet, logits: torch.Tensor) -> Dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in model.probabilities(logits).items()}
+def head_outputs(model: MultiHeadNet, logits: torch.Tensor) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(per head the class probabilities, per head that predicts them the years) of a batch's logits."""
+    return ({k: v.numpy() for k, v in model.probabilities(logits).items()},
+            {k: v.numpy() for k, v in model.years(logits).items()})
 
 
 def tta_views(predict: PredictConfig, flip: Optional[bool] = None) -> List[tuple]:
@@ -256,15 +258,25 @@ def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, v
     """(per head the class probabilities, per head that predicts them the years) of prepared photos
     (N x H x W x 3 uint8), averaged over test-time views (``tta_views``): what predict gives, and what the extra
     validation sets are scored with."""
+    def one_view(scale: float, flip: bool):
+        loader = make_loader(ArrayDataset(images, pre.eval(scale, flip)), batch_size, workers, rt.device)
+        logits = predict_logits(model, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
+        return head_outputs(model, logits)
+
+    return mean_over_views(views, one_view)
+
+
+def mean_over_views(views: Sequence[tuple], one_view: Callable[[float, bool], tuple]
+                    ) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """The mean over test-time views of ``one_view(scale, flip)`` -> (probabilities per head, years per head)."""
     probs: Dict[str, np.ndarray] = {}
     years: Dict[str, np.ndarray] = {}
     for scale, flip in views:
-        loader = make_loader(ArrayDataset(images, pre.eval(scale, flip)), batch_size, workers, rt.device)
-        logits = predict_logits(model, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
-        for name, part in head_probabilities(model, logits).items():
+        view_probs, view_years = one_view(scale, flip)
+        for name, part in view_probs.items():
             probs[name] = probs.get(name, 0) + part / len(views)
-        for name, part in model.years(logits).items():
-            years[name] = years.get(name, 0) + part.numpy() / len(views)
+        for name, part in view_years.items():
+            years[name] = years.get(name, 0) + part / len(views)
     return probs, years
 
 

@@ -169,13 +169,27 @@ def views_text(used: set) -> str:
     return " or ".join([str(v) for v in sorted(v for v in used if v is not None)] + ["unrecorded"] * (None in used))
 
 
-def views_sentence(sets: Dict[str, Dict[object, pd.DataFrame]], predict_views: int) -> str:
-    used = views_used(sets)
+def oof_views(oof: pd.DataFrame) -> set:
+    """The test-time views per photo of out-of-fold predictions (runs before the count was recorded scored their
+    out-of-fold photos with the plain view only)."""
+    return set(oof["views"].fillna(1).astype(int)) if "views" in oof else {1}
+
+
+def views_sentence(used: set, predict_views: int, so: str) -> str:
     if used == {predict_views}:
         return (f"with the test-time views predict uses ({predict_views} per photo: predict.tta_flip, tta_scales), so "
-                "the ensemble row is what predict gives.")
+                f"{so}.")
     return (f"with test-time views per photo: {views_text(used)}, where predict uses {predict_views} "
             "(predict.tta_flip, tta_scales): predict's scores on the same photos may differ a little.")
+
+
+def runs_views_sentence(views: Sequence[tuple], so: str) -> str:
+    """``views``: (run name, views its predictions used, views its predict uses) per run."""
+    if all(used == {predicts} for _, used, predicts in views):
+        return f"every run with the test-time views its predict uses, so {so}."
+    return ("with these test-time views per photo (each run's predict uses, in brackets): " + ", ".join(
+        f"`{name}` {views_text(used)} ({predicts})" for name, used, predicts in views)
+        + "; predict's scores on the same photos may differ a little.")
 
 
 def extra_val_lines(results: dict, member=lambda k: f"fold {k}") -> List[str]:
@@ -263,6 +277,7 @@ def write_report(run_dir: Path) -> dict:
     oof = collect_oof(run)
     atomic_to_csv(oof, run.oof)
     s = summarize(cfg, heads, oof)
+    predict_views = len(tta_views(cfg.predict))
     plots = run.plots
     confusions = write_confusions(s["pooled"], heads, plots)
     curves = []
@@ -280,7 +295,8 @@ def write_report(run_dir: Path) -> dict:
              f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
              f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
              f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
-             f"persons, best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1. "
+             f"persons (best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1 on the "
+             "plain photo), scored " + views_sentence(oof_views(oof), predict_views, "predict reproduces them") + " "
              + recipe(cfg, run), "",
              "## Macro-F1 and accuracy per fold", "", head_line, "|---" * (1 + 2 * len(keys)) + "|"]
     for k, f in s["folds"].items():
@@ -296,7 +312,7 @@ def write_report(run_dir: Path) -> dict:
     if extra:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
                   "Scored by each fold's model and by their ensemble (mean probabilities), "
-                  + views_sentence(frames, len(tta_views(cfg.predict)))
+                  + views_sentence(views_used(frames), predict_views, "the ensemble row is what predict gives")
                   + " \"Mask on vs not worn\": a mask on the face, worn or incorrectly, against no mask."]
         lines += extra_val_lines(extra)
     age, age_lines = age_results(oof, heads, plots)
@@ -340,7 +356,9 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     lines = [f"# Average of {len(runs)} runs", "",
              f"Runs: {names}, each counting once (what `python -m multitask.predict` gives with a `--run` for "
              f"each). {len(oof)} out-of-fold photos of {oof['person_id'].nunique()} persons, the same "
-             f"{len(s['folds'])} folds in every run.", "",
+             f"{len(s['folds'])} folds in every run, scored " + runs_views_sentence(
+                 [(run.root.name, oof_views(o), len(tta_views(cfg.predict))) for run, cfg, o in zip(runs, cfgs, oofs)],
+                 "the average is what predict gives"), "",
              "## Macro-F1 (mean ± std over folds)", "",
              "| | " + " | ".join(label(k, heads) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [row(name, r) for name, r in each.items()] + [row("**average**", s)]
@@ -348,7 +366,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
               "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(f"{f[x]['f1_macro']:.4f}" for x in keys) + " |" for k, f in s["folds"].items()]
     sets: Dict[str, Dict[str, pd.DataFrame]] = {}
-    views = []  # (run, views its folds used, views its predict uses)
+    views = []  # (run, views its folds used on the extra sets, views its predict uses)
     for run, cfg in zip(runs, cfgs):
         run_sets = extra_val_frames(run, cfg)
         for name, frames in run_sets.items():
@@ -357,13 +375,8 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     sets = {name: members for name, members in sets.items() if len(members) == len(runs)}  # the sets all scored
     extra = extra_val_scores(sets, heads)
     if extra:
-        if all(used == {predicts} for _, used, predicts in views):
-            how = "every run with the test-time views its predict uses, so the average row is what predict gives."
-        else:
-            how = ("with these test-time views per photo (each run's predict uses, in brackets): " + ", ".join(
-                f"`{name}` {views_text(used)} ({predicts})" for name, used, predicts in views)
-                + "; predict's scores on the same photos may differ a little.")
-        lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average, scored " + how]
+        lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average, scored "
+                  + runs_views_sentence(views, "the average row is what predict gives")]
         lines += extra_val_lines(extra, member=str)
     plots = Path(out) / "plots"
     confusions = write_confusions(s["pooled"], heads, plots)

@@ -31,9 +31,9 @@ from multitask.data.table import (apply_policy, eval_targets, load_labeled, load
                                   training_targets, with_found_classes)
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
-from multitask.engine import (Runtime, head_probabilities, learning_rates_at, loader_workers, make_loader,
-                              make_optimizer, predict_logits, predict_views, train_one_epoch, tta_views, uses_sgd,
-                              weight_average)
+from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_workers, make_loader,
+                              make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
+                              tta_views, uses_sgd, weight_average)
 from multitask.folds import attach_folds, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
@@ -106,9 +106,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
-    val_ds = dataset(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size))
-    val_sampler = DistributedSampler(val_ds, world.size, world.rank, shuffle=False) if world.active else None
-    val_loader = make_loader(val_ds, cfg.data.batch_size * 2, workers, ctx.rt.device, sampler=val_sampler)
+    val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size), workers)
 
     model = ctx.rt.place(model)
     start, best_score, best_epoch, history = 0, -1.0, -1, []
@@ -175,7 +173,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
                 f"val F1 {f1s}  lr {epoch_lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
                 + ("  *" if improved else "") + f"  ({left})")
-    return finish_stage(ctx, fold, stage_no, model, val_loader, val_rows, y_val, best_epoch, best_score)
+    return finish_stage(ctx, fold, stage_no, model, val_rows, y_val, workers, best_epoch, best_score)
 
 
 def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray) -> MultiHeadLoss:
@@ -219,17 +217,28 @@ def log_scalars(writer: SummaryWriter, prefix: str, row: dict) -> None:
     writer.flush()
 
 
-def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, val_loader, val_rows, y_val,
+def validation_loader(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform, workers: int):
+    """The photos of ``rows`` in order; under torchrun each process loads its share (``validate`` gathers)."""
+    ds = dataset(ctx, rows, targets, transform)
+    sampler = DistributedSampler(ds, ctx.world.size, ctx.world.rank, shuffle=False) if ctx.world.active else None
+    return make_loader(ds, ctx.cfg.data.batch_size * 2, workers, ctx.rt.device, sampler=sampler)
+
+
+def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, val_rows, y_val, workers: int,
                  best_epoch: int, best_score: float) -> MultiHeadNet:
     """The stage's best model back in ``model``; the fold's out-of-fold predictions from it (final stage);
     done.json; last.pt removed."""
     run, world = ctx.run, ctx.world
     barrier(world)  # every process reads the best.pt rank 0 wrote
     model.load_state_dict(load_checkpoint(run.best(fold, stage_no))["model"])
-    if stage_no == final_stage(ctx.cfg):  # from the weights as saved, so that predict reproduces oof.csv
-        probs, years = validate(ctx, model, val_loader)
+    if stage_no == final_stage(ctx.cfg):
+        # From the weights as saved and with predict's test-time views, so that predict reproduces oof.csv and
+        # the report scores what predict gives (the epochs above are compared on the plain photo only).
+        views = tta_views(ctx.cfg.predict)
+        probs, years = mean_over_views(views, lambda scale, flip: validate(
+            ctx, model, validation_loader(ctx, val_rows, y_val, ctx.pre.eval(scale, flip), workers)))
         if world.main:
-            write_fold_oof(ctx, fold, val_rows, y_val, probs, years)
+            write_fold_oof(ctx, fold, val_rows, y_val, probs, years, views=len(views))
     if world.main:
         atomic_write_text(run.stage_done(fold, stage_no),
                           json.dumps({"best_epoch": best_epoch, "best_score": best_score}))
@@ -243,7 +252,7 @@ def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.nd
     logits = predict_logits(model, loader, ctx.rt)
     if ctx.world.active:
         logits = gather_rows(ctx.world, torch.as_tensor(list(loader.sampler)), logits, len(loader.dataset))
-    return head_probabilities(model, logits), {k: v.numpy() for k, v in model.years(logits).items()}
+    return head_outputs(model, logits)
 
 
 def saved_weights(model: nn.Module, dtype: str) -> Dict[str, torch.Tensor]:
@@ -269,8 +278,9 @@ def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[
                                                                    enumerate(cfg.heads)}, years=years)
 
 
-def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years=None) -> None:
-    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs, years), ctx.run.fold_oof(fold))
+def write_fold_oof(ctx: Context, fold: int, rows, targets, probs, years, views: int) -> None:
+    """fold<k>/oof.csv, with the number of test-time views its probabilities are the mean of."""
+    atomic_to_csv(oof_frame(ctx.cfg, rows, targets, probs, years).assign(views=views), ctx.run.fold_oof(fold))
 
 
 # --- extra validation sets: scored by every fold model, never trained on ---------------------------------

@@ -102,7 +102,7 @@ def test_each_age_loss_trains_and_the_report_shows_age_by_year(faces_root, tmp_p
         assert report["age"]["mae_years"][0] == pytest.approx(expected)
         assert (run / "plots" / "age_predicted_vs_true.png").exists()
         oof[["path"]].to_csv(tmp_path / "photos.csv", index=False)  # predict gives the same years
-        again = predict(run, tmp_path / "photos.csv", tmp_path / "p", flip=False, progress=False, log=lambda s: None)
+        again = predict(run, tmp_path / "photos.csv", tmp_path / "p", progress=False, log=lambda s: None)
         np.testing.assert_allclose(again["years_age"], oof["years_age"], atol=0.05)
     else:
         assert "mae_years" not in report["age"]

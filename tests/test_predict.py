@@ -31,6 +31,7 @@ def test_the_ensemble_is_the_mean_of_the_folds(trained_run, faces_root, tmp_path
 
 
 def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weights(trained_run, tmp_path):
+    """With its default test-time views (the photo and its mirror): the report scores what predict gives."""
     import torch
 
     from multitask.run import RunDir
@@ -39,10 +40,14 @@ def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weig
     state = torch.load(run.best(0, 2), weights_only=True)["model"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}  # half the disk
     oof = pd.read_csv(run.fold_oof(0))
+    assert (oof["views"] == 2).all()
+    assert "scored with the test-time views predict uses (2 per photo" in run.report_md.read_text()
     oof[["path"]].to_csv(tmp_path / "fold0.csv", index=False)
-    again = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "p", folds=[0], flip=False, **QUIET)
+    again = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "p", folds=[0], **QUIET)
     cols = [c for c in oof.columns if c.startswith("p_")]
     np.testing.assert_allclose(again[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)
+    plain = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "plain", folds=[0], flip=False, **QUIET)
+    assert not np.allclose(plain[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)  # the mirror is in oof.csv
 
 
 def test_vote_takes_the_majority_of_fold_classes():

@@ -74,11 +74,12 @@ def test_the_report_of_two_runs_scores_the_average_of_their_out_of_fold_predicti
 
 def test_the_report_of_two_runs_says_which_one_did_not_record_its_views(trained_run, tmp_path):
     old = copy_run(trained_run, tmp_path / "old")
-    for csv in old.glob("fold*/extra_val/*.csv"):  # scored before the views were recorded
+    for csv in [*old.glob("fold*/extra_val/*.csv"), *old.glob("fold*/oof.csv")]:  # scored before views were recorded
         pd.read_csv(csv).drop(columns="views").to_csv(csv, index=False)
     write_ensemble_report([trained_run, old], tmp_path / "avg")
     text = (tmp_path / "avg" / "report.md").read_text()
-    assert f"`{trained_run.name}` 2 (2), `old` unrecorded (2)" in text
+    assert f"`{trained_run.name}` 2 (2), `old` unrecorded (2)" in text  # the extra validation set
+    assert f"`{trained_run.name}` 2 (2), `old` 1 (2)" in text  # out of fold: the plain view only, before
 
 
 def test_runs_on_other_folds_cannot_be_averaged(trained_run, tmp_path, capsys):
