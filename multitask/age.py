@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from multitask.config import YEAR_LOSSES
+
 LOSSES = ("ce", "ordinal", "dldl", "regression")
 YEARS = 100  # dldl: ages 0..99
 SIGMA = 3.0  # dldl: spread of the target distribution, in years; regression: spread of the group probabilities
@@ -29,7 +31,7 @@ def output_size(loss: str, n_classes: int) -> int:
 
 def uses_years(loss: str) -> bool:
     """Does this loss train on the age in years (rather than the group)?"""
-    return loss in ("dldl", "regression")
+    return loss in YEAR_LOSSES
 
 
 def class_probabilities(loss: str, logits: torch.Tensor, thresholds: Sequence[int]) -> torch.Tensor:

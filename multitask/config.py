@@ -25,6 +25,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
+YEAR_LOSSES = ("dldl", "regression")  # age-head losses that learn the age in years, not the group
 
 
 class ConfigError(ValueError):
@@ -336,6 +337,10 @@ def check_ranges(cfg: Config) -> None:
         if h.loss != "ce" and h.column != "age_group":
             raise ConfigError(f"heads[{i}].loss={h.loss}: ordinal, dldl and regression are for the age head "
                               f"(column age_group), not {h.column}")
+        if h.loss in YEAR_LOSSES and cfg.data.train_age_thresholds:
+            raise ConfigError(f"data.train_age_thresholds={list(cfg.data.train_age_thresholds)}: heads[{i}].loss="
+                              f"{h.loss} learns the years, not the groups, so training groups would change nothing; "
+                              "use it with ce or ordinal")
 
 
 def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:

@@ -3,6 +3,7 @@ the report shows where age errors come from (and the error in years where the he
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from multitask import age
-from multitask.config import load_config
+from multitask.config import ConfigError, load_config
 from multitask.trainer import run_cv
 from multitask.data.table import training_targets
 from multitask.data.sources import load_competition
@@ -72,6 +73,15 @@ def test_years_losses_train_on_the_exact_age(faces_root):
     for loss, expected in (("dldl", table["age"]), ("regression", table["age"]), ("ordinal", table["age_group"])):
         cfg = load_config([f"heads.2.loss={loss}"])
         assert training_targets(cfg, table)[:, 2].tolist() == expected.astype(int).tolist()
+
+
+def test_training_age_groups_with_a_years_loss_are_an_error_not_ignored():
+    for loss in ("dldl", "regression"):  # they learn the years: training groups would change nothing
+        with pytest.raises(ConfigError, match=re.escape(f"data.train_age_thresholds=[30, 58]: heads[2].loss={loss} "
+                                                        "learns the years")):
+            load_config([f"heads.2.loss={loss}", "data.train_age_thresholds=[30,58]"])
+    cfg = load_config(["heads.2.loss=ordinal", "data.train_age_thresholds=[30,58]"])
+    assert cfg.data.train_age_thresholds == [30, 58]
 
 
 def test_the_model_outputs_what_each_loss_needs():
