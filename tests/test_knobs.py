@@ -180,5 +180,6 @@ def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_pa
     run_cv(cfg, tmp_path / "run", log=logged.append)
     small, full = (3, 40, 32), (3, 48, 40)
     # stage 1: its epoch and validation; stage 2: its epoch, validation, and the kept model's out-of-fold pass
-    assert seen == [("train", small), ("val", small), ("train", full), ("val", full), ("val", full)]
+    # over predict's two views (the photo and its mirror)
+    assert seen == [("train", small), ("val", small), ("train", full), ("val", full), ("val", full), ("val", full)]
     assert any("stage 1 1 epochs of" in line and "at 40x32" in line for line in logged)
