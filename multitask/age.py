@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from multitask.config import YEAR_LOSSES
 
-LOSSES = ("ce", "ordinal", "dldl", "regression")
 YEARS = 100  # dldl: ages 0..99
 SIGMA = 3.0  # dldl: spread of the target distribution, in years; regression: spread of the group probabilities
 DECADE = 10.0

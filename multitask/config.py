@@ -25,6 +25,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
+LOSSES = ("ce", "ordinal", "dldl", "regression")  # heads[].loss; all but ce are for the age head
 YEAR_LOSSES = ("dldl", "regression")  # age-head losses that learn the age in years, not the group
 
 
@@ -332,8 +333,8 @@ def check_ranges(cfg: Config) -> None:
     for i, h in enumerate(cfg.heads):
         if h.loss_weight < 0:
             raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
-        if h.loss not in ("ce", "ordinal", "dldl", "regression"):
-            raise ConfigError(f"heads[{i}].loss={h.loss!r}: must be one of ce, ordinal, dldl, regression")
+        if h.loss not in LOSSES:
+            raise ConfigError(f"heads[{i}].loss={h.loss!r}: must be one of {', '.join(LOSSES)}")
         if h.loss != "ce" and h.column != "age_group":
             raise ConfigError(f"heads[{i}].loss={h.loss}: ordinal, dldl and regression are for the age head "
                               f"(column age_group), not {h.column}")

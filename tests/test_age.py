@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from multitask import age
-from multitask.config import ConfigError, load_config
+from multitask.config import LOSSES, ConfigError, load_config
 from multitask.trainer import run_cv
 from multitask.data.table import training_targets
 from multitask.data.sources import load_competition
@@ -24,7 +24,7 @@ from conftest import tiny_overrides
 THRESHOLDS = [30, 60]
 
 
-@pytest.mark.parametrize("loss", age.LOSSES)
+@pytest.mark.parametrize("loss", LOSSES)
 def test_group_probabilities_sum_to_one_for_every_loss(loss):
     logits = torch.randn(64, age.output_size(loss, 3), generator=torch.Generator().manual_seed(0)) * 3
     p = age.class_probabilities(loss, logits, THRESHOLDS)
