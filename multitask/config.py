@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 def _config_dir() -> Path:
@@ -67,7 +67,9 @@ class DataConfig:
     age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
     train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
-    extra_unmasked: List[str] = field(default_factory=list)  # UTKFace-style folders added to stage 1 training
+    # People added to stage 1 training only: UTKFace-style folders (one unmasked photo each), or any labeled face
+    # set, e.g. their masks painted by `paint-masks` (stage1.only and stage1.photos_per_person pick the photos).
+    extra_unmasked: List[str] = field(default_factory=list)
     extra_unmasked_people: int = 0  # at most this many of them, drawn evenly by gender x age (0: all)
     # Labeled sets (competition layout, manifest) added to the training side of every fold, both stages, never
     # validated: e.g. masks painted on extra people by `python -m multitask.data paint-masks`.
@@ -118,6 +120,9 @@ class StageConfig:
     # [128, 128] under data.size [160, 160]) learns from the same cached photos, resized, for fewer pixels per
     # step. The final stage is the run's model, so it stays at data.size (predict and explain use that).
     size: Optional[List[int]] = None
+    # Each epoch trains on this many photos of every person, drawn afresh (0: every photo). With only: {} and 1,
+    # stage 1 sees every person once per epoch, masked or not, at the cost of the unmasked stage 1.
+    photos_per_person: int = 0
 
 
 @dataclass
@@ -256,12 +261,17 @@ def _merge(base, other, origin: str):
 
 
 def _set(cfg, key: str, value: str, origin: str):
-    """``a.b=value``; list items by index too (``heads.2.loss=dldl``)."""
-    if not any(part.isdigit() for part in key.split(".")):
-        return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
+    """``a.b=value``; list items by index too (``heads.2.loss=dldl``). A mapping replaces the old one rather than
+    merging into it, so ``stage1.only={}`` clears it."""
+    by_index = any(part.isdigit() for part in key.split("."))
     try:
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
-        OmegaConf.update(cfg, key, parsed, merge=True, force_add=False)
+    except Exception as e:  # YAML and interpolation grammar errors alike: name the override
+        raise ConfigError(f"{origin}: {_reason(e)}") from None
+    if not by_index and not isinstance(parsed, DictConfig):
+        return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
+    try:
+        OmegaConf.update(cfg, key, parsed, merge=not isinstance(parsed, DictConfig), force_add=False)
         return cfg
     except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
@@ -303,6 +313,7 @@ RANGES = {
     "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (1, INF, True),
     "data.workers": (-1, 256, True), "model.dropout": (0, 1, True),
     "stage1.epochs": (1, INF, True), "stage2.epochs": (1, INF, True),
+    "stage1.photos_per_person": (0, INF, True), "stage2.photos_per_person": (0, INF, True),
     "optim.lr_trunk": (0, INF, False), "optim.lr_heads": (0, INF, False), "optim.lr_trunk_pretrained": (0, INF, False),
     "optim.lr_heads_pretrained": (0, INF, False), "optim.lr_scratch": (0, INF, False),
     "optim.weight_decay": (0, 1, True), "optim.momentum": (0, 1, True), "optim.step_every": (1, INF, True),

@@ -56,6 +56,24 @@ def stage_rows(table: pd.DataFrame, stage: StageConfig, heads: List[HeadConfig])
     return keep
 
 
+def draw_weights(persons: np.ndarray, per_person: int) -> np.ndarray:
+    """Each row's chance of being in an epoch that draws ``per_person`` photos of every person (0: all rows)."""
+    if per_person <= 0:
+        return np.ones(len(persons))
+    _, person, counts = np.unique(persons, return_inverse=True, return_counts=True)
+    return np.minimum(per_person, counts[person]) / counts[person]
+
+
+def draw_per_person(persons: np.ndarray, per_person: int, seed: int) -> np.ndarray:
+    """Row indices of one epoch: ``per_person`` photos of every person (all of a person who has fewer), drawn
+    afresh from the epoch's seed, in row order; 0: every row."""
+    if per_person <= 0:
+        return np.arange(len(persons))
+    order = np.random.default_rng(seed).permutation(len(persons))
+    place = pd.Series(order).groupby(persons[order]).cumcount().to_numpy()  # place in the person's shuffled queue
+    return np.sort(order[place < per_person])
+
+
 def stage_split(cfg: Config, t: pd.DataFrame, fold: int, stage_no: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training rows, validation rows) of one stage of one fold."""
     keep = stage_rows(t, getattr(cfg, f"stage{stage_no}"), cfg.heads)

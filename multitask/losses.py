@@ -13,10 +13,12 @@ from multitask.age import age_loss
 from multitask.config import AugmentConfig, LossConfig
 
 
-def inverse_frequency_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Weights proportional to 1/count (mean 1 over present classes); unseen classes get 0."""
-    labels = labels[labels >= 0]
-    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional[np.ndarray] = None
+                              ) -> torch.Tensor:
+    """Weights proportional to 1/count (mean 1 over present classes); unseen classes get 0. ``rows``: how much
+    each label counts (e.g. its chance of being drawn in an epoch); 1 each when None."""
+    rows = np.ones(len(labels)) if rows is None else rows
+    counts = np.bincount(labels[labels >= 0], rows[labels >= 0], minlength=n_classes).astype(np.float64)
     w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     w *= (counts > 0).sum() / max(w.sum(), 1e-12)
     return torch.tensor(w, dtype=torch.float32)

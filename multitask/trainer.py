@@ -34,7 +34,7 @@ from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_workers, make_loader,
                               make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
                               tta_views, uses_sgd, weight_average)
-from multitask.folds import attach_folds, make_folds, stage_split
+from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
@@ -101,9 +101,9 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         raise DataError([Problem(str(run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
-    loss_fn = stage_loss(cfg, active, y_train).to(ctx.rt.device)
+    persons = train_rows["person_id"].to_numpy()
+    loss_fn = stage_loss(cfg, active, y_train, draw_weights(persons, stage.photos_per_person)).to(ctx.rt.device)
     train_tf = ctx.pre.train(stage.size)
-    train_ds = dataset(ctx, train_rows, y_train, train_tf)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
     val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size), workers)
@@ -136,6 +136,8 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         for group, lr in zip(optimizer.param_groups, epoch_lrs):
             group["lr"] = lr
         seed = epoch_seed(cfg, fold, stage_no, epoch)
+        drawn = draw_per_person(persons, stage.photos_per_person, seed)
+        train_ds = dataset(ctx, train_rows.iloc[drawn], y_train[drawn], train_tf)
         loader = epoch_loader(ctx, train_ds, train_tf, seed, workers)
         tick = time.perf_counter()
         stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1,
@@ -176,12 +178,13 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     return finish_stage(ctx, fold, stage_no, model, val_rows, y_val, workers, best_epoch, best_score)
 
 
-def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray) -> MultiHeadLoss:
-    """The loss over the stage's heads; class weights (inverse frequency in the training rows) for the heads
-    trained with cross-entropy."""
+def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, drawn: np.ndarray
+               ) -> MultiHeadLoss:
+    """The loss over the stage's heads; class weights (inverse frequency in the training rows, each counted by
+    its chance ``drawn`` of being in an epoch) for the heads trained with cross-entropy."""
     column = {h.name: i for i, h in enumerate(cfg.heads)}
-    weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes)) for h in active
-                if h.loss == "ce"} if cfg.loss.class_weights else None)
+    weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes), drawn)
+                for h in active if h.loss == "ce"} if cfg.loss.class_weights else None)
     return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
                          [h.loss for h in active], column)
 
@@ -408,7 +411,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     todo = folds_to_train(cfg, run_dir)
     run = RunDir(run_dir)
     stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
-    sizes = {s: [sum(map(len, stage_split(cfg, table, k, s))) for k in todo] for s in stages}
+    sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in stages}
     planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log, pre.prepare.typical) if world.main else {}  # rank 0 alone scores them
@@ -428,6 +431,13 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     finally:
         if writer is not None:
             writer.close()
+
+
+def epoch_photos(cfg: Config, table: pd.DataFrame, fold: int, stage_no: int) -> int:
+    """Photos one epoch of a stage trains and validates on (fewer training photos when it draws per person)."""
+    train_rows, val_rows = stage_split(cfg, table, fold, stage_no)
+    per_person = getattr(cfg, f"stage{stage_no}").photos_per_person
+    return round(draw_weights(train_rows["person_id"].to_numpy(), per_person).sum()) + len(val_rows)
 
 
 def stage_size_note(cfg: Config, stage_no: int) -> str:

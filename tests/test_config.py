@@ -40,10 +40,18 @@ def test_overrides_reach_nested_fields_with_types():
     ("stage1.size=[96,56]", "stage1.size=[96, 56]: at most data.size [72, 56]"),
     ("stage1.size=[4,4]", "stage1.size=[4, 4]: two sizes of at least 8 pixels"),
     ("stage2.size=[48,40]", "stage2.size=[48, 40]: the final stage trains the run's model, at data.size"),
+    ("stage1.photos_per_person=-1", "stage1.photos_per_person=-1: must be >= 0"),
+    ("stage1.only=3", "override 'stage1.only=3': Cannot assign int"),
+    ("data.size=[1,", "override 'data.size=[1,': "),
 ])
 def test_bad_overrides_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config([override])
+
+
+def test_a_mapping_override_replaces_the_mapping():
+    assert load_config(["stage1.only={}"]).stage1.only == {}  # stage 1 on every photo, masked or not
+    assert load_config(["stage1.only={gender: female}"]).stage1.only == {"gender": "female"}
 
 
 def test_presets_merge_into_their_section():

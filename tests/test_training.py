@@ -17,7 +17,9 @@ from sklearn.metrics import f1_score
 import multitask.trainer as trainer
 from multitask.config import HeadConfig, load_config
 from multitask.data.sources import load_competition
-from multitask.folds import make_folds
+from multitask.data.table import load_table
+from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
+from multitask.losses import inverse_frequency_weights
 from multitask.report import write_report
 from multitask.train import main as train_main
 from multitask.tasks import encode_joint
@@ -48,6 +50,45 @@ def test_extra_unmasked_persons_never_enter_validation(faces_root):
     assert set(folds.loc[folds["fold"] == -1, "person_id"]) == set(extra["person_id"])
 
 
+def test_an_epoch_draws_that_many_photos_of_every_person_afresh():
+    persons = np.array(["a"] * 7 + ["b"] * 7 + ["c"])
+    epochs = [draw_per_person(persons, 1, seed) for seed in range(20)]
+    for drawn in epochs:
+        assert sorted(persons[drawn]) == ["a", "b", "c"]  # one each; c's only photo every time
+    assert len({tuple(d) for d in epochs}) > 5  # a different photo of a and b from epoch to epoch
+    assert np.array_equal(draw_per_person(persons, 1, 3), draw_per_person(persons, 1, 3))  # a resume replays it
+    assert sorted(persons[draw_per_person(persons, 2, 0)]) == ["a", "a", "b", "b", "c"]
+    assert np.array_equal(draw_per_person(persons, 0, 0), np.arange(15))
+    # a row's chance of being drawn, which the class weights count by
+    assert np.allclose(draw_weights(persons, 1), [1 / 7] * 14 + [1])
+    assert np.allclose(draw_weights(persons, 0), 1)
+
+
+def test_class_weights_count_each_photo_by_its_chance_of_being_drawn():
+    labels = np.array([0] * 7 + [1])  # class 0: one person with 7 photos; class 1: one person with one
+    assert torch.allclose(inverse_frequency_weights(labels, 2, draw_weights(np.array([0] * 7 + [1]), 1)),
+                          torch.tensor([1.0, 1.0]))
+    assert inverse_frequency_weights(labels, 2)[1] > 6 * inverse_frequency_weights(labels, 2)[0]
+
+
+def test_a_labeled_set_in_extra_unmasked_trains_stage1_only(faces_root, tiny_config):
+    """Masks painted on other people (paint-masks output, the competition layout) can feed stage 1."""
+    overrides = [f"data.extra_unmasked=[{faces_root}]", "data.extra_unmasked_people=4"]
+    cfg = tiny_config(*overrides)
+    table, _ = load_table(cfg)
+    extra = table[table["extra"]]
+    assert extra["person_id"].nunique() == 4 and extra["stage1_only"].all()
+    assert set(extra["mask"]) == {0, 1, 2} and extra.groupby("person_id").size().eq(7).all()
+    table = attach_folds(table, make_folds(table, cfg.heads, 3, 0), faces_root)
+    assert set(table.loc[table["extra"], "fold"]) == {-1}
+    stage1, _ = stage_split(cfg, table, 0, 1)
+    stage2, _ = stage_split(cfg, table, 0, 2)
+    assert set(stage1.loc[stage1["extra"], "mask"]) == {2}  # stage1.only keeps their unmasked photos...
+    assert not stage2["extra"].any()  # ...and stage 2 never sees them
+    every, _ = stage_split(tiny_config(*overrides, "stage1.only={}"), table, 0, 1)
+    assert set(every.loc[every["extra"], "mask"]) == {0, 1, 2}
+
+
 @pytest.fixture
 def spy_training(monkeypatch):
     """Records, per (fold, stage), which photos each training epoch's loader served."""
@@ -73,6 +114,31 @@ def test_stage1_trains_on_unmasked_photos_only(tiny_config, tmp_path, spy_traini
     assert stage1 and {mask_of[p] for p in stage1} == {2}
     assert {mask_of[p] for p in stage2} == {0, 1, 2}
     assert {fold_of[p] for p in stage1 | stage2} == {1, 2}  # never the validation fold
+
+
+@pytest.mark.slow
+def test_stage1_can_see_each_person_once_per_epoch_masked_or_not(tiny_config, tmp_path, monkeypatch):
+    epochs = []
+    original = trainer.train_one_epoch
+
+    def spy(model, loader, *args, desc="", **kw):
+        epochs.append((desc, list(loader.dataset.paths)))
+        return original(model, loader, *args, desc=desc, **kw)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    logged = []
+    cfg = tiny_config("cv.run_folds=[0]", "stage1.epochs=2", "stage1.only={}", "stage1.photos_per_person=1")
+    run_cv(cfg, tmp_path / "run", log=logged.append)
+    table = pd.read_csv(tmp_path / "run" / "data.csv")
+    person_of, mask_of = dict(zip(table["path"], table["person_id"])), dict(zip(table["path"], table["mask"]))
+    training_people = table.loc[table["fold"] != 0, "person_id"].nunique()
+    (_, first), (_, second), (_, stage2) = [e for e in epochs if "fold 0" in e[0]]
+    for epoch in (first, second):
+        assert len(epoch) == len({person_of[p] for p in epoch}) == training_people
+    assert first != second and {mask_of[p] for p in first + second} >= {0, 2}
+    assert len(stage2) == (table["fold"] != 0).sum()  # stage 2 keeps every photo
+    assert any(f"stage 1 2 epochs of ~{training_people + (table['fold'] == 0).sum()} photos" in line
+               for line in logged)
 
 
 @pytest.mark.slow

@@ -10,8 +10,7 @@ import pandas as pd
 
 from multitask.age import uses_years
 from multitask.config import Config, ConfigError
-from multitask.data.sources import (SOURCES, DataError, Problem, detect_source, imagefolder_classes, load_source,
-                                    load_utkface)
+from multitask.data.sources import SOURCES, DataError, Problem, detect_source, imagefolder_classes, load_source
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
 from multitask.tasks import age_group
 
@@ -63,7 +62,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     if cfg.data.source == "synthetic" and not cfg.data.root and cfg.data.synthetic_unmasked > 0:
         unmasked.append(ensure_synthetic_unmasked(cfg.data.cache_dir, cfg.data.synthetic_unmasked,
                                                   synthetic_wh(cfg), cfg.data.synthetic_seed))
-    extras = [(f, load_utkface, cfg.data.extra_unmasked_people, True) for f in unmasked]
+    extras = [(f, load_labeled, cfg.data.extra_unmasked_people, True) for f in unmasked]
     extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
     for i, (folder, load, people, stage1_only) in enumerate(extras):
         extra, extra_problems = load(Path(folder), cfg.data.age_thresholds)
