@@ -254,24 +254,37 @@ def _reason(e: Exception) -> str:
 
 
 def _merge(base, other, origin: str):
+    """``other`` merged into ``base``; a mapping the config declares as a value (``stage1.only``) is replaced, not
+    merged into, so a preset's or an override's ``only: {}`` clears it."""
     try:
-        return OmegaConf.merge(base, other)
+        merged = OmegaConf.merge(base, other)
+        _replace_mappings(merged, other)
+        return merged
     except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
 
 
+def _replace_mappings(cfg: DictConfig, other) -> None:
+    for key, value in other.items():
+        node = cfg.get(key)
+        if not isinstance(node, DictConfig) or not isinstance(value, (dict, DictConfig)):
+            continue
+        if OmegaConf.get_type(node) is dict:  # a value of type Dict, not a section of the config
+            cfg[key] = value
+        else:
+            _replace_mappings(node, value)
+
+
 def _set(cfg, key: str, value: str, origin: str):
-    """``a.b=value``; list items by index too (``heads.2.loss=dldl``). A mapping replaces the old one rather than
-    merging into it, so ``stage1.only={}`` clears it."""
-    by_index = any(part.isdigit() for part in key.split("."))
+    """``a.b=value``; list items by index too (``heads.2.loss=dldl``)."""
     try:
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
     except Exception as e:  # YAML and interpolation grammar errors alike: name the override
         raise ConfigError(f"{origin}: {_reason(e)}") from None
-    if not by_index and not isinstance(parsed, DictConfig):
+    if not any(part.isdigit() for part in key.split(".")):
         return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
     try:
-        OmegaConf.update(cfg, key, parsed, merge=not isinstance(parsed, DictConfig), force_add=False)
+        OmegaConf.update(cfg, key, parsed, merge=True, force_add=False)
         return cfg
     except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
@@ -386,9 +399,10 @@ def validate(cfg: Config) -> None:
         stage = getattr(cfg, stage_name)
         if not stage.enabled:
             continue
-        unknown = (set(stage.heads) | set(stage.only)) - set(names)
-        if unknown:
-            raise ConfigError(f"{stage_name}.heads: unknown head(s) {sorted(unknown)}; heads are {names}")
+        for key in ("heads", "only"):
+            unknown = set(getattr(stage, key)) - set(names)
+            if unknown:
+                raise ConfigError(f"{stage_name}.{key}: unknown head(s) {sorted(unknown)}; heads are {names}")
         if stage.size is not None:
             check_stage_size(cfg, stage_name, stage.size)
     if not (cfg.stage1.enabled or cfg.stage2.enabled):

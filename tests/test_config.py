@@ -40,6 +40,7 @@ def test_overrides_reach_nested_fields_with_types():
     ("stage1.size=[96,56]", "stage1.size=[96, 56]: at most data.size [72, 56]"),
     ("stage1.size=[4,4]", "stage1.size=[4, 4]: two sizes of at least 8 pixels"),
     ("stage2.size=[48,40]", "stage2.size=[48, 40]: the final stage trains the run's model, at data.size"),
+    ("stage1.only={beard: grey}", "stage1.only: unknown head(s) ['beard']"),
     ("stage1.photos_per_person=-1", "stage1.photos_per_person=-1: must be >= 0"),
     ("stage1.only=3", "override 'stage1.only=3': Cannot assign int"),
     ("data.size=[1,", "override 'data.size=[1,': "),
@@ -49,9 +50,13 @@ def test_bad_overrides_are_errors_that_name_the_key(override, message):
         load_config([override])
 
 
-def test_a_mapping_override_replaces_the_mapping():
+def test_a_mapping_in_an_override_or_a_file_replaces_the_mapping(tmp_path):
     assert load_config(["stage1.only={}"]).stage1.only == {}  # stage 1 on every photo, masked or not
     assert load_config(["stage1.only={gender: female}"]).stage1.only == {"gender": "female"}
+    preset = tmp_path / "every_photo.yaml"
+    preset.write_text("stage1:\n  only: {}\n  photos_per_person: 1\n")
+    cfg = load_config([str(preset)])
+    assert cfg.stage1.only == {} and cfg.stage1.photos_per_person == 1 and cfg.stage1.heads == ["gender", "age"]
 
 
 def test_presets_merge_into_their_section():
@@ -73,6 +78,6 @@ def test_a_yaml_file_with_an_unknown_key_is_named(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(["augment.mix=cutmix_vertical", "data.train_age_thresholds=[30,58]"])
-    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    cfg = load_config(["augment.mix=cutmix_vertical", "data.train_age_thresholds=[30,58]", "stage1.only={}"])
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))  # a resumed run, predict and explain read this
     assert load_config(base=tmp_path / "c.yaml") == cfg
