@@ -81,6 +81,20 @@ def test_each_photo_is_detected_once_whatever_set_or_folder_it_comes_in(anywhere
     assert changed.loc[i, "x0"] == pytest.approx(mirrored_x0, abs=0.05 * Image.open(paths[i]).width)
 
 
+def test_many_photos_are_detected_by_parallel_jobs_and_the_cache_grows_as_they_finish(anywhere_root, tmp_path,
+                                                                                       monkeypatch):
+    paths = [str(p) for p in sorted(anywhere_root.rglob("*.jpg"))][:12]
+    one_by_one = find_faces(paths, tmp_path / "one_by_one")
+    monkeypatch.setattr(faces_module, "CHUNK", 3)  # four jobs, on every core
+    monkeypatch.setattr(faces_module, "SAVE_EVERY", 1)
+    saved, logs, save = [], [], faces_module.atomic_to_csv
+    monkeypatch.setattr(faces_module, "atomic_to_csv", lambda rows, path: saved.append(len(rows)) or save(rows, path))
+    in_jobs = find_faces(paths, tmp_path / "in_jobs", logs.append)
+    pd.testing.assert_frame_equal(in_jobs, one_by_one)
+    assert saved == [3, 6, 9, 12]  # a run killed midway keeps the boxes found so far
+    assert any(line.startswith("faces: 6 of 12 photos done, ~") for line in logs)
+
+
 def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, tmp_path):
     cfg = load_config([f"data.cache_dir={tmp_path}", "data.face_crop=detector", "data.crop=[120,96]",
                        "data.size=[64,64]"])

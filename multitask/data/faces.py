@@ -17,6 +17,9 @@ painter (``python -m multitask.data paint-masks``).
 from __future__ import annotations
 
 import hashlib
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -26,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.data.images import files_key, read_rgb
+from multitask.io import atomic_to_csv
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 COLUMNS = ["found", "score", "width", "height", "x0", "y0", "x1", "y1"] + [f"{n}_{a}" for n in LANDMARKS for a in "xy"]
@@ -96,11 +100,34 @@ def content_key(path: str) -> str:
         return "missing"
 
 
+CHUNK = 256  # photos per detection job
+SAVE_EVERY = 16  # jobs between saves of the box cache: a killed run keeps what it found
+
+
+def one_thread() -> None:
+    """Worker start: one detector per process, each on its own core."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def detect_files(paths: Sequence[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        try:
+            rgb = read_rgb(p)
+            rows.append(face_row(detect(rgb), rgb.shape))
+        except (OSError, ValueError):
+            rows.append(face_row(None))
+    return rows
+
+
 def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None] = print) -> pd.DataFrame:
     """One row per path (``path`` + COLUMNS), each photo detected once: boxes are cached per photo content in
     ``cache_dir/faces-<detector settings>.csv``, so any set of photos reuses the boxes of any earlier one, and so
     does a copy of the data elsewhere (a cluster's scratch disk, a fresh download): detection costs ~15 ms a photo
-    on a CPU, hashing ~0.05. Unreadable files get ``found`` False; they are reported by the image loader."""
+    on a CPU, hashing ~0.05. New photos are detected on every core and the cache is saved as it grows, with the
+    time left in the log. Unreadable files get ``found`` False; they are reported by the image loader."""
     paths = list(paths)
     cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE, 'content')))}.csv"
     keys = pd.DataFrame({"key": [content_key(p) for p in paths]})
@@ -109,18 +136,31 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     new = keys.loc[~keys["key"].isin(known["key"]), "key"].drop_duplicates()  # a photo twice in the set: once
     if len(new):
         log(f"finding faces in {len(new)} of {len(paths)} photos (the others cached; boxes kept in {cache})")
-        rows = []
-        for i in new.index:
-            try:
-                rgb = read_rgb(paths[i])
-                rows.append(face_row(detect(rgb), rgb.shape))
-            except (OSError, ValueError):
-                rows.append(face_row(None))
-        found = pd.DataFrame(rows, columns=COLUMNS).assign(key=new.to_numpy())[["key"] + COLUMNS]
-        known = pd.concat([known, found], ignore_index=True)  # new keys only: still one row per key
-        from multitask.io import atomic_to_csv
-
-        atomic_to_csv(known, cache)
+        known = pd.concat([known, detect_new(new, [paths[i] for i in new.index], cache, known, log)],
+                          ignore_index=True)  # new keys only: still one row per key
     table = keys.merge(known, on="key", how="left")[COLUMNS].assign(path=paths)
     table = table[["path"] + COLUMNS]
     return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
+
+
+def detect_new(keys: pd.Series, paths: list[str], cache: Path, known: pd.DataFrame,
+               log: Callable[[str], None]) -> pd.DataFrame:
+    """Rows (key + COLUMNS) for photos not in the cache, detected in jobs of CHUNK photos, in parallel when there
+    are several; the cache is saved every SAVE_EVERY jobs and at the end."""
+    chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
+    workers = min(os.cpu_count() or 1, 8, len(chunks))
+    pool = ProcessPoolExecutor(workers, initializer=one_thread) if workers > 1 else None
+    rows, start = [], time.perf_counter()
+    try:
+        for k, chunk_rows in enumerate((pool.map if pool else map)(detect_files, chunks), 1):
+            rows += chunk_rows
+            if k % SAVE_EVERY == 0 or k == len(chunks):
+                found = pd.DataFrame(rows, columns=COLUMNS).assign(key=keys.to_numpy()[:len(rows)])
+                atomic_to_csv(pd.concat([known, found[["key"] + COLUMNS]], ignore_index=True), cache)
+                if k < len(chunks):
+                    left = (time.perf_counter() - start) / len(rows) * (len(paths) - len(rows)) / 60
+                    log(f"faces: {len(rows)} of {len(paths)} photos done, ~{left:.1f} min left")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return found[["key"] + COLUMNS]

@@ -309,9 +309,11 @@ def paint_folder(table: pd.DataFrame, out: Path, seed: int = 0, workers: int = 0
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     jobs = [(str(tmp), i, r, seed) for i, r in enumerate(table.to_dict("records"))]
     workers = workers or min(os.cpu_count() or 1, 8)
+    from multitask.data.faces import one_thread  # the detector's module, loaded when painting
+
     try:
         if workers > 1 and len(jobs) > 8:
-            with ProcessPoolExecutor(workers, initializer=_one_thread) as pool:
+            with ProcessPoolExecutor(workers, initializer=one_thread) as pool:
                 results = list(pool.map(_paint_person, jobs, chunksize=16))
         else:
             results = [_paint_person(j) for j in jobs]
@@ -328,9 +330,3 @@ def paint_folder(table: pd.DataFrame, out: Path, seed: int = 0, workers: int = 0
     log(f"painted {len(people)} persons ({len(people) * 7} photos) into {out}; {len(skipped)} left out "
         f"(listed in {out / 'no_face.csv'})")
     return len(people), skipped
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one detector per worker process, each on its own core
