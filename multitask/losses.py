@@ -19,7 +19,7 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional
     each label counts (e.g. its chance of being drawn in an epoch); 1 each when None."""
     rows = np.ones(len(labels)) if rows is None else rows
     counts = np.bincount(labels[labels >= 0], rows[labels >= 0], minlength=n_classes).astype(np.float64)
-    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    w = np.where(counts > 0, 1.0 / np.where(counts > 0, counts, 1.0), 0.0)  # counts may be fractions
     w *= (counts > 0).sum() / max(w.sum(), 1e-12)
     return torch.tensor(w, dtype=torch.float32)
 

@@ -69,6 +69,8 @@ def test_class_weights_count_each_photo_by_its_chance_of_being_drawn():
     assert torch.allclose(inverse_frequency_weights(labels, 2, draw_weights(np.array([0] * 7 + [1]), 1)),
                           torch.tensor([1.0, 1.0]))
     assert inverse_frequency_weights(labels, 2)[1] > 6 * inverse_frequency_weights(labels, 2)[0]
+    assert torch.allclose(inverse_frequency_weights(np.array([0, 1, 2]), 3, np.array([0.25, 0.5, 0.0])),
+                          torch.tensor([4 / 3, 2 / 3, 0.0]))  # a class never drawn gets no weight
 
 
 def test_a_labeled_set_in_extra_unmasked_trains_stage1_only(faces_root, tiny_config):
