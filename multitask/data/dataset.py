@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -21,6 +20,7 @@ from multitask.config import Config
 from multitask.data.images import files_key
 from multitask.data.sources import Problem
 from multitask.data.transforms import Prepare, Preprocessing
+from multitask.parallel import on_every_core
 
 
 def _prepare_chunk(args) -> list:
@@ -37,14 +37,9 @@ def _prepare_chunk(args) -> list:
 def prepare_all(paths: Sequence[str], prepare: Prepare, sink: Optional[np.ndarray] = None,
                 workers: int = 0) -> list[Problem]:
     """Prepare every photo (in parallel), writing into ``sink`` when given; returns the unreadable ones."""
-    workers = workers or min(os.cpu_count() or 1, 8)
     chunk = 64
     jobs = [(prepare, list(paths[i:i + chunk])) for i in range(0, len(paths), chunk)]
-    if workers > 1 and len(paths) > chunk:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_prepare_chunk, jobs)
-            return _collect(results, paths, sink, chunk)
-    return _collect(map(_prepare_chunk, jobs), paths, sink, chunk)
+    return _collect(on_every_core(_prepare_chunk, jobs, workers), paths, sink, chunk)
 
 
 def _collect(results, paths, sink, chunk) -> list[Problem]:

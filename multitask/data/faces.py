@@ -17,9 +17,7 @@ painter (``python -m multitask.data paint-masks``).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -30,6 +28,7 @@ import pandas as pd
 
 from multitask.data.images import files_key, read_rgb
 from multitask.io import atomic_to_csv
+from multitask.parallel import on_every_core
 
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 COLUMNS = ["found", "score", "width", "height", "x0", "y0", "x1", "y1"] + [f"{n}_{a}" for n in LANDMARKS for a in "xy"]
@@ -136,8 +135,7 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     new = keys.loc[~keys["key"].isin(known["key"]), "key"].drop_duplicates()  # a photo twice in the set: once
     if len(new):
         log(f"finding faces in {len(new)} of {len(paths)} photos (the others cached; boxes kept in {cache})")
-        known = pd.concat([known, detect_new(new, [paths[i] for i in new.index], cache, known, log)],
-                          ignore_index=True)  # new keys only: still one row per key
+        known = detect_new(new, [paths[i] for i in new.index], cache, known, log)
     table = keys.merge(known, on="key", how="left")[COLUMNS].assign(path=paths)
     table = table[["path"] + COLUMNS]
     return table.astype({"found": bool}).astype({c: float for c in COLUMNS if c != "found"})
@@ -145,22 +143,17 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
 
 def detect_new(keys: pd.Series, paths: list[str], cache: Path, known: pd.DataFrame,
                log: Callable[[str], None]) -> pd.DataFrame:
-    """Rows (key + COLUMNS) for photos not in the cache, detected in jobs of CHUNK photos, in parallel when there
-    are several; the cache is saved every SAVE_EVERY jobs and at the end."""
+    """``known`` (key + COLUMNS) with the rows of photos not in it (new keys only: still one row per key), detected
+    in jobs of CHUNK photos on every core; the cache is saved every SAVE_EVERY jobs and at the end."""
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    workers = min(os.cpu_count() or 1, 8, len(chunks))
-    pool = ProcessPoolExecutor(workers, initializer=one_thread) if workers > 1 else None
     rows, start = [], time.perf_counter()
-    try:
-        for k, chunk_rows in enumerate((pool.map if pool else map)(detect_files, chunks), 1):
-            rows += chunk_rows
-            if k % SAVE_EVERY == 0 or k == len(chunks):
-                found = pd.DataFrame(rows, columns=COLUMNS).assign(key=keys.to_numpy()[:len(rows)])
-                atomic_to_csv(pd.concat([known, found[["key"] + COLUMNS]], ignore_index=True), cache)
-                if k < len(chunks):
-                    left = (time.perf_counter() - start) / len(rows) * (len(paths) - len(rows)) / 60
-                    log(f"faces: {len(rows)} of {len(paths)} photos done, ~{left:.1f} min left")
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return found[["key"] + COLUMNS]
+    for k, chunk_rows in enumerate(on_every_core(detect_files, chunks, initializer=one_thread), 1):
+        rows += chunk_rows
+        if k % SAVE_EVERY == 0 or k == len(chunks):
+            found = pd.DataFrame(rows, columns=COLUMNS).assign(key=keys.to_numpy()[:len(rows)])
+            grown = pd.concat([known, found[["key"] + COLUMNS]], ignore_index=True)
+            atomic_to_csv(grown, cache)
+            if k < len(chunks):
+                left = (time.perf_counter() - start) / len(rows) * (len(paths) - len(rows)) / 60
+                log(f"faces: {len(rows)} of {len(paths)} photos done, ~{left:.1f} min left")
+    return grown

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from multitask.parallel import on_every_core
 
 SHAPES = ("surgical", "cloth", "kn95", "n95")
 SHAPE_P = (0.5, 0.2, 0.15, 0.15)  # surgical masks are what most people wear
@@ -308,15 +309,11 @@ def paint_folder(table: pd.DataFrame, out: Path, seed: int = 0, workers: int = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     jobs = [(str(tmp), i, r, seed) for i, r in enumerate(table.to_dict("records"))]
-    workers = workers or min(os.cpu_count() or 1, 8)
     from multitask.data.faces import one_thread  # the detector's module, loaded when painting
 
     try:
-        if workers > 1 and len(jobs) > 8:
-            with ProcessPoolExecutor(workers, initializer=one_thread) as pool:
-                results = list(pool.map(_paint_person, jobs, chunksize=16))
-        else:
-            results = [_paint_person(j) for j in jobs]
+        # a few persons are painted here: starting workers (a detector each) would cost more
+        results = list(on_every_core(_paint_person, jobs, workers if len(jobs) > 8 else 1, one_thread, 16))
         people = [r["person"] for r in results if "person" in r]
         skipped = pd.DataFrame([{"path": r["skipped"], "reason": r["reason"]} for r in results if "skipped" in r],
                                columns=["path", "reason"])
