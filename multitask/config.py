@@ -27,6 +27,7 @@ CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
 LOSSES = ("ce", "ordinal", "dldl", "regression")  # heads[].loss; all but ce are for the age head
 YEAR_LOSSES = ("dldl", "regression")  # age-head losses that learn the age in years, not the group
+PRIORS = ("balanced", "training")  # heads[].prior
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,11 @@ class HeadConfig:
     # ce | ordinal | dldl | regression: how the head learns (age.py). The last three are for the age head:
     # ordinal keeps the groups' order; dldl and regression learn from the age in years.
     loss: str = "ce"
+    # balanced | training: the class frequencies a ce head's probabilities assume. Trained with
+    # loss.class_weights, a head treats its classes as equally common (balanced: good for macro-F1 on photos like
+    # the training ones); training takes the weights back out when predicting, so the classes are as common as in
+    # the training photos (the competition layout: 5 masks worn of 7 photos) and rare classes are called less.
+    prior: str = "balanced"
 
 
 def face_heads() -> List[HeadConfig]:
@@ -290,16 +296,35 @@ def _set(cfg, key: str, value: str, origin: str):
         raise ConfigError(f"{origin}: {_reason(e)}") from None
 
 
+def _merge_file(cfg, other, path: Path, item: str, earlier: Dict[str, str]):
+    """A preset or YAML file merged in; an earlier ``key=value`` it would silently undo is an error (overrides
+    apply in order: the file's value, or its whole list such as ``heads``, would win)."""
+    for key, override in earlier.items():
+        parts, hit = key.split("."), None
+        for n in range(1, len(parts) + 1):  # down the key, until the file has no such entry or sets a value/list
+            node = OmegaConf.select(other, ".".join(parts[:n]), default=None)
+            if node is None:
+                break
+            if n == len(parts) or not isinstance(node, DictConfig):
+                hit = ".".join(parts[:n])
+                break
+        if hit is not None:
+            raise ConfigError(f"{item}: sets {hit}, which would undo the earlier override {override!r}; give the "
+                              f"override after {item}")
+    return _merge(cfg, other, str(path))
+
+
 def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Config:
     """Compose the default config (or ``base``, e.g. a run's saved config) with presets and overrides."""
     cfg = OmegaConf.structured(Config)
     if base is not None:
         cfg = _merge(cfg, _load_yaml(Path(base)), str(base))
+    earlier: Dict[str, str] = {}  # key=value overrides so far: a later file that sets the same key would undo them
     for item in overrides:
         if "=" not in item:
             path = Path(item)
             if path.suffix in (".yaml", ".yml") and path.exists():
-                cfg = _merge(cfg, _load_yaml(path), str(path))
+                cfg = _merge_file(cfg, _load_yaml(path), path, item, earlier)
                 continue
             raise ConfigError(f"override {item!r}: expected key=value, GROUP=NAME or a YAML file")
         key, value = item.split("=", 1)
@@ -309,9 +334,11 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
                 known = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
                 raise ConfigError(f"{item}: no preset {path} (known: {', '.join(known)})")
             preset = _load_yaml(path)
-            cfg = _merge(cfg, preset if key == "experiment" else {key: preset}, str(path))
+            cfg = _merge_file(cfg, preset if key == "experiment" else OmegaConf.create({key: preset}), path, item,
+                              earlier)
         else:
             cfg = _set(cfg, key, value, f"override {item!r}")
+            earlier[key] = item
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config
@@ -362,6 +389,12 @@ def check_ranges(cfg: Config) -> None:
         if h.loss != "ce" and h.column != "age_group":
             raise ConfigError(f"heads[{i}].loss={h.loss}: ordinal, dldl and regression are for the age head "
                               f"(column age_group), not {h.column}")
+        if h.prior not in PRIORS:
+            raise ConfigError(f"heads[{i}].prior={h.prior!r}: must be one of {', '.join(PRIORS)}")
+        if h.prior == "training" and (h.loss != "ce" or not cfg.loss.class_weights):
+            raise ConfigError(f"heads[{i}].prior=training takes out the class weights a ce head learnt with, and "
+                              + (f"heads[{i}].loss={h.loss}" if h.loss != "ce" else "loss.class_weights=false")
+                              + " has none; leave it balanced")
         if h.loss in YEAR_LOSSES and cfg.data.train_age_thresholds:
             raise ConfigError(f"data.train_age_thresholds={list(cfg.data.train_age_thresholds)}: heads[{i}].loss="
                               f"{h.loss} learns the years, not the groups, so training groups would change nothing; "

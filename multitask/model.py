@@ -24,7 +24,8 @@ class WeightsError(RuntimeError):
 
 class MultiHeadNet(nn.Module):
     """A trunk and one linear head per task. Each head's raw outputs follow its loss (age.py); ``probabilities``
-    turns them into class probabilities, whatever the loss."""
+    turns them into class probabilities, whatever the loss. Each head keeps the class weights it was last
+    trained with (a buffer, saved with the weights), so that a head with ``prior: training`` can take them out."""
 
     def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0,
                  age_thresholds: Sequence[int] = (30, 60)):
@@ -34,8 +35,12 @@ class MultiHeadNet(nn.Module):
         self.head_losses = [h.loss for h in heads]
         self.head_sizes = [age.output_size(h.loss, len(h.classes)) for h in heads]
         self.age_thresholds = list(age_thresholds)
+        self.head_priors = [h.prior for h in heads]
         self.heads = nn.ModuleDict(
             {h.name: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n)) for h, n in zip(heads, self.head_sizes)})
+        for h, head in zip(heads, self.heads.values()):
+            head.register_buffer("class_weights", torch.ones(len(h.classes)))
+        self.register_load_state_dict_pre_hook(_unweighted_if_missing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.trunk(x)
@@ -48,9 +53,20 @@ class MultiHeadNet(nn.Module):
         i = self.head_names.index(name)
         return sum(self.head_sizes[:i])
 
+    def keep_class_weights(self, weights: Dict[str, torch.Tensor]) -> None:
+        """Record the class weights a stage trains these heads with."""
+        for name, w in weights.items():
+            self.heads[name].class_weights.copy_(w)
+
     def head_probabilities(self, name: str, outputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities of one head from its raw outputs (N x its output size)."""
-        return age.class_probabilities(self.head_losses[self.head_names.index(name)], outputs, self.age_thresholds)
+        i = self.head_names.index(name)
+        if self.head_priors[i] == "training":
+            # A loss weighted by w_c learns p(c|x) * w_c (normalised); dividing by w_c gives back the training
+            # photos' frequencies. A class never seen in training (weight 0) gets probability 0.
+            w = self.heads[name].class_weights.float()
+            outputs = outputs.float() + torch.where(w > 0, -w.log(), torch.full_like(w, -torch.inf))
+        return age.class_probabilities(self.head_losses[i], outputs, self.age_thresholds)
 
     def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {name: self.head_probabilities(name, part) for name, part in self.split(logits).items()}
@@ -62,6 +78,12 @@ class MultiHeadNet(nn.Module):
             if age.uses_years(loss):
                 out[name] = age.expected_years(loss, part)
         return out
+
+
+def _unweighted_if_missing(model: MultiHeadNet, state: dict, prefix: str, *_) -> None:
+    """Checkpoints written before the heads kept their class weights load with weights of 1: nothing to take out."""
+    for name in model.head_names:
+        state.setdefault(f"{prefix}heads.{name}.class_weights", torch.ones_like(model.heads[name].class_weights))
 
 
 def _strip_classifier(net: nn.Module) -> int:

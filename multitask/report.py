@@ -264,10 +264,12 @@ def recipe(cfg: Config, run: RunDir) -> str:
         batch = (f"batch {ran['batch_per_process']} x {ran['processes']} processes = {ran['effective_batch']} "
                  f"(learning rate scaling: {ran['lr_scaling']})")
     where = f", {ran['device']} {ran['precision']}" if ran else ""
+    trained_prior = [h.name for h in cfg.heads if h.prior == "training"]
+    prior = f" (taken out when predicting {', '.join(trained_prior)}: prior training)" if trained_prior else ""
     return (f"{o.optimizer} (lr trunk {lrs[0]:g}, heads {lrs[1]:g}, weight decay {o.weight_decay:g}{sgd}), "
             f"{o.scheduler} schedule, label smoothing {cfg.loss.label_smoothing:g}, class weights "
-            f"{'on' if cfg.loss.class_weights else 'off'}, mix {cfg.augment.mix}, {batch}, seed {cfg.train.seed}"
-            f"{where}.")
+            f"{'on' if cfg.loss.class_weights else 'off'}{prior}, mix {cfg.augment.mix}, {batch}, seed "
+            f"{cfg.train.seed}{where}.")
 
 
 def write_report(run_dir: Path) -> dict:

@@ -102,7 +102,9 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                                                    f"{len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
     persons = train_rows["person_id"].to_numpy()
-    loss_fn = stage_loss(cfg, active, y_train, draw_weights(persons, stage.photos_per_person)).to(ctx.rt.device)
+    weights = class_weights(cfg, active, y_train, draw_weights(persons, stage.photos_per_person))
+    model.keep_class_weights(weights)
+    loss_fn = stage_loss(cfg, active, weights).to(ctx.rt.device)
     train_tf = ctx.pre.train(stage.size)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
@@ -178,13 +180,18 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     return finish_stage(ctx, fold, stage_no, model, val_rows, y_val, workers, best_epoch, best_score)
 
 
-def stage_loss(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, drawn: np.ndarray
-               ) -> MultiHeadLoss:
-    """The loss over the stage's heads; class weights (inverse frequency in the training rows, each counted by
-    its chance ``drawn`` of being in an epoch) for the heads trained with cross-entropy."""
+def class_weights(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, drawn: np.ndarray
+                  ) -> Dict[str, torch.Tensor]:
+    """Per head trained with cross-entropy, the inverse class frequency in the training rows, each row counted by
+    its chance ``drawn`` of being in an epoch; none with loss.class_weights off."""
     column = {h.name: i for i, h in enumerate(cfg.heads)}
-    weights = ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes), drawn)
-                for h in active if h.loss == "ce"} if cfg.loss.class_weights else None)
+    return ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes), drawn)
+             for h in active if h.loss == "ce"} if cfg.loss.class_weights else {})
+
+
+def stage_loss(cfg: Config, active: List[HeadConfig], weights: Dict[str, torch.Tensor]) -> MultiHeadLoss:
+    """The loss over the stage's heads, with ``class_weights``."""
+    column = {h.name: i for i, h in enumerate(cfg.heads)}
     return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
                          [h.loss for h in active], column)
 

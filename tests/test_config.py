@@ -44,10 +44,33 @@ def test_overrides_reach_nested_fields_with_types():
     ("stage1.photos_per_person=-1", "stage1.photos_per_person=-1: must be >= 0"),
     ("stage1.only=3", "override 'stage1.only=3': Cannot assign int"),
     ("data.size=[1,", "override 'data.size=[1,': "),
+    ("heads.0.prior=real", "heads[0].prior='real': must be one of balanced, training"),
 ])
 def test_bad_overrides_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config([override])
+
+
+def test_the_training_prior_needs_class_weights_to_take_out():
+    assert load_config(["heads.0.prior=training"]).heads[0].prior == "training"
+    with pytest.raises(ConfigError, match=re.escape("heads[2].prior=training takes out the class weights a ce head "
+                                                    "learnt with, and heads[2].loss=dldl has none")):
+        load_config(["heads.2.loss=dldl", "heads.2.prior=training"])
+    with pytest.raises(ConfigError, match=re.escape("and loss.class_weights=false has none")):
+        load_config(["loss.class_weights=false", "heads.0.prior=training"])
+
+
+def test_a_preset_after_an_override_of_the_same_key_is_an_error_not_a_silent_undo():
+    """Overrides apply in order; a preset that sets a key (or a list such as heads) would drop an earlier one."""
+    cfg = load_config(["experiment=real_faces", "heads.2.loss=dldl"])
+    assert [(h.loss, h.prior) for h in cfg.heads] == [("ce", "training"), ("ce", "balanced"), ("dldl", "balanced")]
+    with pytest.raises(ConfigError, match=re.escape("experiment=real_faces: sets heads, which would undo the earlier "
+                                                    "override 'heads.2.loss=dldl'; give the override after")):
+        load_config(["heads.2.loss=dldl", "experiment=real_faces"])
+    with pytest.raises(ConfigError, match=re.escape("sets data.face_crop, which would undo the earlier override "
+                                                    "'data.face_crop=center'")):
+        load_config(["data.face_crop=center", "experiment=real_masks"])
+    assert load_config(["data.face_crop=center", "data=dev_faces"]).data.face_crop == "center"  # not set there
 
 
 def test_a_mapping_in_an_override_or_a_file_replaces_the_mapping(tmp_path):

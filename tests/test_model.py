@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from multitask.config import ModelConfig, load_config
-from multitask.model import WeightsError, build_model, learning_rates, stage_layers
+from multitask.config import HeadConfig, ModelConfig, load_config
+from multitask.model import MultiHeadNet, WeightsError, build_model, learning_rates, stage_layers
 
 HEADS = load_config().heads
 
@@ -80,3 +80,42 @@ def test_imagenet_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
     torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     model, loaded = build_model(ModelConfig(pretrained="imagenet"), HEADS)
     assert loaded and torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
+
+
+def two_heads(prior: str) -> MultiHeadNet:
+    heads = [HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"], prior=prior),
+             HeadConfig("gender", "gender", ["male", "female"])]
+    return MultiHeadNet(torch.nn.Flatten(), 4, heads)
+
+
+def test_the_training_prior_takes_the_class_weights_out_of_the_probabilities():
+    """Weighted by w, a head learns p(c|x) * w_c; with prior: training its probabilities are divided by w_c again
+    (a class never trained on gets 0), and a balanced head's are its softmax."""
+    weights = {"mask": torch.tensor([0.25, 2.0, 0.0]), "gender": torch.tensor([0.5, 1.5])}
+    x = torch.randn(5, 4)
+    for prior in ("balanced", "training"):
+        model = two_heads(prior)
+        model.keep_class_weights(weights)
+        logits = model.split(model(x))
+        probs = model.probabilities(model(x))
+        assert torch.allclose(probs["gender"], logits["gender"].softmax(1))
+        if prior == "balanced":
+            assert torch.allclose(probs["mask"], logits["mask"].softmax(1))
+            continue
+        expected = logits["mask"].softmax(1) * torch.tensor([4.0, 0.5, 0.0])
+        assert torch.allclose(probs["mask"], expected / expected.sum(1, keepdim=True), atol=1e-6)
+        assert probs["mask"][:, 2].eq(0).all() and torch.allclose(probs["mask"].sum(1), torch.ones(5))
+
+
+def test_class_weights_are_saved_with_the_model_and_older_checkpoints_load_without_them():
+    trained = two_heads("training")
+    trained.keep_class_weights({"mask": torch.tensor([0.25, 2.0, 2.0])})
+    state = trained.state_dict()
+    assert state["heads.mask.class_weights"].tolist() == [0.25, 2.0, 2.0]
+    loaded = two_heads("training")
+    loaded.load_state_dict(state)
+    assert loaded.heads["mask"].class_weights.tolist() == [0.25, 2.0, 2.0]
+    older = {k: v for k, v in state.items() if not k.endswith("class_weights")}
+    loaded.load_state_dict(older)  # weights of 1: the probabilities are the softmax, as they were
+    x = torch.randn(3, 4)
+    assert torch.allclose(loaded.probabilities(loaded(x))["mask"], loaded.split(loaded(x))["mask"].softmax(1))

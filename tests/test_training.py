@@ -143,6 +143,15 @@ def test_stage1_can_see_each_person_once_per_epoch_masked_or_not(tiny_config, tm
                for line in logged)
 
 
+def test_each_fold_model_keeps_the_class_weights_it_was_trained_with(trained_run):
+    """Every synthetic person has 5 masks worn, 1 worn incorrectly, 1 none: weights 1/5 : 1 : 1, mean 1. Saved in
+    fp16 with the final stage's weights."""
+    for best in sorted(trained_run.glob("fold*/stage2/best.pt")):
+        state = torch.load(best, weights_only=True)["model"]
+        assert state["heads.mask.class_weights"].float().tolist() == pytest.approx([3 / 11, 15 / 11, 15 / 11],
+                                                                                   rel=1e-3)
+
+
 @pytest.mark.slow
 def test_report_f1_equals_scikit_learn_on_oof(tiny_config, tmp_path):
     cfg = tiny_config()
