@@ -103,7 +103,6 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     y_train = training_targets(cfg, train_rows)
     persons = train_rows["person_id"].to_numpy()
     weights = class_weights(cfg, active, y_train, draw_weights(persons, stage.photos_per_person))
-    model.keep_class_weights(weights)
     loss_fn = stage_loss(cfg, active, weights).to(ctx.rt.device)
     train_tf = ctx.pre.train(stage.size)
     y_val = eval_targets(cfg, val_rows)
@@ -120,9 +119,11 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         torch.set_rng_state(ckpt["rng"])
         history = pd.read_csv(run.metrics(fold, stage_no)).to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
+    model.keep_class_weights(weights)  # after a resume too: a last.pt of an older version has none
     ema = weight_average(model, cfg.optim.ema_decay)
     if ema is not None and ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
+        ema.module.keep_class_weights(weights)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
     optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
