@@ -265,7 +265,7 @@ def recipe(cfg: Config, run: RunDir) -> str:
                  f"(learning rate scaling: {ran['lr_scaling']})")
     where = f", {ran['device']} {ran['precision']}" if ran else ""
     trained_prior = [h.name for h in cfg.heads if h.prior == "training"]
-    prior = f" (taken out when predicting {', '.join(trained_prior)}: prior training)" if trained_prior else ""
+    prior = f" (taken back out of {', '.join(trained_prior)} when predicting: prior training)" if trained_prior else ""
     return (f"{o.optimizer} (lr trunk {lrs[0]:g}, heads {lrs[1]:g}, weight decay {o.weight_decay:g}{sgd}), "
             f"{o.scheduler} schedule, label smoothing {cfg.loss.label_smoothing:g}, class weights "
             f"{'on' if cfg.loss.class_weights else 'off'}{prior}, mix {cfg.augment.mix}, {batch}, seed "

@@ -15,7 +15,8 @@ from multitask.folds import make_folds
 from multitask.data.sources import load_competition, load_mask_folders
 from multitask.data.table import balanced_people, load_labeled, load_table
 from multitask.data.transforms import train_transform
-from multitask.report import mask_on_accuracy, write_report
+from multitask.report import mask_on_accuracy, recipe, write_report
+from multitask.run import RunDir
 
 from conftest import tiny_overrides
 
@@ -123,3 +124,9 @@ def test_predict_scores_a_folder_per_mask_class(trained_run, mask_folders_root, 
     mean = sum(folds) / 3
     got = df.assign(path=df["path"].astype(str)).set_index("path")[probs]
     np.testing.assert_allclose(got.loc[mean.index].to_numpy(), mean.to_numpy(), atol=1e-4)
+
+
+def test_the_report_says_which_heads_predict_with_the_training_prior(tmp_path):
+    assert "class weights on, mix" in recipe(load_config(), RunDir(tmp_path))
+    sentence = recipe(load_config(["experiment=real_faces"]), RunDir(tmp_path))
+    assert "class weights on (taken back out of mask when predicting: prior training), mix" in sentence
