@@ -26,6 +26,13 @@ def parse_folds(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"--folds {text!r}: expected e.g. 0,2") from None
 
 
+def parse_prior(text: str) -> tuple[str, str]:
+    head, _, prior = text.partition("=")
+    if not head or prior not in ("balanced", "training"):
+        raise argparse.ArgumentTypeError(f"--prior {text!r}: expected HEAD=balanced or HEAD=training")
+    return head, prior
+
+
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, action="append",
@@ -36,6 +43,10 @@ def cli() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with mirrored photos (default: the run's predict.tta_flip)")
+    p.add_argument("--prior", type=parse_prior, action="append", default=[], metavar="HEAD=PRIOR",
+                   help="the class frequencies a head's probabilities assume, instead of the run's heads[i].prior: "
+                        "balanced (as its class weights taught) or training (as in the training photos); "
+                        "repeatable, e.g. --prior mask=balanced")
     p.add_argument("--batch-size", type=int, default=128)
     return p
 
@@ -47,7 +58,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from multitask.config import Config, ConfigError  # noqa: E402
+from multitask.config import Config, ConfigError, check_ranges  # noqa: E402
 from multitask.data.dataset import cached_images, preprocessing  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
 from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
@@ -163,6 +174,16 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
     return scores
 
 
+def with_priors(cfg: Config, priors: Sequence[tuple[str, str]], run: RunDir) -> Config:
+    names = [h.name for h in cfg.heads]
+    for head, prior in priors:
+        if head not in names:
+            raise ConfigError(f"--prior {head}={prior}: {run.root} has no head {head!r} (heads: {', '.join(names)})")
+        cfg.heads[names.index(head)].prior = prior
+    check_ranges(cfg)  # e.g. training on a head without class weights
+    return cfg
+
+
 def prepared_photos(run: RunDir, cfg: Config, paths: List[str]) -> tuple:
     """(prepared photos, unreadable ones, face found per photo or None): the photos as ``run`` prepares them."""
     if not paths:
@@ -174,9 +195,11 @@ def prepared_photos(run: RunDir, cfg: Config, paths: List[str]) -> tuple:
 
 def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
             folds: Optional[Sequence[int]] = None, how: Optional[str] = None, flip: Optional[bool] = None,
-            batch_size: int = 128, progress: bool = True, log=print) -> pd.DataFrame:
+            batch_size: int = 128, progress: bool = True, log=print,
+            priors: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
+    """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``."""
     runs = [RunDir(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
-    cfgs = [run.load_config() for run in runs]
+    cfgs = [with_priors(run.load_config(), priors, run) for run in runs]
     check_same_classes(runs, cfgs)
     cfg = cfgs[0]
     how = how or cfg.predict.ensemble
@@ -185,6 +208,12 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     device = resolve_device(cfg.train.device)
     table, kind, problems = read_input(input_path, cfg)
     models = [run.load_models(c, folds, device) for run, c in zip(runs, cfgs)]
+    for run, c, fold_models in zip(runs, cfgs, models):
+        unweighted = [h.name for h in c.heads if h.prior == "training" and h.name in dict(priors)
+                      and all((m.heads[h.name].class_weights == 1).all() for m in fold_models.values())]
+        if unweighted:
+            log(f"note: {run.root.name}: {', '.join(unweighted)} trained with class weights of 1 (or by a version "
+                "that did not keep them): prior training changes nothing there")
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
     prepared = [prepared_photos(run, c, todo["path"].tolist()) for run, c in zip(runs, cfgs)]
@@ -228,7 +257,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         configure_threads(RunDir(a.run[0]).load_config().train)
-        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty())
+        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty(),
+                priors=a.prior)
     except (ConfigError, DataError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score
 
 from multitask.config import load_config
 from multitask.data.sources import DataError
-from multitask.predict import ensemble, predict
+from multitask.predict import ensemble, main, predict
 
 from conftest import probs_of
 
@@ -151,3 +151,22 @@ def test_extra_tta_scales_add_views_and_change_the_probabilities(trained_run, fa
     assert load_config(base=run / "config.yaml").predict.tta_scales == [0.8, 1.25]
     scaled = predict(run, person, tmp_path / "b", flip=False, **QUIET)
     assert not np.allclose(probs_of(plain), probs_of(scaled))
+
+
+def test_a_prior_given_to_predict_takes_that_heads_class_weights_out(trained_run, faces_root, tmp_path, capsys):
+    """The run trained with mask weights 1/5 : 1 : 1 (5 worn photos of 7): ``--prior mask=training`` multiplies
+    the mask probabilities by 5 : 1 : 1 again (one model, one view) and leaves the other heads alone."""
+    person = next((faces_root / "images").iterdir())
+    kw = dict(folds=[0], flip=False, **QUIET)
+    balanced = predict(trained_run, person, tmp_path / "a", **kw)
+    training = predict(trained_run, person, tmp_path / "b", priors=[("mask", "training")], **kw)
+    mask = [f"p_mask_{c}" for c in ("worn", "incorrect", "not_worn")]
+    expected = balanced[mask].to_numpy() * [5, 1, 1]
+    np.testing.assert_allclose(training[mask].to_numpy(), expected / expected.sum(1, keepdims=True), atol=1e-4)
+    others = [c for c in balanced.columns if c.startswith(("p_gender", "p_age"))]
+    np.testing.assert_allclose(training[others].to_numpy(), balanced[others].to_numpy())
+    assert main(["--run", str(trained_run), str(person), "--out", str(tmp_path / "c"), "--prior", "beard=training"]) == 2
+    assert f"--prior beard=training: {trained_run} has no head 'beard' (heads: mask, gender, age)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(trained_run), str(person), "--out", str(tmp_path / "d"), "--prior", "mask=sometimes"])
+    assert e.value.code == 2 and "expected HEAD=balanced or HEAD=training" in capsys.readouterr().err
