@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
+
 
 def parse_folds(text: str) -> List[int]:
     try:
@@ -28,8 +30,8 @@ def parse_folds(text: str) -> List[int]:
 
 def parse_prior(text: str) -> tuple[str, str]:
     head, _, prior = text.partition("=")
-    if not head or prior not in ("balanced", "training"):
-        raise argparse.ArgumentTypeError(f"--prior {text!r}: expected HEAD=balanced or HEAD=training")
+    if not head or prior not in PRIORS:
+        raise argparse.ArgumentTypeError(f"--prior {text!r}: expected HEAD=" + " or HEAD=".join(PRIORS))
     return head, prior
 
 
