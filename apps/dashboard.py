@@ -91,6 +91,8 @@ def show_prediction(cfg, grid) -> None:
         p = grid.probs[h.name][0]
         col.markdown(f"**{h.name}**: {h.classes[int(p.argmax())]} ({p.max():.2f})")
         col.bar_chart(pd.DataFrame({"probability": p}, index=h.classes), height=160, horizontal=True)
+        if h.prior == "training":
+            col.caption("with the training photos' class frequencies (prior: training)")
     if len(heads) > 1:
         joint = joint_probabilities([grid.probs[h.name] for h in heads])[0]
         names = joint_class_names(heads)
@@ -314,7 +316,8 @@ def main() -> None:
     choice = st.sidebar.selectbox("model", ["ensemble of folds"] + [f"fold {k}" for k in have])
     folds = tuple(have) if choice.startswith("ensemble") else (int(choice.split()[1]),)
     st.sidebar.caption(f"{cfg.model.arch}, {cfg.data.size[0]}x{cfg.data.size[1]} px, heads: "
-                       + ", ".join(h.name for h in cfg.heads))
+                       + ", ".join(h.name + (" (prior: training)" if h.prior == "training" else "")
+                                   for h in cfg.heads))
     photo_tab, report_tab, mistakes_tab = st.tabs(["Inspect a photo", "Report", "Mistakes"])
     with photo_tab:
         extra_sets = extra_val_names(cfg.data)

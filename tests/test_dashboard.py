@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
@@ -41,6 +42,7 @@ def test_choose_run_upload_and_change_method(app, trained_run, faces_root):
     assert not app.exception, app.exception
     text = all_text(app)
     assert "Grad-CAM grid" in text and "18-class top 3" in text
+    assert "prior: training" not in text  # every head decides as it trained (balanced)
     n_images = len(app.get("image"))
     assert n_images >= 1 + 4 * 3  # the input + a layer x head grid
     app.selectbox(key="photo_method").set_value("layercam").run()
@@ -130,6 +132,20 @@ def test_a_crafted_table_cannot_show_other_files(trained_run, tmp_path, monkeypa
     assert not at.exception, at.exception
     assert any("outside this run's data folders" in e.value for e in at.error)
     assert "Grad-CAM grid" not in all_text(at)
+
+
+def test_a_head_deciding_with_the_training_frequencies_says_so(trained_run, faces_root, tmp_path, monkeypatch):
+    run = Path(shutil.copytree(trained_run, tmp_path / "runs" / "prior"))
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["heads"][0]["prior"] = "training"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    monkeypatch.setenv("MULTITASK_RUNS", str(run.parent))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    at.file_uploader[0].set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
+    assert not at.exception, at.exception
+    assert "heads: mask (prior: training), gender, age" in [c.value for c in at.sidebar.caption][-1]
+    shown = [c.value for c in at.caption].count("with the training photos' class frequencies (prior: training)")
+    assert shown == 2  # under the uploaded photo's mask bars, and under those of the Mistakes tab's photo
 
 
 def test_no_runs_is_explained(tmp_path, monkeypatch):
