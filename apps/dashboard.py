@@ -246,7 +246,7 @@ def report_page(run: Path) -> None:
     report = RunDir(run).report_json
     if not report.exists():
         st.info("No report yet: it is written when the cross-validation finishes "
-                "(or run `python -m multitask.report RUN_DIR`).")
+                "(or run `multitask report RUN_DIR`).")
         return
     r = json.loads(report.read_text())
     keys = list(r["mean"])
@@ -304,7 +304,7 @@ def main() -> None:
     st.sidebar.caption(f"runs folder: {root.name or root}/ (MULTITASK_RUNS, set before starting)")
     runs = list_runs(root)
     if not runs:
-        st.info(f"No runs in {root.resolve()}. Train one with `make train` (or `python -m multitask.train`).")
+        st.info(f"No runs in {root.resolve()}. Train one with `multitask train`.")
         return
     run = st.sidebar.selectbox("run", runs, format_func=lambda p: p.name)
     cfg = RunDir(run).load_config()

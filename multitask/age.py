@@ -41,19 +41,26 @@ def class_probabilities(loss: str, logits: torch.Tensor, thresholds: Sequence[in
         return logits.softmax(1)
     if loss == "ordinal":
         above = torch.sigmoid(logits)  # P(group > k), k = 0..K-2
-        above = torch.cummin(above, dim=1).values  # rank-consistent even if the logits are not
+        # rank-consistent even if the logits are not: a running minimum (written out, not cummin, so that the
+        # decoding exports to ONNX inside the graph)
+        above = torch.stack([above[:, :k + 1].amin(1) for k in range(above.shape[1])], 1)
         ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
         return torch.cat([ones, above], 1) - torch.cat([above, zeros], 1)
-    edges = [float("-inf"), *(float(t) for t in thresholds), float("inf")]
-    if loss == "dldl":
-        p = logits.softmax(1)
-        years = torch.arange(YEARS, device=logits.device, dtype=p.dtype)
-        return torch.stack([p[:, (years >= lo) & (years < hi)].sum(1) for lo, hi in zip(edges[:-1], edges[1:])], 1)
-    mean = expected_years(loss, logits)  # regression: a Gaussian around the predicted age, cut at the bins
-    normal = torch.distributions.Normal(mean, torch.full_like(mean, SIGMA))
-    cdf = [torch.zeros_like(mean)] + [normal.cdf(torch.full_like(mean, t - 0.5)) for t in thresholds]
-    cdf.append(torch.ones_like(mean))
-    return torch.stack([cdf[i + 1] - cdf[i] for i in range(len(thresholds) + 1)], 1)
+    if loss == "dldl":  # the probability of each group's years, as a product with a constant 0/1 matrix
+        return logits.softmax(1) @ group_members(thresholds, logits.device)
+    # regression: a Gaussian around the predicted age, cut at the bins (its CDF written with erf, for export)
+    mean = expected_years(loss, logits)
+    cuts = torch.tensor([float(t) - 0.5 for t in thresholds], device=logits.device)
+    cdf = 0.5 * (1 + torch.special.erf((cuts[None] - mean[:, None]) / (SIGMA * 2 ** 0.5)))
+    cdf = torch.cat([torch.zeros_like(mean[:, None]), cdf, torch.ones_like(mean[:, None])], 1)
+    return cdf[:, 1:] - cdf[:, :-1]
+
+
+def group_members(thresholds: Sequence[int], device=None) -> torch.Tensor:
+    """YEARS x groups: 1 where a year (0..99) falls in the group."""
+    years = torch.arange(YEARS, device=device)[:, None]
+    edges = torch.tensor([0, *thresholds, YEARS], device=device)
+    return ((years >= edges[:-1][None]) & (years < edges[1:][None])).float()
 
 
 def expected_years(loss: str, logits: torch.Tensor) -> Optional[torch.Tensor]:

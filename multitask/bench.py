@@ -1,4 +1,4 @@
-"""``python -m multitask.bench``: throughput and latency on this machine, side by side in one run.
+"""``multitask bench``: throughput and latency on this machine, side by side in one run.
 
 (a) model-only training step on random tensors; (b) the full training pipeline from disk with the project's
 defaults (cache, precision=auto, channels_last); (c) the same pipeline in the plain style (fp32, NCHW, decode
@@ -23,7 +23,7 @@ from typing import Callable
 
 
 def cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multitask.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="multitask bench", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="128x96,128x128", help="H x W training sizes to measure (e.g. add 224x224)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=4, help="batches per pipeline measurement (one run)")

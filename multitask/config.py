@@ -78,7 +78,7 @@ class DataConfig:
     extra_unmasked: List[str] = field(default_factory=list)
     extra_unmasked_people: int = 0  # at most this many of them, drawn evenly by gender x age (0: all)
     # Labeled sets (competition layout, manifest) added to the training side of every fold, both stages, never
-    # validated: e.g. masks painted on extra people by `python -m multitask.data paint-masks`.
+    # validated: e.g. masks painted on extra people by `multitask data paint-masks`.
     extra_train: List[str] = field(default_factory=list)
     extra_train_people: int = 0  # at most this many persons of them, drawn evenly by gender x age (0: all)
     # Labeled sets scored at the end of every fold (fold model) and in the report (ensemble), never trained on:

@@ -3,7 +3,7 @@
 One forward pass records the activations of all stages; each head then costs one backward pass (gradients of
 all stages at once), so a grid of 4 layers x 3 heads costs 1 forward + 3 backwards, not 12 CAM calls.
 
-CLI: ``python -m multitask.explain --run RUN_DIR [--fold K] IMAGE_OR_FOLDER --out DIR`` writes one grid PNG per
+CLI: ``multitask explain --run RUN_DIR [--fold K] IMAGE_OR_FOLDER --out DIR`` writes one grid PNG per
 photo (rows: layers, columns: heads) and ``predictions.csv``.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eig
 
 
 def cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multitask.explain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="multitask explain", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--fold", type=int, help="default: the first trained fold")
     p.add_argument("input", type=Path, help="an image or a folder of images")
@@ -231,12 +231,13 @@ def prepare_inputs(pre: Preprocessing, paths: Sequence[Path]
 def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = None, method: str = "gradcam",
                   target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16,
                   with_faithfulness: bool = False) -> pd.DataFrame:
+    from multitask.api import load_run
+
     run = RunDir(run_dir)
-    cfg = run.load_config()
-    trained = run.trained_folds(cfg)
+    trained = run.trained_folds(run.load_config())
     fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
-    model = run.load_models(cfg, [fold])[fold]
-    pre = run.preprocessing(cfg)
+    member = load_run(run_dir, [fold], device="cpu").members[0]
+    cfg, model, pre = member.cfg, member.models[fold], member.pre
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])

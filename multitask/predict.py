@@ -1,4 +1,4 @@
-"""``python -m multitask.predict --run RUN_DIR INPUT --out OUT_DIR``: fold ensemble + TTA on new photos.
+"""``multitask predict --run RUN_DIR INPUT --out OUT_DIR``: fold ensemble + TTA on new photos.
 
 ``--run`` may be given several times: the runs' ensembles are averaged, each run counting once (runs of
 different trunks or recipes make different mistakes; each run keeps its own preprocessing). They must predict
@@ -18,14 +18,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
+from multitask.cli import parse_folds
 from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
-
-
-def parse_folds(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--folds {text!r}: expected e.g. 0,2") from None
 
 
 def parse_prior(text: str) -> tuple[str, str]:
@@ -36,9 +30,9 @@ def parse_prior(text: str) -> tuple[str, str]:
 
 
 def cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multitask.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="multitask predict", description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, action="append",
-                   help="run directory of python -m multitask.train; repeat to average several runs")
+                   help="run directory of multitask train; repeat to average several runs")
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold; of every run)")
@@ -58,55 +52,18 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
-from multitask.config import Config, ConfigError, check_ranges  # noqa: E402
-from multitask.data.dataset import cached_images, preprocessing  # noqa: E402
+from multitask.api import Predictor, load_run  # noqa: E402
+from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
 from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
                                     load_source, read_csv_or_fail)
-from multitask.data.transforms import Preprocessing  # noqa: E402
-from multitask.engine import (Runtime, configure_threads, loader_workers, predict_views,  # noqa: E402
-                              resolve_device, tta_views)
+from multitask.engine import configure_threads  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
-from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
+from multitask.model import WeightsError  # noqa: E402
 from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
-from multitask.run import RunDir, check_same_classes, final_heads, prediction_frame, true_column  # noqa: E402
-from multitask.tasks import joint_class_names, joint_label  # noqa: E402
-
-
-def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
-                   views: Sequence[tuple], batch_size: int = 128, progress: bool = False
-                   ) -> Dict[int, tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
-    """Per fold: (per head the class probabilities, per head that predicts them the years) of prepared photos
-    (N x H x W x 3 uint8), averaged over views."""
-    rt, pre = Runtime.on(device, cfg.train), Preprocessing.from_config(cfg)
-    workers = loader_workers(cfg.data.workers, device, True)
-    return {k: predict_views(model, images, pre, views, rt, batch_size, workers, progress, desc=f"fold {k}")
-            for k, model in models.items()}
-
-
-def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "mean") -> tuple[dict, dict]:
-    """(probabilities per head, predicted class per head) of runs' fold predictions (one dict fold -> head ->
-    probabilities per run). Probabilities: ``mean_of_runs``. ``vote``: the majority of every fold model's class,
-    ties broken by those probabilities."""
-    probs = mean_of_runs(per_run)
-    if how == "mean":
-        return probs, {h: p.argmax(1) for h, p in probs.items()}
-    preds = {}
-    for h, p in probs.items():
-        votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for folds in per_run for f in folds.values())
-        preds[h] = (votes + p * 1e-3).argmax(1)
-    return probs, preds
-
-
-def mean_of_runs(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
-    """Per head: the mean of the runs' fold means, over the runs that have that head (class probabilities: every
-    run; predicted years: the runs whose head predicts them), so each run counts once however many folds it has."""
-    means = [{h: np.mean([f[h] for f in folds.values()], axis=0) for h in next(iter(folds.values()))}
-             for folds in per_run]
-    return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in dict.fromkeys(h for m in means for h in m)}
+from multitask.run import RunDir, true_column  # noqa: E402
 
 
 # --- inputs ----------------------------------------------------------------------------------------------
@@ -142,22 +99,6 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     return pd.DataFrame({"path": [str(p.resolve()) for p in files]}), "folder", []
 
 
-def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict, years: dict) -> pd.DataFrame:
-    """predictions.csv: the input's rows, the run's prediction columns (true classes where the input has
-    labels; years where a head predicts them), each head's class name, and the joint label (the competition's
-    18-class ``ans``)."""
-    heads = [h for h in cfg.heads if h.name in probs]
-    targets = {h.name: table[h.column].astype(np.int64).to_numpy() for h in heads if h.column in table.columns
-               and table[h.column].notna().all() and (table[h.column].astype(np.int64) >= 0).all()}
-    df = prediction_frame(heads, table, probs, preds, targets, years)
-    for h in heads:
-        df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
-    df["label"] = joint_label(heads, preds)
-    df["label_name"] = [joint_class_names(heads)[i] for i in df["label"]]
-    df["label_prob"] = np.prod([probs[h.name][np.arange(len(df)), preds[h.name]] for h in heads], axis=0)
-    return df
-
-
 def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dict:
     """Scores of the labeled heads (all of them, or only the mask for a folder per mask class)."""
     scores = labeled_scores(heads, df)
@@ -176,23 +117,16 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
     return scores
 
 
-def with_priors(cfg: Config, priors: Sequence[tuple[str, str]], run: RunDir) -> Config:
-    names = [h.name for h in cfg.heads]
-    for head, prior in priors:
-        if head not in names:
-            raise ConfigError(f"--prior {head}={prior}: {run.root} has no head {head!r} (heads: {', '.join(names)})")
-        cfg.heads[names.index(head)].prior = prior
-    check_ranges(cfg)  # e.g. training on a head without class weights
-    return cfg
-
-
-def prepared_photos(run: RunDir, cfg: Config, paths: List[str]) -> tuple:
-    """(prepared photos, unreadable ones, face found per photo or None): the photos as ``run`` prepares them."""
-    if not paths:
-        return None, [], None
-    pre, face_found = preprocessing(cfg, paths, lambda s: None, run.typical_face_boxes())
-    images, unreadable = cached_images(paths, pre.prepare, Path(cfg.data.cache_dir), log=lambda s: None)
-    return images, unreadable, face_found
+def unweighted_priors(predictor: Predictor, priors: Sequence[tuple[str, str]]) -> List[str]:
+    """Notes for --prior HEAD=training on heads that trained without class weights: nothing to take out."""
+    notes = []
+    for m in predictor.members:
+        unweighted = [h.name for h in m.cfg.heads if h.prior == "training" and h.name in dict(priors)
+                      and all((model.heads[h.name].class_weights == 1).all() for model in m.models.values())]
+        if unweighted:
+            notes.append(f"note: {m.run.root.name}: {', '.join(unweighted)} trained with class weights of 1 (or by a "
+                         "version that did not keep them): prior training changes nothing there")
+    return notes
 
 
 def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
@@ -200,33 +134,19 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
             batch_size: int = 128, progress: bool = True, log=print,
             priors: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
     """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``."""
-    runs = [RunDir(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
-    cfgs = [with_priors(run.load_config(), priors, run) for run in runs]
-    check_same_classes(runs, cfgs)
-    cfg = cfgs[0]
-    how = how or cfg.predict.ensemble
-    if how not in ("mean", "vote"):
-        raise ConfigError(f"ensemble {how!r}: must be mean or vote")
-    device = resolve_device(cfg.train.device)
-    table, kind, problems = read_input(input_path, cfg)
-    models = [run.load_models(c, folds, device) for run, c in zip(runs, cfgs)]
-    for run, c, fold_models in zip(runs, cfgs, models):
-        unweighted = [h.name for h in c.heads if h.prior == "training" and h.name in dict(priors)
-                      and all((m.heads[h.name].class_weights == 1).all() for m in fold_models.values())]
-        if unweighted:
-            log(f"note: {run.root.name}: {', '.join(unweighted)} trained with class weights of 1 (or by a version "
-                "that did not keep them): prior training changes nothing there")
+    predictor = load_run(run_dirs, folds, ensemble=how, tta_flip=flip, priors=priors, batch_size=batch_size)
+    for note in unweighted_priors(predictor, priors):
+        log(note)
+    table, kind, problems = read_input(input_path, predictor.cfg)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    prepared = [prepared_photos(run, c, todo["path"].tolist()) for run, c in zip(runs, cfgs)]
-    face_found = next((found for _, _, found in prepared if found is not None), None)
-    if face_found is not None:
-        todo = todo.assign(face_found=face_found)  # False: no face found; the typical box or the centre crop
-    unreadable = list({p.path: p for _, bad, _ in prepared for p in bad}.values())
-    problems = problems + unreadable
+    prepared = predictor.prepare_files(todo["path"].tolist())
+    if prepared.face_found is not None:
+        todo = todo.assign(face_found=prepared.face_found)  # False: no face found; the typical box or centre crop
+    problems = problems + prepared.unreadable
     if problems and kind == "evaluation":
         raise DataError(problems, f"{input_path} (the submission needs every image)")
-    keep = ~todo["path"].isin({p.path for p in unreadable}).to_numpy()
+    keep = ~todo["path"].isin({p.path for p in prepared.unreadable}).to_numpy()
     todo = todo[keep].reset_index(drop=True)
     out.mkdir(parents=True, exist_ok=True)
     if problems:
@@ -234,22 +154,15 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
                       out / "skipped.csv")
     if todo.empty:
         raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
-    views = [tta_views(c.predict, flip) for c in cfgs]
-    per_run = [predict_arrays(m, np.asarray(images)[keep], c, device, v, batch_size, progress)
-               for m, (images, _, _), c, v in zip(models, prepared, cfgs, views)]
-    probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], how)
-    years = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
-    df = predictions_frame(cfg, todo, probs, preds, years)
+    df = predictor.predict_prepared([np.asarray(images)[keep] for images in prepared.images], todo, progress)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
-    labeled = [h for h in final_heads(cfg) if true_column(h) in df.columns]
+    labeled = [h for h in predictor.heads if true_column(h) in df.columns]
     if labeled:
-        scores = write_labeled_report(cfg, labeled, df, out)
+        scores = write_labeled_report(predictor.cfg, labeled, df, out)
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
-    used = "; ".join(f"{run.root.name}: folds {sorted(m)} x {len(v)} view(s)"
-                     for run, m, v in zip(runs, models, views))
-    log(f"{len(df)} photos predicted ({how}) by {used}; {len(problems)} skipped"
+    log(f"{len(df)} photos predicted ({predictor.how}) by {predictor.describe()}; {len(problems)} skipped"
         + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
     return df
 

@@ -1,6 +1,6 @@
 """Fold results -> report.md, report.json and PNG plots (confusion matrices, learning curves).
 
-Reads the run directory only, so a report can be rebuilt at any time: ``python -m multitask.report RUN_DIR``.
+Reads the run directory only, so a report can be rebuilt at any time: ``multitask report RUN_DIR``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 
 def cli() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multitask.report",
+    p = argparse.ArgumentParser(prog="multitask report",
                                 description="Rebuild a run's report, or score several runs' average (--out).")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", type=Path, help="with several runs: where the report of their average goes")
@@ -356,7 +356,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
         f"{r['mean'][k]['f1_macro']:.4f} ± {r['std'][k]['f1_macro']:.4f}" for k in keys) + " |")
     names = ", ".join(f"`{run.root}`" for run in runs)
     lines = [f"# Average of {len(runs)} runs", "",
-             f"Runs: {names}, each counting once (what `python -m multitask.predict` gives with a `--run` for "
+             f"Runs: {names}, each counting once (what `multitask predict` gives with a `--run` for "
              f"each). {len(oof)} out-of-fold photos of {oof['person_id'].nunique()} persons, the same "
              f"{len(s['folds'])} folds in every run, scored " + runs_views_sentence(
                  [(run.root.name, oof_views(o), len(tta_views(cfg.predict))) for run, cfg, o in zip(runs, cfgs, oofs)],

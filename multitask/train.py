@@ -1,13 +1,13 @@
-"""``python -m multitask.train [key=value ...] [--resume RUN_DIR]``: config -> cross-validation -> report.
+"""``multitask train [key=value ...] [--resume RUN_DIR]``: config -> cross-validation -> report.
 
 Examples:
-    python -m multitask.train                                  # synthetic faces, the embedded default
-    python -m multitask.train data=competition data.root=/data/train model.pretrained=imagenet
-    python -m multitask.train experiment=quick train.precision=fp32
-    python -m multitask.train --resume runs/faces-20261124-101500
+    multitask train                                   # synthetic faces, the embedded default
+    multitask train data=competition data.root=/data/train model.pretrained=imagenet
+    multitask train experiment=quick train.precision=fp32
+    multitask train --resume runs/faces-20261124-101500
     torchrun --nproc-per-node 4 -m multitask.train data=competition data.root=/data/train   # data parallel
-    RUN=$(python -m multitask.train data=... --create-only | tail -1)                       # fold jobs:
-    python -m multitask.train --resume $RUN --folds 0 & python -m multitask.train --resume $RUN --folds 1 & ...
+    RUN=$(multitask train data=... --create-only | tail -1)   # fold jobs:
+    multitask train --resume $RUN --folds 0 & multitask train --resume $RUN --folds 1 & ...
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from multitask.cli import parse_folds
 from multitask.config import Config, ConfigError, load_config, to_yaml
 
 # torch, pandas and the trainer are imported in main(), after the arguments are read: --help and usage errors
@@ -34,7 +35,7 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.train", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="multitask train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("overrides", nargs="*", help="key=value, GROUP=NAME (data, model, experiment) or a YAML file")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run (or join it: --folds)")
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         left = folds_to_train(RunDir(run_dir).load_config(), run_dir)
         if left:  # fold jobs: the report waits for the other folds
             print(f"folds {cfg.cv.run_folds or 'all'} done in {run_dir}; folds {left} still to train (or in "
-                  f"training); then: python -m multitask.report {run_dir}")
+                  f"training); then: multitask report {run_dir}")
             return 0
         report = write_report(run_dir)
     except (ConfigError, DataError, WeightsError, NonFiniteLoss) as e:
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     name = report["joint_name"] if key == "joint" else key
     print(f"{name} macro-F1 {report['mean'][key]['f1_macro']:.3f} ± {report['std'][key]['f1_macro']:.3f}"
           f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {RunDir(run_dir).report_md}; "
-          f"look inside with `make dashboard` (MULTITASK_RUNS={run_dir.parent}).")
+          f"look inside with `multitask dashboard --runs {run_dir.parent}`.")
     return 0
 
 
@@ -113,13 +114,6 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def parse_folds(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected fold numbers, e.g. 0,2") from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from multitask.data.dataset import PhotoDataset, cached_images
 from multitask.data.sources import DataError, load_competition
 from multitask.data.transforms import Prepare
 from multitask.engine import autocast, bf16_is_faster, cpu_has_fast_bf16, resolve_precision
-from multitask.predict import predict_arrays
+from multitask.api import predict_arrays
 from multitask.run import RunDir
 
 

@@ -14,7 +14,8 @@ from sklearn.metrics import f1_score
 
 from multitask.config import load_config
 from multitask.data.sources import DataError
-from multitask.predict import ensemble, main, predict
+from multitask.api import ensemble
+from multitask.predict import main, predict
 
 from conftest import probs_of
 
@@ -130,11 +131,11 @@ def test_labeled_input_reports_scikit_learn_macro_f1(trained_run, faces_root, tm
 
 
 def test_preprocessing_comes_from_the_run(trained_run, faces_root, tmp_path, monkeypatch):
-    import multitask.predict as predict_module
+    import multitask.api as api
 
     seen = []
-    original = predict_module.predict_arrays
-    monkeypatch.setattr(predict_module, "predict_arrays",
+    original = api.predict_arrays
+    monkeypatch.setattr(api, "predict_arrays",
                         lambda models, images, cfg, *a, **kw: seen.append((images.shape, cfg.data.size))
                         or original(models, images, cfg, *a, **kw))
     predict(trained_run, next((faces_root / "images").iterdir()), tmp_path / "out", **QUIET)

@@ -1,4 +1,4 @@
-"""``python -m multitask.data check ROOT | paint-masks SRC OUT | synth OUT``: data set tools.
+"""``multitask data check ROOT | paint-masks SRC OUT | synth OUT``: data set tools.
 
 check: every problem of a data set at once, with paths (layout and labels, then every photo decoded: truncated,
 unreadable and non-image files). paint-masks: ``multitask.data.paint``. synth: ``multitask.data.synth``."""
@@ -79,7 +79,7 @@ def synth(out: Path, people: int, size: tuple[int, int], seed: int, anywhere: bo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m multitask.data", description="Data set tools.")
+    p = argparse.ArgumentParser(prog="multitask data", description="Data set tools.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="report every problem of a data set, with file paths")
     c.add_argument("root", type=Path)

@@ -12,7 +12,7 @@ unmasked faces still 100%. Lower kept scores add boxes around the eyes only.
 
 Landmarks are (x, y) in the photo's pixels, in MTCNN's order: left eye, right eye, nose tip, left and right
 mouth corner ("left" as seen in the photo). Used by the face crop (``data.face_crop=detector``) and by the mask
-painter (``python -m multitask.data paint-masks``).
+painter (``multitask data paint-masks``).
 """
 from __future__ import annotations
 

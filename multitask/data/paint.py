@@ -8,7 +8,7 @@ an exhalation valve on respirators and sport masks, pleats and folds, fabric noi
 face's own light, soft edges, ear loops and, sometimes, something in front of the mask.
 Worn incorrectly: below the nose (``nose_out``) or pulled down to the chin (``chin``).
 
-``python -m multitask.data paint-masks SRC OUT`` turns unmasked photos into the competition layout (see
+``multitask data paint-masks SRC OUT`` turns unmasked photos into the competition layout (see
 ``paint_folder``).
 """
 from __future__ import annotations

@@ -25,14 +25,23 @@ COMPETITION_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, 
 COMPETITION_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 TRAIN_CSV_COLUMNS = ["id", "gender", "race", "age", "path"]
 
-# Accepted spellings of labels (lower-cased); integers are taken as class indices.
+
+def label_key(name: str) -> str:
+    """A label or folder name as the alias tables spell it: lower case, runs of "-", "_" and spaces as one "_"."""
+    return re.sub(r"[\s_-]+", "_", str(name).strip().lower())
+
+
+# Accepted spellings of labels and of mask-class folder names, compared by ``label_key`` (any case, "-", "_" and
+# spaces alike); integers are taken as class indices. The mask names cover the public face-mask sets' folders
+# (with_mask/, without_mask/, mask_weared_incorrect/, ...) as well as this project's own.
 GENDER_ALIASES = {"male": 0, "m": 0, "man": 0, "female": 1, "f": 1, "woman": 1}
 MASK_ALIASES = {
-    "worn": 0, "wear": 0, "mask": 0, "worn_correctly": 0, "correct": 0,
-    "incorrect": 1, "worn_incorrectly": 1, "incorrect_mask": 1,
-    "not_worn": 2, "not wear": 2, "not_wear": 2, "normal": 2, "no_mask": 2, "none": 2,
+    "worn": 0, "wear": 0, "mask": 0, "with_mask": 0, "worn_correctly": 0, "mask_worn_correctly": 0, "correct": 0,
+    "incorrect": 1, "worn_incorrectly": 1, "incorrect_mask": 1, "mask_worn_incorrectly": 1,
+    "mask_weared_incorrect": 1, "mask_incorrect": 1, "incorrectly_worn": 1,
+    "not_worn": 2, "not_wear": 2, "normal": 2, "no_mask": 2, "without_mask": 2, "none": 2,
 }
-AGE_GROUP_ALIASES = {"<30": 0, "30-59": 1, "30-60": 1, ">=60": 2, "60+": 2}
+AGE_GROUP_ALIASES = {label_key(k): v for k, v in {"<30": 0, "30-59": 1, "30-60": 1, ">=60": 2, "60+": 2}.items()}
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ def parse_label(value, aliases: dict, n_classes: int) -> int | None:
     """A class index from a name or an index; None when it cannot be parsed."""
     if pd.isna(value):
         return None
-    text = str(value).strip().lower()
+    text = label_key(value)
     if text in aliases:
         return aliases[text]
     try:
@@ -296,7 +305,7 @@ def load_imagefolder(root: Path) -> Tuple[pd.DataFrame, List[Problem], List[str]
 def mask_folders(root: Path) -> bool:
     """ROOT/<mask class>/<image>, e.g. worn_correctly/, worn_incorrectly/, not_worn/."""
     dirs = [d for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith(".")]
-    return bool(dirs) and all(d.name.lower() in MASK_ALIASES for d in dirs)
+    return bool(dirs) and all(label_key(d.name) in MASK_ALIASES for d in dirs)
 
 
 def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
@@ -305,7 +314,7 @@ def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
     for d in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
         for f in image_files(d):
             rows.append(dict(path=str(f.resolve()), person_id=f.relative_to(root).as_posix(),
-                             mask=MASK_ALIASES[d.name.lower()]))
+                             mask=MASK_ALIASES[label_key(d.name)]))
     for f in sorted(p for p in Path(root).iterdir() if p.is_file() and is_image_name(p)):
         problems.append(Problem(str(f), "image outside a mask class folder"))  # READMEs and the like are fine
     table = pd.DataFrame(rows, columns=["path", "person_id", "mask"])

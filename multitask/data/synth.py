@@ -1,4 +1,4 @@
-"""Synthetic faces in the competition layout: ``python -m multitask.data synth OUT --people N --size WxH``.
+"""Synthetic faces in the competition layout: ``multitask data synth OUT --people N --size WxH``.
 
 Each person gets 7 portraits (mask1..5, incorrect_mask, normal) and a row in train.csv; ``boxes.csv`` holds each
 photo's face box and mask box (x0, y0, x1, y1 in pixels) and five landmarks, for checking where a model looks.

@@ -1,0 +1,246 @@
+"""The Python API: a trained run (or several) as one object that predicts, explains and exports.
+
+    from multitask import load_run
+    model = load_run("runs/faces-20261205-101500")          # every trained fold; folds=[0] for one model
+    table = model.predict(["a.jpg", pil_image, rgb_array])  # the table `multitask predict` writes
+    photo, grid = model.explain("a.jpg")                    # CAMs: grid.cams[layer][head] is 1 x H x W
+    model.export("exported/", format="onnx")                # a graph that returns probabilities
+
+The ``multitask predict``, ``explain`` and ``export`` commands are thin shells around this object, so the API
+and the commands give the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+from multitask.config import Config, ConfigError, check_ranges
+from multitask.data.dataset import cached_images, preprocessing
+from multitask.data.sources import DataError, Problem
+from multitask.data.transforms import Preprocessing
+from multitask.engine import Runtime, loader_workers, predict_views, resolve_device, tta_views
+from multitask.model import MultiHeadNet
+from multitask.run import RunDir, check_same_classes, final_heads, prediction_frame
+from multitask.tasks import joint_class_names, joint_label
+
+Photo = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821 (PIL is imported where it is used)
+ENSEMBLES = ("mean", "vote")
+
+
+@dataclass
+class Member:
+    """One run's part of a prediction: its config, fold models, preprocessing and test-time views."""
+
+    run: RunDir
+    cfg: Config
+    models: Dict[int, MultiHeadNet]
+    pre: Preprocessing
+    views: List[tuple]
+
+
+@dataclass
+class PreparedPhotos:
+    """Photos as every member prepares them (decode, face region, resize), with the ones that failed."""
+
+    images: List[Optional[np.ndarray]]  # per member: N x H x W x 3 uint8 (rows of unreadable photos: zeros)
+    unreadable: List[Problem]
+    face_found: Optional[np.ndarray]  # face_crop=detector: whether each photo's face was found; else None
+
+
+def with_priors(cfg: Config, priors: Sequence[tuple[str, str]], run: RunDir) -> Config:
+    """``cfg`` with (head, balanced | training) pairs replacing its heads' ``prior``."""
+    names = [h.name for h in cfg.heads]
+    for head, prior in priors:
+        if head not in names:
+            raise ConfigError(f"--prior {head}={prior}: {run.root} has no head {head!r} (heads: {', '.join(names)})")
+        cfg.heads[names.index(head)].prior = prior
+    check_ranges(cfg)  # e.g. training on a head without class weights
+    return cfg
+
+
+def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "mean") -> tuple[dict, dict]:
+    """(probabilities per head, predicted class per head) of runs' fold predictions (one dict fold -> head ->
+    probabilities per run). Probabilities: ``mean_of_runs``. ``vote``: the majority of every fold model's class,
+    ties broken by those probabilities."""
+    probs = mean_of_runs(per_run)
+    if how == "mean":
+        return probs, {h: p.argmax(1) for h, p in probs.items()}
+    preds = {}
+    for h, p in probs.items():
+        votes = sum(np.eye(p.shape[1])[f[h].argmax(1)] for folds in per_run for f in folds.values())
+        preds[h] = (votes + p * 1e-3).argmax(1)
+    return probs, preds
+
+
+def mean_of_runs(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
+    """Per head: the mean of the runs' fold means, over the runs that have that head (class probabilities: every
+    run; predicted years: the runs whose head predicts them), so each run counts once however many folds it has."""
+    means = [{h: np.mean([f[h] for f in folds.values()], axis=0) for h in next(iter(folds.values()))}
+             for folds in per_run]
+    return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in dict.fromkeys(h for m in means for h in m)}
+
+
+def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
+                   views: Sequence[tuple], batch_size: int = 128, progress: bool = False
+                   ) -> Dict[int, tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
+    """Per fold: (per head the class probabilities, per head that predicts them the years) of prepared photos
+    (N x H x W x 3 uint8), averaged over views."""
+    rt, pre = Runtime.on(device, cfg.train), Preprocessing.from_config(cfg)
+    workers = loader_workers(cfg.data.workers, device, True)
+    return {k: predict_views(model, images, pre, views, rt, batch_size, workers, progress, desc=f"fold {k}")
+            for k, model in models.items()}
+
+
+def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict, years: dict) -> pd.DataFrame:
+    """predictions.csv: the input's rows, the run's prediction columns (true classes where the input has
+    labels; years where a head predicts them), each head's class name, and the joint label (the competition's
+    18-class ``ans``)."""
+    heads = [h for h in cfg.heads if h.name in probs]
+    targets = {h.name: table[h.column].astype(np.int64).to_numpy() for h in heads if h.column in table.columns
+               and table[h.column].notna().all() and (table[h.column].astype(np.int64) >= 0).all()}
+    df = prediction_frame(heads, table, probs, preds, targets, years)
+    for h in heads:
+        df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
+    df["label"] = joint_label(heads, preds)
+    df["label_name"] = [joint_class_names(heads)[i] for i in df["label"]]
+    df["label_prob"] = np.prod([probs[h.name][np.arange(len(df)), preds[h.name]] for h in heads], axis=0)
+    return df
+
+
+def rgb_array(photo) -> np.ndarray:
+    """A PIL image or an array (H x W x 3 RGB, or H x W grey; uint8, or float in [0, 1]) as H x W x 3 uint8."""
+    if not isinstance(photo, np.ndarray):
+        photo = np.asarray(photo.convert("RGB"))
+    a = np.asarray(photo)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise DataError([Problem("<array>", f"expected an H x W x 3 RGB array, got shape {a.shape}")])
+    if a.dtype != np.uint8:
+        a = np.clip(a * (255 if a.dtype.kind == "f" and a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
+    return np.ascontiguousarray(a[:, :, :3])
+
+
+class Predictor:
+    """The trained fold models of one or more runs, predicting as ``multitask predict`` does: each run's fold
+    ensemble over its test-time views, each run counting once."""
+
+    def __init__(self, members: Sequence[Member], device: torch.device, how: str = "mean", batch_size: int = 128):
+        if how not in ENSEMBLES:
+            raise ConfigError(f"ensemble {how!r}: must be mean or vote")
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: must be at least 1")
+        self.members, self.device, self.how, self.batch_size = list(members), device, how, batch_size
+
+    @property
+    def cfg(self) -> Config:
+        """The first run's config: its heads and classes are every run's."""
+        return self.members[0].cfg
+
+    @property
+    def heads(self):
+        """The heads the runs' models predict."""
+        return final_heads(self.cfg)
+
+    def describe(self) -> str:
+        """Which models predict, e.g. "faces-...: folds [0, 1, 2] x 2 view(s)"."""
+        return "; ".join(f"{m.run.root.name}: folds {sorted(m.models)} x {len(m.views)} view(s)" for m in self.members)
+
+    # --- photos -> prepared arrays ---------------------------------------------------------------------------
+
+    def prepare_files(self, paths: List[str]) -> PreparedPhotos:
+        """Photo files as each run prepares them, through the run's image cache (``data.cache_dir``) and, under
+        ``face_crop=detector``, its cached face boxes."""
+        images, unreadable, face_found = [], {}, None
+        for m in self.members:
+            pre, found = preprocessing(m.cfg, paths, lambda s: None, m.run.typical_face_boxes())
+            arr, bad = cached_images(paths, pre.prepare, Path(m.cfg.data.cache_dir), log=lambda s: None)
+            images.append(arr)
+            unreadable.update({p.path: p for p in bad})
+            face_found = found if face_found is None else face_found
+        return PreparedPhotos(images, list(unreadable.values()), face_found)
+
+    def prepare_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
+        """(per member the prepared photos, a name per photo) of files, PIL images and arrays, no cache; an
+        unreadable file is a DataError naming it."""
+        from multitask.data.images import read_rgb
+
+        names, rgbs, problems = [], [], []
+        for i, photo in enumerate(photos):
+            if isinstance(photo, (str, Path)):
+                names.append(str(Path(photo).resolve()))
+                try:
+                    rgbs.append(read_rgb(Path(photo)))
+                except Exception as e:  # any decoder or file error is this photo's problem
+                    problems.append(Problem(str(photo), f"unreadable image ({type(e).__name__}: {e})"))
+            else:
+                names.append(f"<image {i}>")
+                rgbs.append(rgb_array(photo))
+        if problems:
+            raise DataError(problems, "the photos to predict")
+        return [np.stack([m.pre.prepare(rgb) for rgb in rgbs]) for m in self.members], names
+
+    # --- prepared arrays -> the table ------------------------------------------------------------------------
+
+    def predict_prepared(self, images: Sequence[np.ndarray], table: pd.DataFrame, progress: bool = False
+                         ) -> pd.DataFrame:
+        """The prediction table of prepared photos (per member, in ``table``'s order)."""
+        per_run = [predict_arrays(m.models, arr, m.cfg, self.device, m.views, self.batch_size, progress)
+                   for m, arr in zip(self.members, images)]
+        probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], self.how)
+        years = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
+        return predictions_frame(self.cfg, table, probs, preds, years)
+
+    def predict(self, photos: Union[Photo, Sequence[Photo]], progress: bool = False) -> pd.DataFrame:
+        """One row per photo (a file path, a PIL image or an RGB array): the columns of ``multitask predict``'s
+        predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``years_<head>``, ``label``)."""
+        if isinstance(photos, (str, Path, np.ndarray)) or hasattr(photos, "convert"):
+            photos = [photos]
+        images, names = self.prepare_photos(list(photos))
+        return self.predict_prepared(images, pd.DataFrame({"path": names}), progress)
+
+    # --- CAMs and export -------------------------------------------------------------------------------------
+
+    def explain(self, photo: Photo, method: str = "gradcam", targets: Optional[Dict[str, str]] = None,
+                layers: Optional[Sequence[str]] = None):
+        """(the photo as the network sees it, H x W x 3 floats in [0, 1]; its ``CamGrid``): every trunk layer x
+        every head, from the first run's fold models (their mean where there are several). ``targets``: a class
+        to explain per head instead of the predicted one, e.g. {"mask": "incorrect"}."""
+        from multitask.data.images import read_rgb
+        from multitask.explain import explain_photo, parse_targets
+
+        m = self.members[0]
+        rgb = read_rgb(Path(photo)) if isinstance(photo, (str, Path)) else rgb_array(photo)
+        wanted = parse_targets([f"{h}={c}" for h, c in (targets or {}).items()], m.cfg)
+        return explain_photo(m.models, m.pre, rgb, method, wanted or None, layers)
+
+    def export(self, out: Path, format: str = "onnx", overwrite: bool = False) -> Path:
+        """The first run's fold models as one graph that returns probabilities, and ``preprocessing.json``
+        beside it (see ``multitask.export``); returns the model file."""
+        from multitask.export import export_member
+
+        return export_member(self.members[0], Path(out), format, overwrite)
+
+
+def load_run(run_dirs: Union[str, Path, Sequence[Union[str, Path]]], folds: Optional[Sequence[int]] = None,
+             device: Optional[str] = None, ensemble: Optional[str] = None, tta_flip: Optional[bool] = None,
+             priors: Sequence[tuple[str, str]] = (), batch_size: int = 128) -> Predictor:
+    """A ``Predictor`` over the trained folds (``folds``: only these) of one run directory or several (averaged,
+    each run counting once; they must predict the same classes). ``device``: the run's ``train.device`` unless
+    given; ``ensemble`` (mean | vote) and ``tta_flip``: the run's ``predict`` section unless given; ``priors``:
+    (head, balanced | training) pairs replacing the runs' ``heads[i].prior``."""
+    runs = [RunDir(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    if not runs:
+        raise ConfigError("load_run: no run directory given")
+    cfgs = [with_priors(run.load_config(), priors, run) for run in runs]
+    check_same_classes(runs, cfgs)
+    dev = resolve_device(device or cfgs[0].train.device)
+    members = [Member(run, cfg, run.load_models(cfg, folds, dev), run.preprocessing(cfg), tta_views(cfg.predict,
+                                                                                                    tta_flip))
+               for run, cfg in zip(runs, cfgs)]
+    return Predictor(members, dev, ensemble or cfgs[0].predict.ensemble, batch_size)

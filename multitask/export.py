@@ -1,0 +1,177 @@
+"""``multitask export --run RUN --out DIR [--format onnx|torchscript] [--folds K,K]``: a model file to take anywhere.
+
+The graph takes a normalised batch (N x 3 x H x W float32, RGB, ImageNet mean/std, dynamic N) and returns each
+head's class *probabilities* (``p_<head>``, N x classes) and, for heads that predict the age in years,
+``years_<head>`` (N): the fold models' mean over the plain and (with ``predict.tta_flip``) mirrored photo, each
+head decoded as the run decodes it (ordinal, age distribution, regression, the training prior), so the numbers
+are predict's. Beside it, ``preprocessing.json`` says how to turn a photo into that batch and what the outputs
+are: the only file a user of the graph needs to read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from multitask.cli import parse_folds
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+def cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multitask export", description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="run directory of multitask train")
+    p.add_argument("--out", type=Path, required=True, help="folder for the model file and preprocessing.json")
+    p.add_argument("--format", choices=sorted(FORMATS), default="onnx")
+    p.add_argument("--folds", type=parse_folds, help="e.g. 0 for one model (default: every trained fold)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    return p
+
+
+if __name__ == "__main__":
+    cli().parse_args()  # --help and usage errors answer before torch is imported
+
+import copy  # noqa: E402
+import warnings  # noqa: E402
+from typing import List, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from multitask.config import ConfigError  # noqa: E402
+from multitask.data.sources import DataError  # noqa: E402
+from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size  # noqa: E402
+from multitask.io import atomic_write_text  # noqa: E402
+from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
+from multitask.run import final_heads  # noqa: E402
+
+PREPROCESSING = "preprocessing.json"
+
+
+class HeadProbabilities(nn.Module):
+    """Fold models -> per head the mean class probabilities (then the mean years) over the models and views."""
+
+    def __init__(self, models: Sequence[MultiHeadNet], heads: Sequence[str], flip: bool):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.heads, self.flip = list(heads), flip
+        first = models[0]
+        self.year_heads = [h for h in self.heads if h in first.years(torch.zeros(1, sum(first.head_sizes)))]
+
+    def output_names(self) -> List[str]:
+        return [f"p_{h}" for h in self.heads] + [f"years_{h}" for h in self.year_heads]
+
+    def forward(self, x: torch.Tensor):
+        views = [x, x.flip(3)] if self.flip else [x]
+        probs = {h: [] for h in self.heads}
+        years = {h: [] for h in self.year_heads}
+        for model in self.models:
+            for view in views:
+                logits = model(view)
+                for h, p in model.probabilities(logits).items():
+                    if h in probs:
+                        probs[h].append(p)
+                for h, y in model.years(logits).items():
+                    if h in years:
+                        years[h].append(y)
+        return tuple([torch.stack(probs[h]).mean(0) for h in self.heads]
+                     + [torch.stack(years[h]).mean(0) for h in self.year_heads])
+
+
+def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> dict:
+    """What a user of the graph must do to a photo, and what the graph returns."""
+    cfg = member.cfg
+    heads = {h.name: h for h in final_heads(cfg)}
+    views = ["plain"] + (["mirrored"] if graph.flip else [])
+    scales = [s for s in cfg.predict.tta_scales if s != 1.0]
+    return {
+        "model": model_file, "run": member.run.root.name, "arch": cfg.model.arch, "folds": sorted(member.models),
+        "input": {"name": "image", "shape": ["N", 3, *cfg.data.size], "dtype": "float32", "channels": "RGB",
+                  "value": "(pixel / 255 - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "photo_to_input": [
+            {"step": "face region", "face_crop": cfg.data.face_crop, "crop": cfg.data.crop,
+             "face_margin": cfg.data.face_margin,
+             "how": {"center": "the centre crop (H x W) when the photo is at least that large, else the whole photo",
+                     "none": "the whole photo",
+                     "detector": "the detected face box widened by face_margin of its size on each side, to the "
+                                 "network's aspect ratio; no face: the typical box of the photo's size "
+                                 "(typical_face_boxes, key WIDTHxHEIGHT), else the centre crop"}[cfg.data.face_crop]},
+            {"step": "resize", "size": list(load_size(cfg.data)), "interpolation": "area when shrinking, else linear"},
+            {"step": "centre crop", "size": list(cfg.data.size)},
+            {"step": "normalise", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        ],
+        "typical_face_boxes": member.run.recorded().get("typical_face_boxes", {}),
+        "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior}
+                       for h in graph.heads},
+                    **{f"years_{h}": {"head": h, "unit": "years"} for h in graph.year_heads}},
+        "views_in_graph": views,
+        "views_not_in_graph": [f"scale {s}" for s in scales],
+        "age_thresholds": list(cfg.data.age_thresholds),
+        "joint_label": {"heads": graph.heads, "sizes": [len(heads[h].classes) for h in graph.heads],
+                        "rule": "mixed radix of the heads' argmax, first head most significant (the competition's "
+                                "18 classes: 6 * mask + 3 * gender + age)"},
+    }
+
+
+def export_member(member, out: Path, format: str = "onnx", overwrite: bool = False) -> Path:
+    """One run's fold models (an ``api.Member``) as one graph in ``out``; returns the model file."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: must be one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    earlier = [out / name for name in [*FORMATS.values(), PREPROCESSING] if (out / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"--out {out}: holds an earlier export ({earlier[0].name}); give another folder or "
+                          "--overwrite")
+    cfg = member.cfg
+    models = [copy.deepcopy(m).float().eval().requires_grad_(False) for m in member.models.values()]
+    graph = HeadProbabilities(models, [h.name for h in final_heads(cfg)], any(flip for _, flip in member.views))
+    example = torch.zeros(2, 3, *cfg.data.size)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FORMATS[format]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():  # the exporters' notes on tracing and deprecations are not the user's
+        warnings.simplefilter("ignore")
+        if format == "onnx":
+            export_onnx(graph, example, tmp)
+        else:
+            torch.jit.trace(graph, example, check_trace=False).save(str(tmp))
+    tmp.replace(path)
+    atomic_write_text(out / PREPROCESSING, json.dumps(preprocessing_record(member, graph, path.name), indent=1))
+    return path
+
+
+def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise ConfigError("--format onnx needs the onnx exporter: pip install 'multitask[export]' "
+                          "(onnx, onnxscript, onnxruntime)") from None
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+        program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=graph.output_names(),
+                                    dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                                    verbose=False)
+    program.save(str(path), external_data=False)
+
+
+def main(argv=None) -> int:
+    a = cli().parse_args(argv)
+    from multitask.api import load_run
+
+    try:
+        predictor = load_run(a.run, a.folds, device="cpu")
+        path = export_member(predictor.members[0], a.out, a.format, a.overwrite)
+    except (ConfigError, DataError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {predictor.describe()} to {path} (how to feed it: {a.out / PREPROCESSING})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
