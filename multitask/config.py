@@ -211,6 +211,13 @@ class PredictConfig:
 
 
 @dataclass
+class ReportConfig:
+    # Columns of the data (e.g. a manifest's own) whose groups the report scores every head on, beside gender x
+    # age group and, where the data has it, race.
+    subgroups: List[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     name: str = "faces"
     out_dir: str = "runs"
@@ -227,6 +234,7 @@ class Config:
     cv: CVConfig = field(default_factory=CVConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def final_stage(cfg: Config) -> int:

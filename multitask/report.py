@@ -33,10 +33,11 @@ from multitask.config import Config, ConfigError, HeadConfig, extra_val_names  #
 from multitask.engine import tta_views  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, score  # noqa: E402
+from multitask.model_card import model_card  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
-                           mean_frame, pred_column, years_column)
-from multitask.tasks import joint_class_names  # noqa: E402
+                           mean_frame, pred_column, subgroup_columns, true_column, years_column)
+from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
 def collect_oof(run: RunDir) -> pd.DataFrame:
@@ -252,6 +253,78 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
     return result, lines
 
 
+MIN_GROUP_PHOTOS = 20  # the largest gap is taken over groups with at least this many photos
+
+
+def subgroup_labels(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> Dict[str, pd.Series]:
+    """Subgroup name -> each photo's group: gender x age group (from the true classes) always, and every
+    subgroup column the table keeps (race, report.subgroups)."""
+    by_column = {h.column: h for h in heads}
+    out = {}
+    gender, age = by_column.get("gender"), by_column.get("age_group")
+    if gender is not None and age is not None:
+        g, a = oof[true_column(gender)], oof[true_column(age)]
+        known = (g >= 0) & (a >= 0)
+        out["gender x age group"] = pd.Series(
+            [f"{gender.classes[i]} {age.classes[j]}" if k else None for i, j, k in zip(g, a, known)], index=oof.index)
+    for col in subgroup_columns(cfg):
+        if col in oof and oof[col].notna().any():
+            out[col] = oof[col].where(oof[col].notna()).astype("string")
+    return out
+
+
+def subgroup_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> dict:
+    """Per subgroup and group: photos, persons, and per head (and the joint label) macro-F1 and accuracy on the
+    out-of-fold photos; macro-F1 is None where the group holds one true class of the head (it says nothing
+    there). ``gap``: per head, the largest difference between groups of at least MIN_GROUP_PHOTOS photos."""
+    results = {}
+    for name, labels in subgroup_labels(oof, heads, cfg).items():
+        groups = {}
+        for value in sorted(labels.dropna().unique()):
+            part = oof[(labels == value).to_numpy()]
+            targets, probs = frame_arrays(heads, part)
+            scores = score(heads, targets, probs)
+            row = {"photos": len(part), "persons": int(part["person_id"].nunique()), "scores": {}}
+            for key, sc in scores.items():
+                if key == JOINT:
+                    known = np.all([targets[h.name] >= 0 for h in heads], axis=0)
+                    true = joint_label(heads, {h: t[known] for h, t in targets.items()})
+                else:
+                    true = targets[key][targets[key] >= 0]
+                row["scores"][key] = {"f1_macro": sc["f1_macro"] if len(np.unique(true)) > 1 else None,
+                                      "accuracy": sc["accuracy"]}
+            groups[str(value)] = row
+        big = [g for g in groups.values() if g["photos"] >= MIN_GROUP_PHOTOS]
+        gap = {}
+        for key in (next(iter(groups.values()))["scores"] if groups else {}):
+            for metric in ("f1_macro", "accuracy"):
+                values = [g["scores"][key][metric] for g in big if g["scores"][key][metric] is not None]
+                if len(values) > 1:
+                    gap.setdefault(key, {})[metric] = float(max(values) - min(values))
+        results[name] = {"groups": groups, "gap": gap}
+    return results
+
+
+def subgroup_lines(results: dict, heads: Sequence[HeadConfig]) -> List[str]:
+    if not results:
+        return []
+    lines = ["", "## Subgroups (all out-of-fold photos)", "",
+             "Macro-F1 / accuracy per group; a dash where the group holds one true class of the head. The largest "
+             f"gap is between groups of at least {MIN_GROUP_PHOTOS} photos."]
+    for name, r in results.items():
+        keys = list(next(iter(r["groups"].values()))["scores"]) if r["groups"] else []
+        cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        lines += ["", f"### {name}", "", "| group | photos | persons | " + " | ".join(label(k, heads) for k in keys)
+                  + " |", "|---" * (len(keys) + 3) + "|"]
+        lines += [f"| {g} | {v['photos']} | {v['persons']} | " + " | ".join(
+            f"{cell(v['scores'][k]['f1_macro'])} / {cell(v['scores'][k]['accuracy'])}" for k in keys) + " |"
+            for g, v in r["groups"].items()]
+        lines.append("| **largest gap** | | | " + " | ".join(
+            f"{cell(r['gap'].get(k, {}).get('f1_macro'))} / {cell(r['gap'].get(k, {}).get('accuracy'))}"
+            for k in keys) + " |")
+    return lines
+
+
 def recipe(cfg: Config, run: RunDir) -> str:
     """The training settings in one sentence, for the report's header: what the run recorded (run.json) where
     it did, else what the config implies."""
@@ -319,13 +392,16 @@ def write_report(run_dir: Path) -> dict:
         lines += extra_val_lines(extra)
     age, age_lines = age_results(oof, heads, plots)
     lines += age_lines
+    subgroups = subgroup_results(oof, heads, cfg)
+    lines += subgroup_lines(subgroups, heads)
     lines += ["", "## Per-class precision / recall / F1 (all out-of-fold photos)"] + per_class_table(s["pooled"], heads)
     lines += ["", "## Confusion matrices", ""] + [f"![{c}](plots/{c})" for c in confusions]
     lines += ["", "## Learning curves", ""] + [f"![{c}](plots/{c})" for c in curves]
     atomic_write_text(run.report_md, "\n".join(lines) + "\n")
     result = {"run": run.root.name, "joint_name": joint_name(heads), **s, "fold_seconds": seconds,
-              "extra_val": extra, "age": age}
+              "extra_val": extra, "age": age, "subgroups": subgroups}
     atomic_write_text(run.report_json, json.dumps(result, indent=1))
+    atomic_write_text(run.model_card, model_card(cfg, run, heads, oof, result, recipe(cfg, run)))
     return result
 
 

@@ -5,7 +5,7 @@ The one module that spells its files and the columns of its prediction tables:
     config.yaml  run.json  folds.csv  data.csv  skipped.csv
     fold<k>/stage<s>/  best.pt  metrics.csv  done.json  (last.pt while the stage trains)
     fold<k>/oof.csv  fold<k>/done.json  fold<k>/lock  fold<k>/extra_val/<set>.csv
-    oof.csv  report.md  report.json  plots/  tb/
+    oof.csv  report.md  report.json  MODEL_CARD.md  plots/  tb/
 
 Prediction tables (oof.csv, extra_val/*.csv, predict's predictions.csv) hold, per head, ``true_<head>`` (when
 known), ``p_<head>_<class>`` per class, ``pred_<head>`` and, for heads that predict the age in years,
@@ -39,6 +39,7 @@ class RunDir:
     skipped = property(lambda self: self.root / "skipped.csv")
     oof = property(lambda self: self.root / "oof.csv")
     report_md = property(lambda self: self.root / "report.md")
+    model_card = property(lambda self: self.root / "MODEL_CARD.md")
     report_json = property(lambda self: self.root / "report.json")
     plots = property(lambda self: self.root / "plots")
     tensorboard = property(lambda self: self.root / "tb")
@@ -168,6 +169,11 @@ def check_same_classes(runs: Sequence[RunDir], cfgs: Sequence[Config]) -> None:
 
 
 # --- prediction tables ---------------------------------------------------------------------------------
+
+
+def subgroup_columns(cfg: Config) -> List[str]:
+    """Columns of the data that out-of-fold tables keep for the report's subgroup scores."""
+    return list(dict.fromkeys(["race", *cfg.report.subgroups]))
 
 
 def prob_columns(head: HeadConfig) -> List[str]:

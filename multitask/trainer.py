@@ -39,7 +39,7 @@ from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
-from multitask.run import RunDir, prediction_frame
+from multitask.run import RunDir, prediction_frame, subgroup_columns
 
 Log = Callable[[str], None]
 
@@ -284,7 +284,7 @@ def fold_config(cfg: Config) -> dict:
 def oof_frame(cfg: Config, rows: pd.DataFrame, targets: np.ndarray, probs: Dict[str, np.ndarray],
               years: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
     """The prediction table of validation rows: identity, true labels, probabilities, predictions, years."""
-    keep = [c for c in ("path", "person_id", "fold", "age", "face_found") if c in rows]
+    keep = [c for c in ("path", "person_id", "fold", "age", "face_found", *subgroup_columns(cfg)) if c in rows]
     return prediction_frame(cfg.heads, rows[keep], probs, targets={h.name: targets[:, i] for i, h in
                                                                    enumerate(cfg.heads)}, years=years)
 

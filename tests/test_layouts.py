@@ -1,6 +1,7 @@
 """The mask layouts people have: a folder per mask class, named as the public face-mask sets name them."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -52,3 +53,25 @@ def test_a_folder_with_a_class_name_it_does_not_know_is_not_a_mask_layout(faces_
 def test_label_names_match_in_any_case_with_dashes_underscores_or_spaces():
     assert label_key("  Mask-Weared  Incorrect ") == "mask_weared_incorrect"
     assert MASK_ALIASES[label_key("WITHOUT MASK")] == 2
+
+
+@pytest.mark.slow
+def test_a_with_mask_without_mask_folder_is_scored_by_predict_and_as_an_extra_validation_set(
+        trained_run, faces_root, tmp_path):
+    from multitask.config import load_config
+    from multitask.predict import predict
+    from multitask.report import write_report
+    from multitask.trainer import run_cv
+
+    from conftest import tiny_overrides
+
+    root = mask_layout(faces_root, tmp_path / "kaggle", LAYOUTS["kaggle two classes"])
+    df = predict(trained_run, root, tmp_path / "pred", progress=False, log=lambda s: None)
+    assert sorted(df["true_mask"]) == [0, 0, 0, 2, 2, 2] and "true_gender" not in df
+    assert list(json.loads((tmp_path / "pred" / "report.json").read_text())) == ["mask"]
+
+    cfg = load_config(tiny_overrides(faces_root, tmp_path) + ["cv.run_folds=[0]", f"data.extra_val=[{root}]"])
+    run_cv(cfg, tmp_path / "run", log=lambda s: None)
+    scored = write_report(tmp_path / "run")["extra_val"]["kaggle"]
+    assert scored["photos"] == 6 and scored["heads"] == ["mask"]
+    assert "mask_on_accuracy" in scored["ensemble"]["mask"]

@@ -74,6 +74,10 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     missing = [h.column for h in cfg.heads if h.column not in table.columns]
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
+    absent = [c for c in cfg.report.subgroups if c not in table.columns]
+    if absent:
+        raise ConfigError(f"report.subgroups: column(s) {absent} are not in the data of data.source="
+                          f"{cfg.data.source} (its columns: {', '.join(map(str, table.columns))})")
     for h in cfg.heads:
         if not pd.api.types.is_numeric_dtype(table[h.column]):  # a head of the user's own, e.g. a manifest column
             table[h.column] = class_indices(table[h.column], h.classes, f"{root}: column {h.column}")
