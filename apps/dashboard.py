@@ -1,8 +1,9 @@
 """Inspection dashboard: ``streamlit run apps/dashboard.py`` (or ``make dashboard``).
 
-Reads run directories only (``runs/`` by default; set MULTITASK_RUNS or the sidebar field): predictions and
-Grad-CAM grids (trunk stages x heads) for an uploaded photo or one of the run's own photos, the per-fold report,
-confusion matrices, learning curves, and the most confident mistakes.
+Reads run directories only (``runs/`` by default; ``multitask dashboard --runs DIR`` or MULTITASK_RUNS): it opens
+on the run's headline scores and one of its held-out photos with the Grad-CAM grid (trunk stages x heads) already
+drawn; any held-out photo, an uploaded one or the camera's can be inspected; the per-fold report with subgroup
+scores, confusion matrices and learning curves; the most confident mistakes.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulnes
 from multitask.run import RunDir, pred_column, prob_columns, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
-MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml
+MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml and multitask dashboard
+HELD_OUT = "held-out photos of the run"
 
 st.set_page_config(page_title="multitask inspector", layout="wide")
 
@@ -258,6 +260,11 @@ def report_page(run: Path) -> None:
                  **{f"{name(x)} acc": f"{r['mean'][x]['accuracy']:.4f}" for x in keys}})
     st.subheader("Macro-F1 and accuracy per fold")
     st.dataframe(pd.DataFrame(rows).astype(str), hide_index=True)
+    subgroups = r.get("subgroups") or {}
+    if subgroups:
+        st.subheader("Subgroups (macro-F1 / accuracy; a dash where a group holds one true class of the head)")
+        which = st.selectbox("subgroup", list(subgroups), key="report_subgroup")
+        st.dataframe(subgroup_frame(subgroups[which], name), hide_index=True)
     st.subheader("Per-class scores (all out-of-fold photos)")
     pick = st.selectbox("head", keys, format_func=name, key="report_head")
     st.dataframe(pd.DataFrame(r["pooled"][pick]["per_class"]).T)
@@ -268,6 +275,38 @@ def report_page(run: Path) -> None:
     st.subheader("Learning curves")
     for png in sorted(RunDir(run).plots.glob("curves_*.png")):
         st.image(str(png))
+
+
+def subgroup_frame(result: dict, name) -> pd.DataFrame:
+    """One subgroup of report.json as a table: a row per group and the largest gap."""
+    cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [{"group": g, "photos": v["photos"], "persons": v["persons"],
+             **{name(k): f"{cell(s['f1_macro'])} / {cell(s['accuracy'])}" for k, s in v["scores"].items()}}
+            for g, v in result["groups"].items()]
+    keys = list(result["groups"][next(iter(result["groups"]))]["scores"]) if result["groups"] else []
+    rows.append({"group": "largest gap", "photos": None, "persons": None,
+                 **{name(k): f"{cell(result['gap'].get(k, {}).get('f1_macro'))} / "
+                             f"{cell(result['gap'].get(k, {}).get('accuracy'))}" for k in keys}})
+    return pd.DataFrame(rows).astype(str).replace({"None": ""})
+
+
+def headline(run: Path) -> None:
+    """The run's scores at a glance: macro-F1 per head over the folds, and the masked sets never trained on."""
+    path = RunDir(run).report_json
+    if not path.exists():
+        st.caption("No report yet: scores appear when the cross-validation finishes.")
+        return
+    r = json.loads(path.read_text())
+    name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
+    keys = sorted(r["mean"], key=lambda k: k != "joint")
+    extra = [(n, x) for n, x in (r.get("extra_val") or {}).items() if "mask" in x["heads"]]
+    cols = st.columns(len(keys) + len(extra))
+    for col, k in zip(cols, keys):
+        col.metric(f"{name(k)} macro-F1", f"{r['mean'][k]['f1_macro']:.3f}", help=f"± {r['std'][k]['f1_macro']:.3f} "
+                   f"over {len(r['folds'])} fold(s), held-out persons")
+    for col, (n, x) in zip(cols[len(keys):], extra):
+        col.metric(f"{n}: mask on vs not", f"{x['ensemble']['mask']['mask_on_accuracy']:.3f}",
+                   help=f"{x['photos']} photos never trained on (data.extra_val), fold ensemble")
 
 
 def mistakes_page(run: Path, cfg, folds_available: tuple) -> None:
@@ -315,26 +354,35 @@ def main() -> None:
         return
     choice = st.sidebar.selectbox("model", ["ensemble of folds"] + [f"fold {k}" for k in have])
     folds = tuple(have) if choice.startswith("ensemble") else (int(choice.split()[1]),)
+    shown = (f"the ensemble of folds {', '.join(map(str, folds))} (mean probabilities and CAMs)" if len(folds) > 1
+             else f"the model of fold {folds[0]}")
+    st.sidebar.caption(f"Shown: {shown}.")
+    headline(run)
     st.sidebar.caption(f"{cfg.model.arch}, {cfg.data.size[0]}x{cfg.data.size[1]} px, heads: "
                        + ", ".join(h.name + (" (prior: training)" if h.prior == "training" else "")
                                    for h in cfg.heads))
     photo_tab, report_tab, mistakes_tab = st.tabs(["Inspect a photo", "Report", "Mistakes"])
     with photo_tab:
         extra_sets = extra_val_names(cfg.data)
-        source = st.radio("photo", ["upload", "from the run's data"] + [f"extra validation: {n}" for n in extra_sets],
+        source = st.radio("photo", [HELD_OUT, "upload", "camera"] + [f"extra validation: {n}" for n in extra_sets],
                           horizontal=True)
         picked = None
         if source.startswith("extra validation: "):
             picked = extra_val_picker(run, cfg, source.split(": ", 1)[1], folds, "extra")
-        elif source == "upload":
-            upload = st.file_uploader(f"a photo (up to {MAX_UPLOAD_MB} MB)",
-                                      type=["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"])
+        elif source in ("upload", "camera"):
+            upload = (st.file_uploader(f"a photo (up to {MAX_UPLOAD_MB} MB)",
+                                       type=["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff"])
+                      if source == "upload" else st.camera_input("your face, in the middle of the picture"))
             if upload is not None:
                 rgb = read_upload(upload)
                 picked = (rgb, f"upload:{upload.file_id}") if rgb is not None else None
         else:
             picked = photo_picker(run, cfg, "data")
+            if picked is not None and len(folds) > 1:
+                st.caption("The ensemble's other folds trained on this photo: pick its own fold's model in the "
+                           "sidebar (or see the Mistakes tab) for what a model that never saw it makes of it.")
         if picked is not None:
+            st.caption(f"Explained by {shown}.")
             inspect(run, folds, picked[0], picked[1], "photo")
     with report_tab:
         report_page(run)

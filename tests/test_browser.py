@@ -74,12 +74,17 @@ def test_dashboard_in_a_browser_shows_the_cam_grid(server, faces_root, tmp_path)
     try:
         browser.get(server)
         wait = WebDriverWait(browser, 120)
-        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
-        upload.send_keys(str(next((faces_root / "images").rglob("mask1.jpg"))))
-        wait.until(lambda b: "Grad-CAM grid" in b.page_source)
         painted = ("return Array.from(document.querySelectorAll('[data-testid=stImage] img'))"
                    ".filter(i => i.complete && i.naturalWidth > 0).length")
-        wait.until(lambda b: b.execute_script(painted) >= 13)  # the input + 4 layers x 3 heads, all loaded
+        # it opens on a held-out photo, explained: the input + 4 layers x 3 heads, all loaded
+        wait.until(lambda b: "Grad-CAM grid" in b.page_source and b.execute_script(painted) >= 13)
+        assert "macro-F1" in browser.page_source  # the headline scores
+        choice = "//div[@data-testid='stRadio']//label[.//p[text()='upload']]"
+        wait.until(EC.element_to_be_clickable((By.XPATH, choice))).click()
+        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "input[type=file]")))
+        upload.send_keys(str(next((faces_root / "images").rglob("mask1.jpg"))))
+        wait.until(lambda b: "mask1.jpg" in b.page_source and "Grad-CAM grid" in b.page_source
+                   and b.execute_script(painted) >= 13)
         shot = Path(os.environ.get("MULTITASK_SCREENSHOT", tmp_path / "dashboard.png"))
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -35,10 +36,44 @@ def all_text(at) -> str:
     return " ".join(str(e.value) for kind in (at.markdown, at.caption, at.info, at.error, at.warning) for e in kind)
 
 
+def upload_box(at):
+    at.radio[0].set_value("upload").run()
+    return at.file_uploader[0]
+
+
+def test_it_opens_on_the_scores_and_a_held_out_photo_explained(app, trained_run):
+    assert not app.exception, app.exception
+    report = json.loads((trained_run / "report.json").read_text())
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["18-class macro-F1"] == f"{report['mean']['joint']['f1_macro']:.3f}"
+    assert metrics["masked: mask on vs not"] == f"{report['extra_val']['masked']['ensemble']['mask']['mask_on_accuracy']:.3f}"
+    assert app.radio[0].value == "held-out photos of the run"
+    text = all_text(app)
+    assert "Grad-CAM grid" in text and "Explained by the ensemble of folds 0, 1, 2" in text
+    assert len(app.get("image")) >= 1 + 4 * 3
+    assert any(c.value.startswith("Shown: the ensemble of folds 0, 1, 2") for c in app.sidebar.caption)
+    app.sidebar.selectbox[1].set_value("fold 2").run()
+    assert "Explained by the model of fold 2." in all_text(app)
+
+
+def test_the_report_page_shows_the_subgroup_table(app):
+    assert any(s.value.startswith("Subgroups") for s in app.subheader)
+    table = next(d.value for d in app.dataframe if "group" in d.value.columns)
+    assert "largest gap" in table["group"].tolist() and {"mask", "gender", "age", "18-class"} <= set(table.columns)
+    app.selectbox(key="report_subgroup").set_value("race").run()
+    assert not app.exception, app.exception
+
+
+def test_the_camera_is_offered(app):
+    app.radio[0].set_value("camera").run()
+    assert not app.exception, app.exception
+    assert len(app.get("camera_input")) == 1
+
+
 def test_choose_run_upload_and_change_method(app, trained_run, faces_root):
     assert app.sidebar.selectbox[0].value == trained_run  # the run
     app.sidebar.selectbox[1].set_value("fold 1").run()
-    app.file_uploader[0].set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
+    upload_box(app).set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
     assert not app.exception, app.exception
     text = all_text(app)
     assert "Grad-CAM grid" in text and "18-class top 3" in text
@@ -58,7 +93,7 @@ def test_choose_run_upload_and_change_method(app, trained_run, faces_root):
 
 
 def test_bad_uploads_get_a_message_not_a_traceback(app):
-    app.file_uploader[0].set_value(("notes.png", b"this is text", "image/png")).run()
+    upload_box(app).set_value(("notes.png", b"this is text", "image/png")).run()
     assert not app.exception
     assert any("Could not read notes.png" in e.value for e in app.error)
     buf = io.BytesIO()
@@ -69,7 +104,7 @@ def test_bad_uploads_get_a_message_not_a_traceback(app):
 
 
 def test_pick_from_the_run_with_filters_and_pages(app, trained_run):
-    app.radio[0].set_value("from the run's data").run()
+    app.radio[0].set_value("held-out photos of the run").run()
     assert not app.exception, app.exception
     assert "Grad-CAM grid" in all_text(app)  # the first photo of the run, explained
     app.checkbox(key="data_wrong").check().run()
@@ -115,7 +150,7 @@ def test_every_page_works_when_the_photos_have_moved(trained_run, tmp_path, monk
     monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception, at.exception
-    at.radio[0].set_value("from the run's data").run()
+    at.radio[0].set_value("held-out photos of the run").run()
     assert not at.exception, at.exception
     assert any("is missing" in w.value for w in at.warning)
     assert any("Most confident mistakes" in s.value for s in at.subheader)
@@ -128,7 +163,7 @@ def test_a_crafted_table_cannot_show_other_files(trained_run, tmp_path, monkeypa
     moved_run(trained_run, tmp_path, lambda p: str(secret))
     monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
     at = AppTest.from_file(APP, default_timeout=120).run()
-    at.radio[0].set_value("from the run's data").run()
+    at.radio[0].set_value("held-out photos of the run").run()
     assert not at.exception, at.exception
     assert any("outside this run's data folders" in e.value for e in at.error)
     assert "Grad-CAM grid" not in all_text(at)
@@ -141,7 +176,7 @@ def test_a_head_deciding_with_the_training_frequencies_says_so(trained_run, face
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     monkeypatch.setenv("MULTITASK_RUNS", str(run.parent))
     at = AppTest.from_file(APP, default_timeout=120).run()
-    at.file_uploader[0].set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
+    upload_box(at).set_value(("face.jpg", jpeg_bytes(faces_root), "image/jpeg")).run()
     assert not at.exception, at.exception
     assert "heads: mask (prior: training), gender, age" in [c.value for c in at.sidebar.caption][-1]
     shown = [c.value for c in at.caption].count("with the training photos' class frequencies (prior: training)")
@@ -158,6 +193,7 @@ def test_every_file_of_the_zoo_uploads_to_a_result_or_a_message(app):
     """The bad-input zoo (test_bad_inputs) through the upload box: no exception, ever."""
     from test_bad_inputs import READABLE, UNREADABLE
 
+    upload_box(app)
     for name, make in READABLE.items():
         app.file_uploader[0].set_value((name, make(), "image/jpeg")).run()
         assert not app.exception, (name, app.exception)
