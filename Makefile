@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install browser train test test-fast dashboard bench clean
+.PHONY: install browser train test test-fast dashboard bench docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 train: $(STAMP)
-	$(PY) -m multitask.train $(ARGS)
+	$(VENV)/bin/multitask train $(ARGS)
 
 test: $(STAMP) browser
 	$(PY) -m pytest $(ARGS)
@@ -34,10 +34,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 dashboard: $(STAMP)
-	$(VENV)/bin/streamlit run apps/dashboard.py
+	$(VENV)/bin/multitask dashboard $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m multitask.bench $(ARGS)
+	$(VENV)/bin/multitask bench $(ARGS)
+
+# docs/config.md from the typed config (a test fails when it is stale)
+docs: $(STAMP)
+	$(PY) -m multitask.config_reference docs/config.md
 
 clean:
 	rm -rf .cache .pytest_cache build *.egg-info

@@ -4,9 +4,10 @@
 defaults (cache, precision=auto, channels_last); (c) the same pipeline in the plain style (fp32, NCHW, decode
 every photo every epoch, no cache); (d) inference; (e) one Grad-CAM grid (3 heads x 4 layers) against one
 single-layer GradCAM call; (f) the model step under DistributedDataParallel with 1 and 2 gloo processes
-(torchrun); (g) the model step under torch.compile (train.compile). Each figure: warm-up runs first (oneDNN
-picks its kernels on the first calls, torch.compile compiles), then the median of runs repeated for at least a
-few seconds, with its spread. Prints a table and writes bench.json.
+(torchrun); (g) the model step under torch.compile (train.compile); inference of the exported graph in eager
+PyTorch against ONNX Runtime. Each figure: warm-up runs first (oneDNN picks its kernels on the first calls,
+torch.compile compiles), then the median of runs repeated for at least a few seconds, with its spread. Prints a
+table and writes bench.json.
 """
 from __future__ import annotations
 
@@ -153,6 +154,41 @@ def inference(cfg, batch: int, rt: Runtime) -> dict:
     return measure(step, rt.device, warmup=3)
 
 
+def onnx_vs_eager(cfg, batch: int) -> dict:
+    """Inference of what ``multitask export`` writes (the model with its heads' probabilities, fp32) in eager
+    PyTorch and in ONNX Runtime on the CPU: same batch, same number of threads."""
+    import tempfile
+
+    from multitask.export import HeadProbabilities, export_onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"summary": "ONNX Runtime not installed (pip install 'multitask[export]'): not measured"}
+    model, _ = build_model(cfg.model, cfg.heads)
+    graph = HeadProbabilities([model.eval()], [h.name for h in cfg.heads], flip=False).eval()
+    x = torch.randn(batch, 3, *cfg.data.size)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(graph, x[:2], path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+
+    def eager_step() -> int:
+        with torch.inference_mode():
+            graph(x)
+        return batch
+
+    eager = measure(eager_step, torch.device("cpu"), warmup=3)
+    onnx = measure(lambda: (session.run(None, feed), batch)[1], torch.device("cpu"), warmup=3)
+    return {"eager": eager, "onnxruntime": onnx, "speedup": onnx["img_s"] / eager["img_s"], "threads": threads,
+            "summary": f"eager fp32 {fmt(eager)}, ONNX Runtime {fmt(onnx)} img/s ({onnx['img_s'] / eager['img_s']:.2f}x; "
+                       f"batch {batch}, {threads} threads, probabilities inside both)"}
+
+
 def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
     """Seconds for one 3-head x 4-layer CAM grid and for one single-layer GradCAM call (medians)."""
     model, _ = build_model(cfg.model, cfg.heads)
@@ -270,6 +306,8 @@ def main(argv=None) -> int:
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
+            rows["onnx"] = onnx_vs_eager(cfg, a.batch * 2)
+            print(f"inference at {size} of the exported graph: {rows['onnx']['summary']}")
         rows["compile"] = compiled_vs_eager(cfg, a.batch, rt, rows["sizes"][size]["a_model"])
         print(f"model step at {size}, train.compile: {rows['compile']['summary']}")
     size = a.sizes.split(",")[0]

@@ -36,10 +36,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class HeadConfig:
-    name: str
+    name: str  # what reports, predictions (p_<name>_<class>) and --target call the head
     column: str  # column of the data table holding the integer label
     classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
-    loss_weight: float = 1.0
+    loss_weight: float = 1.0  # the head's share of the summed loss
     # ce | ordinal | dldl | regression: how the head learns (age.py). The last three are for the age head:
     # ordinal keeps the groups' order; dldl and regression learn from the age in years.
     loss: str = "ce"
@@ -63,9 +63,9 @@ def face_heads() -> List[HeadConfig]:
 class DataConfig:
     source: str = "synthetic"  # synthetic, or a layout in data/sources.py: competition, manifest, utkface, ...
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = 100
+    synthetic_people: int = 100  # persons drawn (7 photos each) for data.source=synthetic
     synthetic_size: List[int] = field(default_factory=lambda: [512, 384])  # H x W of generated portraits
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # the generator's seed: the same seed draws the same faces
     synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
     # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
     # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
@@ -91,12 +91,12 @@ class DataConfig:
     # widened by face_margin of its size on each side; found once and cached; where no face is found, the typical
     # box of photos of that size, else the centre crop; flagged face_found=False in data.csv and predictions.csv)
     face_crop: str = "center"
-    face_margin: float = 0.25
+    face_margin: float = 0.25  # face_crop=detector: the box is widened by this much of its size on each side
     size: List[int] = field(default_factory=lambda: [72, 56])  # H x W fed to the network (competition preset: 128x96)
     load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
-    cache_dir: str = ".cache/multitask"
-    batch_size: int = 64
+    cache_dir: str = ".cache/multitask"  # the image cache, the face boxes and generated synthetic faces
+    batch_size: int = 64  # photos per step (per process under torchrun)
     workers: int = -1  # -1: chosen for the machine
 
 
@@ -118,8 +118,8 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    enabled: bool = True
-    epochs: int = 6
+    enabled: bool = True  # false: the stage is skipped (one of the stages must train)
+    epochs: int = 6  # passes over the stage's photos
     heads: List[str] = field(default_factory=list)  # empty: all heads
     only: Dict[str, str] = field(default_factory=dict)  # keep rows whose column has this class, e.g. mask: not_worn
     # H x W this stage trains and validates at; null: data.size. Progressive resizing: a smaller stage 1 (e.g.
@@ -134,23 +134,20 @@ class StageConfig:
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
-    # Learning rates of the trunk and the heads. null = automatic, by whether trunk weights were loaded:
-    #   weights loaded (model.pretrained imagenet or a file): trunk lr_trunk_pretrained (1e-4: faces are far from
-    #     ImageNet and 12 epochs are few; the seed recipe's 1e-5 was much worse, README) and heads
-    #     lr_heads_pretrained (6e-4);
-    #   random init (model.pretrained none): trunk and heads both lr_scratch (1e-3: the trunk must learn as fast
-    #     as the heads).
+    # The trunk's learning rate; null: lr_trunk_pretrained when weights were loaded (model.pretrained imagenet or a
+    # file), else lr_scratch
     lr_trunk: Optional[float] = None
-    lr_heads: Optional[float] = None
+    lr_heads: Optional[float] = None  # the heads' learning rate; null: lr_heads_pretrained or lr_scratch, as above
+    # A loaded trunk learns slower than its new heads, but faces are far from ImageNet: not much slower
     lr_trunk_pretrained: float = 1e-4
-    lr_heads_pretrained: float = 6e-4
-    lr_scratch: float = 1e-3
-    weight_decay: float = 3e-5
+    lr_heads_pretrained: float = 6e-4  # the heads' rate over a loaded trunk
+    lr_scratch: float = 1e-3  # trunk and heads from random init: the trunk must learn as fast as the heads
+    weight_decay: float = 3e-5  # L2 penalty of every weight
     momentum: float = 0.9  # SGD only
     scheduler: str = "cosine"  # cosine | step | none
-    step_every: int = 4
-    step_gamma: float = 0.5
-    warmup_epochs: int = 0
+    step_every: int = 4  # scheduler=step: epochs between steps
+    step_gamma: float = 0.5  # scheduler=step: the rate is multiplied by this at each step
+    warmup_epochs: int = 0  # epochs of linearly rising rate before the schedule
     sgd_after: Optional[int] = None  # switch Adam -> SGD after this many epochs of a stage
     sgd_lr_scale: float = 1.0  # SGD learning rates relative to the Adam ones
     # > 0: keep an exponential moving average of the weights, updated every step with this decay, and validate
@@ -160,38 +157,38 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # ce heads: this much of the target spread over the other classes
     class_weights: bool = True  # per head, inverse class frequency of the training fold
     focal_gamma: float = 0.0  # 0: plain cross-entropy
 
 
 @dataclass
 class AugmentConfig:
-    hflip: float = 0.5
-    brightness_contrast: float = 0.5
-    coarse_dropout: float = 0.0
-    # Aimed at the gap between clean painted training photos and real ones (probabilities per photo):
-    # Defaults measured on real masked photos (README, "Real masks"): they raised worn recall from 0.69 to 0.82.
+    hflip: float = 0.5  # probability of a mirrored photo
+    brightness_contrast: float = 0.5  # probability of a random brightness and contrast change
+    coarse_dropout: float = 0.0  # probability of 1-4 small rectangles blanked out
+    # Aimed at the gap between clean painted training photos and real ones (probabilities per photo; how they were
+    # chosen on real masked photos: docs/real-masks.md):
     degrade: float = 0.7  # low resolution, blur, JPEG, sensor noise, low light: real crops are small and rough
     color: float = 0.4  # hue, saturation, colour cast, grey photos
     affine: float = 0.6  # tilt, zoom (up to 1.3x: real crops are often tighter) and shift: real faces are not aligned
     mix: str = "none"  # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
-    mix_alpha: float = 1.0
-    mix_prob: float = 0.5
+    mix_alpha: float = 1.0  # the Beta(alpha, alpha) the mixing share is drawn from
+    mix_prob: float = 0.5  # share of the batches that are mixed
 
 
 @dataclass
 class CVConfig:
-    folds: int = 5
+    folds: int = 5  # cross-validation folds, grouped by person (stratified on gender x age)
     run_folds: List[int] = field(default_factory=list)  # empty: all folds
-    seed: int = 42
+    seed: int = 42  # which persons go to which fold
 
 
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (each torchrun process its local rank's GPU) | cuda:N (one process)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     threads: int = 0  # torch intra-op threads; 0: this process's share of the cores (OMP_NUM_THREADS if set)
     # Data parallel (torchrun): data.batch_size is per process, the effective batch is batch_size x processes;
     # linear: learning rates x processes (the usual rule for large batches), none: the rates as configured.
@@ -199,13 +196,13 @@ class TrainConfig:
     sync_bn: bool = False  # BatchNorm statistics over all processes (GPUs; small per-GPU batches)
     compile: bool = False  # torch.compile the model for training
     weights_dtype: str = "fp16"  # fp16 | fp32: the fold model kept (final stage's best.pt; fp16: half the disk)
-    seed: int = 42
-    progress: bool = True
+    seed: int = 42  # weights, order of photos, augmentation
+    progress: bool = True  # progress bars on a terminal
 
 
 @dataclass
 class PredictConfig:
-    tta_flip: bool = True
+    tta_flip: bool = True  # average each photo with its mirror image
     tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
     ensemble: str = "mean"  # mean of probabilities | vote
 
@@ -219,8 +216,8 @@ class ReportConfig:
 
 @dataclass
 class Config:
-    name: str = "faces"
-    out_dir: str = "runs"
+    name: str = "faces"  # runs are written to <out_dir>/<name>-<date>-<time>
+    out_dir: str = "runs"  # the folder run directories are created in
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     heads: List[HeadConfig] = field(default_factory=face_heads)
