@@ -8,7 +8,6 @@ scores, confusion matrices and learning curves; the most confident mistakes.
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
@@ -18,11 +17,13 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
-from multitask.config import extra_val_names
+from multitask.config import ConfigError, extra_val_names
 from multitask.data.transforms import Preprocessing
 from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
-from multitask.run import RunDir, pred_column, prob_columns, true_column
+from multitask.data.sources import DataError
+from multitask.model import WeightsError
+from multitask.run import RunDir, pred_column, prob_columns, read_json, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
 MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml and multitask dashboard
@@ -146,12 +147,34 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
         st.dataframe(faithfulness_for(str(run), folds, photo_key, photo, method, target_key).round(4), hide_index=True)
 
 
+def too_broad(root: Path, run: Path) -> bool:
+    """A data root that would open most of the machine: the file system's root, the home folder or a folder
+    holding either, or a folder holding the run itself (a crafted run.json or config.yaml must not widen the
+    photos the page shows)."""
+    home = Path.home().resolve()
+    return root == Path(root.anchor) or home.is_relative_to(root) or run.resolve().is_relative_to(root)
+
+
+@st.cache_data(ttl=60)
+def linked_folders(root: str) -> list[str]:
+    """The targets of folders linked into a data root (a subset made of symlinked person folders), two levels
+    down: ROOT/<person> and ROOT/images/<person>."""
+    out = []
+    for parent in (Path(root), Path(root) / "images"):
+        if parent.is_dir():
+            out += [str(p.resolve()) for p in parent.iterdir() if p.is_symlink() and p.is_dir()]
+    return out
+
+
 def allowed_roots(run: Path, cfg) -> list[Path]:
-    """Where this run's photos may come from: its data root(s), extra sets and caches. Paths in a run's CSV files
-    outside these are not opened (a crafted oof.csv must not show other files of the machine)."""
+    """Where this run's photos may come from: its data root(s), extra sets and caches, and the folders linked into
+    them. Paths in a run's CSV files outside these are not opened (a crafted oof.csv must not show other files of
+    the machine)."""
     roots = [RunDir(run).recorded().get("data_root"), cfg.data.root, cfg.data.cache_dir, *cfg.data.extra_unmasked,
              *cfg.data.extra_train, *cfg.data.extra_val]
-    return [Path(r).resolve() for r in roots if r]
+    roots = [Path(r).resolve() for r in roots if r]
+    roots = [r for r in roots if not too_broad(r, run)]
+    return roots + [Path(t) for r in roots for t in linked_folders(str(r)) if not too_broad(Path(t), run)]
 
 
 def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
@@ -250,7 +273,7 @@ def report_page(run: Path) -> None:
         st.info("No report yet: it is written when the cross-validation finishes "
                 "(or run `multitask report RUN_DIR`).")
         return
-    r = json.loads(report.read_text())
+    r = read_json(report)
     keys = list(r["mean"])
     name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
     rows = [{"fold": k, **{f"{name(x)} F1": round(v[x]["f1_macro"], 4) for x in keys},
@@ -296,7 +319,7 @@ def headline(run: Path) -> None:
     if not path.exists():
         st.caption("No report yet: scores appear when the cross-validation finishes.")
         return
-    r = json.loads(path.read_text())
+    r = read_json(path)
     name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
     keys = sorted(r["mean"], key=lambda k: k != "joint")
     extra = [(n, x) for n, x in (r.get("extra_val") or {}).items() if "mask" in x["heads"]]
@@ -346,6 +369,13 @@ def main() -> None:
         st.info(f"No runs in {root.resolve()}. Train one with `multitask train`.")
         return
     run = st.sidebar.selectbox("run", runs, format_func=lambda p: p.name)
+    try:
+        show_run(run)
+    except (ConfigError, WeightsError, DataError) as e:  # a damaged run folder: say which file, keep the page
+        st.error(f"{run.name} cannot be shown: {e}")
+
+
+def show_run(run: Path) -> None:
     cfg = RunDir(run).load_config()
     have = RunDir(run).trained_folds(cfg)
     if not have:

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from multitask.config import Config, ConfigError, check_ranges
 from multitask.data.dataset import cached_images, preprocessing
@@ -28,7 +29,7 @@ from multitask.model import MultiHeadNet
 from multitask.run import RunDir, check_same_classes, final_heads, prediction_frame
 from multitask.tasks import joint_class_names, joint_label
 
-Photo = Union[str, Path, np.ndarray, "PIL.Image.Image"]  # noqa: F821 (PIL is imported where it is used)
+Photo = Union[str, Path, np.ndarray, Image.Image]  # a file, a PIL image or an RGB array
 ENSEMBLES = ("mean", "vote")
 
 
@@ -114,7 +115,7 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
 
 def rgb_array(photo) -> np.ndarray:
     """A PIL image or an array (H x W x 3 RGB, or H x W grey; uint8, or float in [0, 1]) as H x W x 3 uint8."""
-    if not isinstance(photo, np.ndarray):
+    if isinstance(photo, Image.Image):
         photo = np.asarray(photo.convert("RGB"))
     a = np.asarray(photo)
     if a.ndim == 2:
@@ -199,7 +200,7 @@ class Predictor:
     def predict(self, photos: Union[Photo, Sequence[Photo]], progress: bool = False) -> pd.DataFrame:
         """One row per photo (a file path, a PIL image or an RGB array): the columns of ``multitask predict``'s
         predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``years_<head>``, ``label``)."""
-        if isinstance(photos, (str, Path, np.ndarray)) or hasattr(photos, "convert"):
+        if isinstance(photos, (str, Path, np.ndarray, Image.Image)):
             photos = [photos]
         images, names = self.prepare_photos(list(photos))
         return self.predict_prepared(images, pd.DataFrame({"path": names}), progress)

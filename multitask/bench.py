@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from multitask.cli import guarded
+
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multitask bench", description=__doc__.split("\n")[0])
@@ -255,6 +257,7 @@ def fmt(m: dict) -> str:
     return f"{m['img_s']:.1f} ±{m['spread'] * 50:.0f}%"
 
 
+@guarded
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)

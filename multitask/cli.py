@@ -6,6 +6,8 @@ codes), so both spellings keep working and share one code path. Nothing heavy is
 """
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import runpy
 import subprocess
@@ -25,8 +27,42 @@ COMMANDS = {
     "dashboard": (None, "the Streamlit inspection dashboard over a folder of runs"),
 }
 
+EXIT_BAD_INPUT = 2  # a config key or value, a data problem, a run folder or checkpoint
+EXIT_SYSTEM = 3  # the system refused a file operation: permission, disk full, not a directory, ...
 EXIT_CODES = """exit codes: 0 done; 1 problems found (data check); 2 bad input (config, data, run folder,
-weights; one line naming the file or key)"""
+weights); 3 the system refused a file operation (permission, disk full, ...). Errors are one line naming the
+file or key; earlier results are never overwritten by a failed command."""
+
+SYSTEM_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted", errno.EROFS: "read-only file system",
+                 errno.ENOTDIR: "a path component is not a folder", errno.EISDIR: "is a folder, not a file",
+                 errno.ENOENT: "no such file or folder", errno.EEXIST: "already exists"}
+
+
+def system_error_line(e: OSError) -> str:
+    """One line for an OSError: what the system refused, and where."""
+    what = SYSTEM_ERRORS.get(e.errno, e.strerror or type(e).__name__)
+    where = e.filename if e.filename is not None else ""
+    return f"error: {what} at {where}" if where else f"error: {what} ({e})"
+
+
+def guarded(main):
+    """A command's main, with bad input (``errors.BadInput``) and a refused file operation (``OSError``:
+    permission, disk full, ...) each turned into one line and its exit code instead of a traceback; the commands
+    write atomically, so what was there before is intact."""
+    from multitask.errors import BadInput
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except BadInput as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except OSError as e:
+            print(system_error_line(e), file=sys.stderr)
+            return EXIT_SYSTEM
+    return run
 
 
 def parse_folds(text: str) -> List[int]:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from multitask.errors import BadInput
 
 def _config_dir() -> Path:
     """The presets: configs/ beside the package in a source tree, multitask/configs in an installed wheel."""
@@ -30,7 +32,7 @@ YEAR_LOSSES = ("dldl", "regression")  # age-head losses that learn the age in ye
 PRIORS = ("balanced", "training")  # heads[].prior
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput, ValueError):
     """A config file or override is wrong; the message names it."""
 
 
@@ -292,6 +294,14 @@ def _set(cfg, key: str, value: str, origin: str):
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
     except Exception as e:  # YAML and interpolation grammar errors alike: name the override
         raise ConfigError(f"{origin}: {_reason(e)}") from None
+    if re.search(r"[{,]\s*[\w.-]+:[^\s/]", value):
+        raise ConfigError(f"{origin}: YAML reads 'key:value' without a space as one key; write 'key: value'")
+    parts = key.split(".")
+    for n, part in enumerate(parts):
+        node = OmegaConf.select(cfg, ".".join(parts[:n]), default=None) if n else cfg
+        if part.isdigit() and isinstance(node, ListConfig) and int(part) >= len(node):
+            raise ConfigError(f"{origin}: {'.'.join(parts[:n])} has {len(node)} entries ({'.'.join(parts[:n])}.0 to "
+                              f"{'.'.join(parts[:n])}.{len(node) - 1}); to add one, give the whole list, e.g. in a YAML file")
     if not any(part.isdigit() for part in key.split(".")):
         return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
     try:
@@ -331,6 +341,8 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
             if path.suffix in (".yaml", ".yml") and path.exists():
                 cfg = _merge_file(cfg, _load_yaml(path), path, item, earlier)
                 continue
+            if path.suffix in (".yaml", ".yml"):
+                raise ConfigError(f"{item}: no such config file")
             raise ConfigError(f"override {item!r}: expected key=value, GROUP=NAME or a YAML file")
         key, value = item.split("=", 1)
         if key in GROUPS:
@@ -355,7 +367,8 @@ INF = float("inf")
 RANGES = {
     "data.synthetic_people": (1, INF, True), "data.synthetic_unmasked": (0, INF, True),
     "data.extra_unmasked_people": (0, INF, True), "data.extra_train_people": (0, INF, True),
-    "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (1, INF, True),
+    # BatchNorm needs two photos in a training step
+    "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (2, INF, True),
     "data.workers": (-1, 256, True), "model.dropout": (0, 1, True),
     "stage1.epochs": (1, INF, True), "stage2.epochs": (1, INF, True),
     "stage1.photos_per_person": (0, INF, True), "stage2.photos_per_person": (0, INF, True),
@@ -368,8 +381,10 @@ RANGES = {
     "augment.hflip": (0, 1, True), "augment.brightness_contrast": (0, 1, True), "augment.coarse_dropout": (0, 1, True),
     "augment.degrade": (0, 1, True), "augment.color": (0, 1, True), "augment.affine": (0, 1, True),
     "augment.mix_alpha": (0, INF, False), "augment.mix_prob": (0, 1, True), "cv.folds": (2, INF, True),
-    "train.threads": (0, 4096, True),
+    "train.threads": (0, 4096, True), "train.seed": (0, 2**32 - 1, True), "cv.seed": (0, 2**32 - 1, True),
+    "data.synthetic_seed": (0, 2**32 - 1, True),
 }
+MAX_SIZE = 4096  # pixels per side of data.size, data.crop and stage sizes: beyond it a step no longer fits memory
 
 
 def check_ranges(cfg: Config) -> None:
@@ -379,13 +394,17 @@ def check_ranges(cfg: Config) -> None:
         if value is None:
             continue
         if not (low <= value if low_ok else low < value) or value > high:
-            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:g}" if high != INF else "")
+            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:n}" if high != INF else "")
             raise ConfigError(f"{dotted}={value!r}: must be {bound}")
     sizes = {f"data.{name}": getattr(cfg.data, name) for name in ("size", "crop", "synthetic_size")}
     sizes.update({f"{stage}.size": getattr(cfg, stage).size for stage in ("stage1", "stage2")})
     for key, dims in sizes.items():
-        if dims is not None and (len(dims) != 2 or min(dims) < 8):
-            raise ConfigError(f"{key}={list(dims)}: two sizes of at least 8 pixels")
+        if dims is not None and (len(dims) != 2 or min(dims) < 8 or max(dims) > MAX_SIZE):
+            raise ConfigError(f"{key}={list(dims)}: two sizes of 8 to {MAX_SIZE} pixels")
+    bad_scales = [s for s in cfg.predict.tta_scales if not 0.25 <= s <= 4]
+    if bad_scales:
+        raise ConfigError(f"predict.tta_scales={list(cfg.predict.tta_scales)}: scales between 0.25 and 4 (1: the "
+                          f"photo as it is), not {bad_scales}")
     for i, h in enumerate(cfg.heads):
         if h.loss_weight < 0:
             raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
@@ -433,6 +452,12 @@ def validate(cfg: Config) -> None:
     names = [h.name for h in cfg.heads]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"heads: need at least one head and unique names, got {names}")
+    for i, h in enumerate(cfg.heads):
+        if not h.classes and cfg.data.source != "imagefolder":
+            raise ConfigError(f"heads.{i}.classes=[]: a head needs its class names (only an image-folder head, "
+                              "data.source=imagefolder, takes them from the folders)")
+        if len(h.classes) == 1 or len(set(h.classes)) != len(h.classes):
+            raise ConfigError(f"heads.{i}.classes={list(h.classes)}: at least two classes, each named once")
     for stage_name in ("stage1", "stage2"):
         stage = getattr(cfg, stage_name)
         if not stage.enabled:
@@ -441,12 +466,23 @@ def validate(cfg: Config) -> None:
             unknown = set(getattr(stage, key)) - set(names)
             if unknown:
                 raise ConfigError(f"{stage_name}.{key}: unknown head(s) {sorted(unknown)}; heads are {names}")
+        for head, cls in stage.only.items():
+            classes = cfg.heads[names.index(head)].classes
+            if classes and cls not in classes:
+                raise ConfigError(f"{stage_name}.only.{head}={cls!r}: not a class of head {head} "
+                                  f"({', '.join(map(str, classes))})")
         if stage.size is not None:
             check_stage_size(cfg, stage_name, stage.size)
     if not (cfg.stage1.enabled or cfg.stage2.enabled):
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
-    if sorted(cfg.data.age_thresholds) != list(cfg.data.age_thresholds) or len(cfg.data.age_thresholds) != 2:
-        raise ConfigError(f"data.age_thresholds: two increasing ages, got {cfg.data.age_thresholds}")
+    for key in ("age_thresholds", "train_age_thresholds"):
+        ages = getattr(cfg.data, key)
+        if ages is not None and (len(ages) != 2 or not 0 < ages[0] < ages[1] < 150):
+            raise ConfigError(f"data.{key}={list(ages)}: two ages in years, each above the other (every group "
+                              "needs ages of its own)")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", cfg.name):
+        raise ConfigError(f"name={cfg.name!r}: letters, digits, '.', '_', '+' and '-' only, not starting with '.' "
+                          "(it names a folder inside out_dir)")
     bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
     if bad_folds:
         raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")

@@ -47,7 +47,7 @@ def rule(key: str) -> str:
         return " \\| ".join(f"`{c}`" for c in choices)
     if key in RANGES:
         low, high, low_ok = RANGES[key]
-        return f"{'≥' if low_ok else '>'} {low:g}" + (f", ≤ {high:g}" if high != INF else "")
+        return f"{'≥' if low_ok else '>'} {low:n}" + (f", ≤ {high:n}" if high != INF else "")
     return ""
 
 

@@ -41,9 +41,17 @@ def from_env() -> World:
 
 
 def init(world: World, device_type: str) -> None:
-    """Join the process group (once); NCCL for GPUs, gloo for CPUs. torchrun gives the rendezvous."""
-    if world.active and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    """Join the process group (once); NCCL for GPUs, gloo for CPUs. torchrun gives the rendezvous. With NCCL,
+    this process's GPU (its local rank's) is made current first and named to the group: object collectives such
+    as ``broadcast`` run on the current device, so without it every rank would use cuda:0."""
+    if not world.active or dist.is_initialized():
+        return
+    if device_type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
 
 
 def shutdown() -> None:
@@ -86,10 +94,16 @@ def gather_rows(world: World, indices: torch.Tensor, rows: torch.Tensor, total: 
     return out
 
 
+TORCHRUN_DEFAULT_THREADS = "1"  # what torchrun puts in OMP_NUM_THREADS when it starts several processes
+
+
 def threads_per_process(world: World, cpu_count: int) -> int:
-    """This process's share of the machine's cores: torchrun's local processes, or OMP_NUM_THREADS when set
-    (several fold jobs on one machine: give each cores / jobs)."""
+    """This process's share of the machine's cores: OMP_NUM_THREADS when the user set it (several fold jobs on
+    one machine: give each cores / jobs), else the cores over torchrun's local processes. torchrun sets
+    OMP_NUM_THREADS=1 itself when it starts several processes per machine and the user did not; that value is
+    taken as its default, not a choice (train.threads=1 asks for one thread)."""
     omp = os.environ.get("OMP_NUM_THREADS")
-    if omp and omp.isdigit() and int(omp) > 0:
+    torchrun_default = world.local_size > 1 and omp == TORCHRUN_DEFAULT_THREADS
+    if omp and omp.isdigit() and int(omp) > 0 and not torchrun_default:
         return int(omp)
     return max(1, cpu_count // max(1, world.local_size))

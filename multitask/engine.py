@@ -29,6 +29,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+LOG_EVERY = 20  # training steps between reads of the summed losses (each read is a host-device sync)
+
+
 def resolve_device(name: str, world: World = World()) -> torch.device:
     """cpu, or a GPU: ``cuda`` / ``auto`` give each torchrun process the GPU of its local rank; ``cuda:N`` one
     GPU for a single process."""
@@ -193,10 +196,12 @@ def weight_average(model: MultiHeadNet, decay: float) -> Optional[AveragedModel]
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHeadLoss, optimizer, rt: Runtime,
                     epoch: int, mix: Optional[Mix] = None, scaler=None, progress: bool = False,
                     desc: str = "train", ema: Optional[AveragedModel] = None) -> Dict[str, float]:
-    """One pass over ``loader``; ``ema`` (``weight_average``) follows every step."""
+    """One pass over ``loader``; ``ema`` (``weight_average``) follows every step. The losses are summed on the
+    device and read every ``LOG_EVERY`` steps (a read waits for the GPU's queue to empty), where a non-finite
+    loss is also caught."""
     model.train()
-    totals: Dict[str, float] = {}
-    seen, start = 0, time.perf_counter()
+    totals: Dict[str, torch.Tensor] = {}
+    seen, start, checked = 0, time.perf_counter(), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch, (x, y) in enumerate(bar):
         x, y = rt.input(x), y.to(rt.device)
@@ -204,9 +209,17 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
         with rt.autocast():
             logits = unwrap(model).split(model(x))
         loss, parts = loss_fn(logits, y, y_b, lam)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch}: "
-                                f"{ {k: round(v.item(), 4) for k, v in parts.items()} }; try a lower learning rate")
+        n = len(x)
+        seen += n
+        for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():
+            totals[k] = totals.get(k, 0) + v.detach().double() * n
+        if (batch + 1) % LOG_EVERY == 0 or batch + 1 == len(loader):
+            if not math.isfinite(totals["loss"].item()):
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {checked}-{batch}: "
+                                    f"{ {k: round(v.item(), 4) for k, v in parts.items()} }; try a lower learning "
+                                    "rate")
+            checked = batch + 1
+            bar.set_postfix(loss=f"{totals['loss'].item() / seen:.3f}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -217,12 +230,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
             optimizer.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
-        n = len(x)
-        seen += n
-        for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * n
-        bar.set_postfix(loss=f"{totals['loss'] / seen:.3f}")
-    out = {k: v / max(seen, 1) for k, v in totals.items()}
+    out = {k: v.item() / max(seen, 1) for k, v in totals.items()}
     out["images_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
     return out
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+from multitask.cli import guarded
+
 METHOD_NAMES = ("gradcam", "gradcam++", "hirescam", "layercam", "xgradcam", "eigencam", "scorecam")
 
 
@@ -30,6 +32,7 @@ def cli() -> argparse.ArgumentParser:
                    help="explain this class instead of the predicted one, e.g. --target mask=incorrect")
     p.add_argument("--faithfulness", action="store_true",
                    help="add per head the confidence change and ROAD score of the deepest layer's CAM")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier explain's files in --out")
     return p
 
 
@@ -48,8 +51,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa:
 from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
 from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
-from multitask.io import atomic_to_csv  # noqa: E402
-from multitask.model import MultiHeadNet, WeightsError, stage_layers  # noqa: E402
+from multitask.io import atomic_to_csv, output_folder  # noqa: E402
+from multitask.model import MultiHeadNet, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
 
 METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, EigenCAM, ScoreCAM)))
@@ -228,9 +231,21 @@ def prepare_inputs(pre: Preprocessing, paths: Sequence[Path]
     return x, [denormalize(t) for t in x], problems
 
 
+EXPLAIN_OUTPUTS = ["predictions.csv", "skipped.csv", "*_cams.png"]
+
+
+def grid_name(photo: Path, inputs: Path) -> str:
+    """The grid's file name: the photo's path under the input folder, folders joined by "__", its suffix kept
+    (a/img/face.jpg -> a__img__face.jpg_cams.png), so that no two photos share a grid."""
+    rel = Path(photo).relative_to(inputs) if Path(inputs).is_dir() else Path(Path(photo).name)
+    return "__".join(rel.parts) + "_cams.png"
+
+
 def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = None, method: str = "gradcam",
                   target_classes: Optional[Dict[str, int]] = None, batch_size: int = 16,
-                  with_faithfulness: bool = False) -> pd.DataFrame:
+                  with_faithfulness: bool = False, overwrite: bool = False) -> pd.DataFrame:
+    """One CAM grid PNG per photo in ``out`` and predictions.csv; ``out`` must be new or empty unless
+    ``overwrite``."""
     from multitask.api import load_run
 
     run = RunDir(run_dir)
@@ -238,9 +253,12 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
     fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
     member = load_run(run_dir, [fold], device="cpu").members[0]
     cfg, model, pre = member.cfg, member.models[fold], member.pre
+    if not Path(inputs).exists():
+        raise DataError([Problem(str(inputs), "does not exist")])
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
+    output_folder(out, EXPLAIN_OUTPUTS, overwrite, "explain")
     rows, problems = [], []
     for start in range(0, len(paths), batch_size):
         batch = paths[start:start + batch_size]
@@ -252,7 +270,7 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
         grid = cam_grid(model, x, method, target_classes)
         faith = faithfulness(model, x, grid) if with_faithfulness else {}
         for i, p in enumerate(good):
-            name = f"{Path(p).parent.name}_{Path(p).stem}_cams.png" if Path(inputs).is_dir() else f"{Path(p).stem}_cams.png"
+            name = grid_name(p, inputs)
             save_grid_png(cfg, rgbs[i], grid, i, out / name, f"{Path(p).name}  ({method}, fold {fold})")
             row = {"path": str(p), "grid": name}
             for head in grid.heads:
@@ -319,15 +337,13 @@ def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, targ
                                       {h: np.array([c]) for h, c in targets.items()})
 
 
+@guarded
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
-    try:
-        targets = parse_targets(a.target, RunDir(a.run).load_config())
-        df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets, with_faithfulness=a.faithfulness)
-    except (ConfigError, DataError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    targets = parse_targets(a.target, RunDir(a.run).load_config())
+    df = explain_files(a.run, a.input, a.out, a.fold, a.method, targets, with_faithfulness=a.faithfulness,
+                       overwrite=a.overwrite)
     print(f"explained {len(df)} photo(s) into {a.out}")
     return 0
 

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from multitask.cli import parse_folds
+from multitask.cli import guarded, parse_folds
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -40,10 +40,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from multitask.config import ConfigError  # noqa: E402
-from multitask.data.sources import DataError  # noqa: E402
 from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size  # noqa: E402
-from multitask.io import atomic_write_text  # noqa: E402
-from multitask.model import MultiHeadNet, WeightsError  # noqa: E402
+from multitask.io import atomic_write_text, output_folder  # noqa: E402
+from multitask.model import MultiHeadNet  # noqa: E402
 from multitask.run import final_heads  # noqa: E402
 
 PREPROCESSING = "preprocessing.json"
@@ -118,18 +117,11 @@ def export_member(member, out: Path, format: str = "onnx", overwrite: bool = Fal
     """One run's fold models (an ``api.Member``) as one graph in ``out``; returns the model file."""
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: must be one of {', '.join(FORMATS)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file, not a folder")
-    earlier = [out / name for name in [*FORMATS.values(), PREPROCESSING] if (out / name).exists()]
-    if earlier and not overwrite:
-        raise ConfigError(f"--out {out}: holds an earlier export ({earlier[0].name}); give another folder or "
-                          "--overwrite")
+    out = output_folder(out, [*FORMATS.values(), PREPROCESSING], overwrite, "export")
     cfg = member.cfg
     models = [copy.deepcopy(m).float().eval().requires_grad_(False) for m in member.models.values()]
     graph = HeadProbabilities(models, [h.name for h in final_heads(cfg)], any(flip for _, flip in member.views))
     example = torch.zeros(2, 3, *cfg.data.size)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / FORMATS[format]
     tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():  # the exporters' notes on tracing and deprecations are not the user's
@@ -144,13 +136,13 @@ def export_member(member, out: Path, format: str = "onnx", overwrite: bool = Fal
 
 
 def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> None:
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise ConfigError("--format onnx needs the onnx exporter: pip install 'multitask[export]' "
-                          "(onnx, onnxscript, onnxruntime)") from None
     import contextlib
+    import importlib.util
     import io
+
+    if importlib.util.find_spec("onnxscript") is None:  # torch's exporter needs it
+        raise ConfigError("--format onnx needs the onnx exporter: pip install 'multitask[export]' "
+                          "(onnx, onnxscript, onnxruntime)")
 
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
         program = torch.onnx.export(graph, (example,), input_names=["image"], output_names=graph.output_names(),
@@ -159,16 +151,13 @@ def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> 
     program.save(str(path), external_data=False)
 
 
+@guarded
 def main(argv=None) -> int:
     a = cli().parse_args(argv)
     from multitask.api import load_run
 
-    try:
-        predictor = load_run(a.run, a.folds, device="cpu")
-        path = export_member(predictor.members[0], a.out, a.format, a.overwrite)
-    except (ConfigError, DataError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    predictor = load_run(a.run, a.folds, device="cpu")
+    path = export_member(predictor.members[0], a.out, a.format, a.overwrite)
     print(f"exported {predictor.describe()} to {path} (how to feed it: {a.out / PREPROCESSING})")
     return 0
 

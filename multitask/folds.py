@@ -39,6 +39,12 @@ def make_folds(table: pd.DataFrame, heads: List[HeadConfig], n_folds: int, seed:
 
 
 def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, source: Path) -> pd.DataFrame:
+    number = pd.to_numeric(folds["fold"], errors="coerce")
+    if number.isna().any() or (number % 1 != 0).any():
+        raise DataError([Problem(str(source), "column fold holds values that are not fold numbers")])
+    if folds["person_id"].duplicated().any():
+        raise DataError([Problem(str(source), "a person is listed twice: "
+                                              f"{folds['person_id'][folds['person_id'].duplicated()].iloc[0]}")])
     merged = table.merge(folds.astype({"person_id": str}), on="person_id", how="left")
     missing = merged.loc[merged["fold"].isna(), "person_id"].unique()
     if len(missing):

@@ -16,9 +16,10 @@ from torch import nn
 
 from multitask import age
 from multitask.config import HeadConfig, ModelConfig, OptimConfig
+from multitask.errors import BadInput
 
 
-class WeightsError(RuntimeError):
+class WeightsError(BadInput, RuntimeError):
     """Pretrained weights were asked for and cannot be had."""
 
 

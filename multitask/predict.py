@@ -16,9 +16,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
-from multitask.cli import parse_folds
+from multitask.cli import guarded, parse_folds
 from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
 
 
@@ -43,8 +43,20 @@ def cli() -> argparse.ArgumentParser:
                    help="the class frequencies a head's probabilities assume, instead of the run's heads[i].prior: "
                         "balanced (as its class weights taught) or training (as in the training photos); "
                         "repeatable, e.g. --prior mask=balanced")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive, default=128)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out (its files "
+                   "only; other files stay)")
     return p
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
+    return value
 
 
 if __name__ == "__main__":
@@ -54,14 +66,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from multitask.api import Predictor, load_run  # noqa: E402
-from multitask.config import Config, ConfigError  # noqa: E402
+from multitask.config import Config  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
 from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
                                     load_source, read_csv_or_fail)
 from multitask.engine import configure_threads  # noqa: E402
-from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
+from multitask.io import atomic_to_csv, atomic_write_text, output_folder  # noqa: E402
 from multitask.metrics import joint_name  # noqa: E402
-from multitask.model import WeightsError  # noqa: E402
 from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
 from multitask.run import RunDir, true_column  # noqa: E402
 
@@ -74,6 +85,8 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     path = Path(path)
     if not path.exists():
         raise DataError([Problem(str(path), "input does not exist")])
+    if path.name == "train.csv" and (path.parent / "images").is_dir():
+        path = path.parent  # the competition layout's table: its folder is the layout
     if path.is_file() and path.suffix.lower() == ".csv":
         table, problems = load_manifest(path, cfg.data.age_thresholds, require_labels=False)
         return table, "manifest", problems
@@ -129,12 +142,17 @@ def unweighted_priors(predictor: Predictor, priors: Sequence[tuple[str, str]]) -
     return notes
 
 
+PREDICT_OUTPUTS = ["predictions.csv", "submission.csv", "skipped.csv", "report.md", "report.json", "plots"]
+
+
 def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
             folds: Optional[Sequence[int]] = None, how: Optional[str] = None, flip: Optional[bool] = None,
             batch_size: int = 128, progress: bool = True, log=print,
-            priors: Sequence[tuple[str, str]] = ()) -> pd.DataFrame:
-    """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``."""
+            priors: Sequence[tuple[str, str]] = (), overwrite: bool = False) -> pd.DataFrame:
+    """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``. ``out`` must be
+    new or empty, unless ``overwrite``: two predictions never mix their files."""
     predictor = load_run(run_dirs, folds, ensemble=how, tta_flip=flip, priors=priors, batch_size=batch_size)
+    output_folder(out, PREDICT_OUTPUTS, overwrite, "predict")
     for note in unweighted_priors(predictor, priors):
         log(note)
     table, kind, problems = read_input(input_path, predictor.cfg)
@@ -148,7 +166,6 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
         raise DataError(problems, f"{input_path} (the submission needs every image)")
     keep = ~todo["path"].isin({p.path for p in prepared.unreadable}).to_numpy()
     todo = todo[keep].reset_index(drop=True)
-    out.mkdir(parents=True, exist_ok=True)
     if problems:
         atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]).rename(columns={"message": "reason"}),
                       out / "skipped.csv")
@@ -167,16 +184,13 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     return df
 
 
+@guarded
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
-    try:
-        configure_threads(RunDir(a.run[0]).load_config().train)
-        predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty(),
-                priors=a.prior)
-    except (ConfigError, DataError, WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    configure_threads(RunDir(a.run[0]).load_config().train)
+    predict(a.run, a.input, a.out, a.folds, a.ensemble, a.tta_flip, a.batch_size, progress=sys.stderr.isatty(),
+            priors=a.prior, overwrite=a.overwrite)
     return 0
 
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from multitask.cli import guarded
+
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multitask report",
@@ -36,14 +38,16 @@ from multitask.metrics import JOINT, joint_name, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
-                           mean_frame, pred_column, subgroup_columns, true_column, years_column)
+                           mean_frame, pred_column, prob_columns, read_table, subgroup_columns, true_column,
+                           years_column)
 from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
-def collect_oof(run: RunDir) -> pd.DataFrame:
-    parts = [pd.read_csv(p, dtype={"person_id": str}) for p in run.fold_oofs().values()]
+def collect_oof(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
+    columns = ["path", "person_id", "fold"] + [c for h in heads for c in (true_column(h), *prob_columns(h))]
+    parts = [read_table(p, columns) for p in run.fold_oofs().values()]
     if not parts:
-        raise FileNotFoundError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
+        raise ConfigError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
     return pd.concat(parts, ignore_index=True)
 
 
@@ -141,7 +145,7 @@ def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
 def extra_val_frames(run: RunDir, cfg: Config) -> Dict[str, Dict[int, pd.DataFrame]]:
     """Extra validation set -> fold -> that fold model's predictions on it."""
     sets = {name: run.extra_vals(name) for name in extra_val_names(cfg.data)}
-    return {name: {k: pd.read_csv(p) for k, p in paths.items()} for name, paths in sets.items() if paths}
+    return {name: {k: read_table(p, ["path"]) for k, p in paths.items()} for name, paths in sets.items() if paths}
 
 
 def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequence[HeadConfig]) -> dict:
@@ -349,7 +353,7 @@ def write_report(run_dir: Path) -> dict:
     run = RunDir(run_dir)
     cfg = run.load_config()
     heads = final_heads(cfg)
-    oof = collect_oof(run)
+    oof = collect_oof(run, heads)
     atomic_to_csv(oof, run.oof)
     s = summarize(cfg, heads, oof)
     predict_views = len(tta_views(cfg.predict))
@@ -358,7 +362,7 @@ def write_report(run_dir: Path) -> dict:
     curves = []
     for (fold, stage), metrics_path in run.stage_metrics().items():
         name = f"curves_fold{fold}_stage{stage}.png"
-        plot_curves(pd.read_csv(metrics_path), f"fold{fold} stage{stage}", plots / name)
+        plot_curves(read_table(metrics_path, ["epoch", "loss"]), f"fold{fold} stage{stage}", plots / name)
         curves.append(name)
     seconds = {f"fold{k}": v for k, v in run.fold_seconds().items()}
 
@@ -419,7 +423,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     cfgs = [run.load_config() for run in runs]
     check_same_classes(runs, cfgs)
     heads = final_heads(cfgs[0])
-    oofs = [by_path(collect_oof(run)) for run in runs]
+    oofs = [by_path(collect_oof(run, heads)) for run in runs]
     for run, oof in zip(runs[1:], oofs[1:]):
         if not (oof["path"].equals(oofs[0]["path"]) and oof["fold"].equals(oofs[0]["fold"])):
             raise ConfigError(f"{run.root}: its out-of-fold photos or folds differ from {runs[0].root}'s; only runs "
@@ -469,21 +473,18 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     return result
 
 
+@guarded
 def main(argv=None) -> int:
     p = cli()
     a = p.parse_args(argv)
     if len(a.run_dirs) > 1 and a.out is None:
         p.error("several runs: give --out DIR for the report of their average")
-    try:
-        if len(a.run_dirs) == 1:
-            write_report(a.run_dirs[0])
-            print(RunDir(a.run_dirs[0]).report_md.read_text())
-        else:
-            write_ensemble_report(a.run_dirs, a.out)
-            print((a.out / "report.md").read_text())
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if len(a.run_dirs) == 1:
+        write_report(a.run_dirs[0])
+        print(RunDir(a.run_dirs[0]).report_md.read_text())
+    else:
+        write_ensemble_report(a.run_dirs, a.out)
+        print((a.out / "report.md").read_text())
     return 0
 
 

@@ -24,6 +24,32 @@ import pandas as pd
 from multitask.config import Config, ConfigError, HeadConfig, final_stage, load_config
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file of a run; anything else is one ConfigError line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); was it cut short or edited?") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_table(path: Path, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """A CSV table of a run with at least ``columns``; anything else is one ConfigError line naming the file."""
+    try:
+        df = pd.read_csv(path, dtype={"person_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: not a table this project wrote ({type(e).__name__}: {first})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{path}: missing column(s) {missing}; was it written by another version or edited?")
+    return df
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -82,12 +108,36 @@ class RunDir:
     def load_config(self) -> Config:
         if not self.is_run():
             raise ConfigError(f"{self.root}: no config.yaml; not a run directory")
+        try:
+            text = self.config.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self.config}: not a text file") from None
+        if not text.strip() or text.lstrip()[:1] in "[-" or ":" not in text:
+            raise ConfigError(f"{self.config}: not a run's config (a run's config.yaml holds its whole resolved "
+                              "config, as training wrote it)")
         return load_config(base=self.config)
 
     def recorded(self) -> dict:
         """What training recorded (run.json): learning rates used, weights loaded, devices, data root, typical
         face boxes."""
-        return json.loads(self.recorded_file.read_text()) if self.recorded_file.exists() else {}
+        return read_json(self.recorded_file) if self.recorded_file.exists() else {}
+
+    def check_unedited(self, cfg: Config) -> None:
+        """A resume continues the run as it started: config.yaml edited since (outside the predict and report
+        sections, which only say how to use the models) is refused, naming the keys."""
+        from omegaconf import OmegaConf
+
+        started = self.recorded().get("config")
+        if not started:
+            return
+        now = OmegaConf.to_container(OmegaConf.structured(cfg))
+        free = ("predict.", "report.", "train.progress", "cv.run_folds")
+        changed = [(k, v, flatten(now).get(k)) for k, v in flatten(started).items()
+                   if not k.startswith(free) and flatten(now).get(k) != v]
+        if changed:
+            edits = "; ".join(f"{k}: {old} -> {new}" for k, old, new in changed[:5])
+            raise ConfigError(f"{self.config}: edited since the run started ({edits}); --resume continues a run as "
+                              "it started: undo the edit, or start a new run")
 
     def typical_face_boxes(self) -> Dict[tuple, tuple]:
         """(width, height) -> the median face box of the run's photos of that size (``face_crop=detector``): how
@@ -120,7 +170,7 @@ class RunDir:
 
     def fold_seconds(self) -> Dict[int, Optional[float]]:
         """fold -> training time of every finished fold."""
-        return {k: json.loads(p.read_text()).get("seconds") for k, p in self._per_fold(self.fold_done).items()}
+        return {k: read_json(p).get("seconds") for k, p in self._per_fold(self.fold_done).items()}
 
     def stage_metrics(self) -> Dict[tuple, Path]:
         """(fold, stage) -> metrics.csv of every stage that has trained an epoch."""
@@ -135,7 +185,7 @@ class RunDir:
         """fold -> the final stage's best model, in eval mode on ``device``."""
         import torch
 
-        from multitask.model import WeightsError, build_model, load_checkpoint
+        from multitask.model import WeightsError, build_model
 
         have = self.trained_folds(cfg)
         folds = list(folds) if folds else have
@@ -146,9 +196,25 @@ class RunDir:
         models = {}
         for k in folds:
             model, _ = build_model(model_cfg, cfg.heads, cfg.data.age_thresholds)
-            model.load_state_dict(load_checkpoint(self.best(k, final_stage(cfg)))["model"])
+            load_weights(model, self.best(k, final_stage(cfg)), self.config)
             models[k] = model.to(device or torch.device("cpu")).eval()
         return models
+
+
+def load_weights(model, path: Path, config: Path) -> None:
+    """A checkpoint's weights into a model built from the run's config; a file of another shape or kind is one
+    WeightsError line naming it."""
+    from multitask.model import WeightsError, load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise WeightsError(f"{path}: not a checkpoint of this project (expected a dict with the model's weights)")
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))[:200]
+        raise WeightsError(f"{path}: does not fit the model {config} describes (was config.yaml edited, e.g. "
+                           f"model.arch or heads?): {detail}") from None
 
 
 def final_heads(cfg: Config) -> List[HeadConfig]:
@@ -166,6 +232,17 @@ def check_same_classes(runs: Sequence[RunDir], cfgs: Sequence[Config]) -> None:
         if classes(cfg) != classes(cfgs[0]):
             raise ConfigError(f"{run.root}: its heads, classes or age thresholds differ from {runs[0].root}'s; "
                               "runs averaged together must predict the same classes")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists are values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # --- prediction tables ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from multitask.cli import parse_folds
+from multitask.cli import EXIT_BAD_INPUT, EXIT_SYSTEM, guarded, parse_folds, system_error_line
 from multitask.config import Config, ConfigError, load_config, to_yaml
 
 # torch, pandas and the trainer are imported in main(), after the arguments are read: --help and usage errors
@@ -25,6 +25,8 @@ from multitask.config import Config, ConfigError, load_config, to_yaml
 
 
 def new_run_dir(cfg: Config) -> Path:
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir}: is a file, not a folder")
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(cfg.out_dir) / f"{cfg.name}-{stamp}"
     n = 1
@@ -34,6 +36,7 @@ def new_run_dir(cfg: Config) -> Path:
     return path
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="multitask train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
             if a.overrides:
                 raise ConfigError("--resume takes the run's saved config; overrides would change the run midway")
             cfg, run_dir = RunDir(a.resume).load_config(), a.resume
+            RunDir(a.resume).check_unedited(cfg)
             if a.folds:
                 bad = [k for k in a.folds if not 0 <= k < cfg.cv.folds]
                 if bad:
@@ -74,6 +78,9 @@ def main(argv=None) -> int:
             return 0
         configure_threads(cfg.train, world)
         uses_gpu = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch_cuda())
+        if cfg.train.sync_bn and not uses_gpu:
+            raise ConfigError("train.sync_bn=true shares BatchNorm statistics between GPUs; this run trains on the "
+                              "CPU (train.device), where it cannot: leave it false")
         distributed.init(world, "cuda" if uses_gpu else "cpu")
         if run_dir is None:
             run_dir, created = Path(distributed.broadcast(world, str(new_run_dir(cfg)) if world.main else None)), True
@@ -90,14 +97,14 @@ def main(argv=None) -> int:
                   f"training); then: multitask report {run_dir}")
             return 0
         report = write_report(run_dir)
-    except (ConfigError, DataError, WeightsError, NonFiniteLoss) as e:
+    except (ConfigError, DataError, WeightsError, NonFiniteLoss, OSError) as e:
         if world.main and created and run_dir.is_dir() and not RunDir(run_dir).is_run():
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before anything worth keeping: leave no folder
         kept = run_dir is not None and RunDir(run_dir).is_run()
         where = f" (run {run_dir}; earlier results are kept, --resume {run_dir} continues)" if kept else ""
         if world.main:
-            print(f"error: {e}{where}", file=sys.stderr)
-        return 2
+            print(f"{system_error_line(e) if isinstance(e, OSError) else f'error: {e}'}{where}", file=sys.stderr)
+        return EXIT_SYSTEM if isinstance(e, OSError) else EXIT_BAD_INPUT
     finally:
         distributed.shutdown()
     print(RunDir(run_dir).report_md.read_text())

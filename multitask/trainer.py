@@ -27,19 +27,19 @@ from torch.utils.tensorboard import SummaryWriter
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, final_stage, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem
-from multitask.data.table import (apply_policy, eval_targets, load_labeled, load_table, resolve_root,
+from multitask.data.table import (apply_policy, eval_targets, labeled_source, load_labeled, load_table, resolve_root,
                                   training_targets, with_found_classes)
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_workers, make_loader,
                               make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
-                              tta_views, uses_sgd, weight_average)
+                              resolve_device, tta_views, uses_sgd, weight_average)
 from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
-from multitask.run import RunDir, prediction_frame, subgroup_columns
+from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
 
 Log = Callable[[str], None]
 
@@ -117,7 +117,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         model.load_state_dict(ckpt["model"])
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["rng"])
-        history = pd.read_csv(run.metrics(fold, stage_no)).to_dict("records")[:start]
+        history = read_table(run.metrics(fold, stage_no), ["epoch"]).to_dict("records")[:start]
         ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
     model.keep_class_weights(weights)  # after a resume too: a last.pt of an older version has none
     ema = weight_average(model, cfg.optim.ema_decay)
@@ -359,6 +359,15 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     return table, images, pre
 
 
+def preflight(cfg: Config, world: World) -> None:
+    """The start-up checks that need more than the config, made before a new run's folder is written, so that a
+    start that fails leaves nothing behind: the device, the model and its weights, the extra validation sets."""
+    resolve_device(cfg.train.device, world)
+    build_model(cfg.model, cfg.heads, cfg.data.age_thresholds)
+    for root in cfg.data.extra_val:
+        labeled_source(Path(root))
+
+
 def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
              ) -> tuple[Config, pd.DataFrame, Optional[np.ndarray], Preprocessing]:
     """The run's shared files, written once (by rank 0, by the first job): config.yaml, folds.csv, data.csv,
@@ -367,8 +376,14 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
     cfg = with_found_classes(cfg)
     run = RunDir(run_dir)
     if world.main:
+        if not run.is_run():
+            preflight(cfg, world)
         run.root.mkdir(parents=True, exist_ok=True)
         table, images, pre = prepare_data(cfg, run.root, log)  # rank 0 first: it builds the caches
+        persons = table.loc[~table["extra"], "person_id"].nunique()
+        if cfg.cv.folds > persons and not run.folds.exists():
+            raise ConfigError(f"cv.folds={cfg.cv.folds}: the data has {persons} persons to hold out; at most that "
+                              "many folds")
     barrier(world)
     if not world.main:
         table, images, pre = prepare_data(cfg, run.root, lambda s: None, main=False)
@@ -378,7 +393,7 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
         if not run.folds.exists():
             atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), run.folds)
     barrier(world)
-    table = attach_folds(table, pd.read_csv(run.folds, dtype={"person_id": str}), run.folds)
+    table = attach_folds(table, read_table(run.folds, ["person_id", "fold"]), run.folds)
     if world.main and not run.data.exists():
         atomic_to_csv(table.drop(columns=["_row"]), run.data)
     return cfg, table, images, pre
@@ -467,6 +482,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.rt.device), "precision": str(ctx.rt.dtype or "fp32"),
             "data_root": str(resolve_root(cfg).resolve()),
             "typical_face_boxes": RunDir.typical_face_boxes_record(ctx.pre.prepare.typical),
+            "config": fold_config(cfg),  # as the run started: a resume checks config.yaml against it
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")

@@ -23,11 +23,11 @@ def faces_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mask_folders_root(faces_root, tmp_path_factory) -> Path:
-    """The session's photos as a folder per mask class (worn_correctly/, worn_incorrectly/, not_worn/), the
-    layout of real masked sets used as extra validation sets."""
+    """The session's photos as a folder per mask class, named as the most common public real-mask set names them
+    (with_mask/, mask_weared_incorrect/, without_mask/): the layout of extra validation sets."""
     out = tmp_path_factory.mktemp("maskfolders") / "masked"
-    names = {"mask1": "worn_correctly", "mask2": "worn_correctly", "incorrect_mask": "worn_incorrectly",
-             "normal": "not_worn"}
+    names = {"mask1": "with_mask", "mask2": "with_mask", "incorrect_mask": "mask_weared_incorrect",
+             "normal": "without_mask"}
     for person in sorted((faces_root / "images").iterdir()):
         for photo, folder in names.items():
             (out / folder).mkdir(parents=True, exist_ok=True)

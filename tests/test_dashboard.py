@@ -203,3 +203,72 @@ def test_every_file_of_the_zoo_uploads_to_a_result_or_a_message(app):
         assert not app.exception, (name, app.exception)
         expected = "above the limit" if name == "bomb.png" else f"Could not read {name}"
         assert any(expected in e.value for e in app.error), (name, [e.value for e in app.error])
+
+
+def crafted_run(trained_run, tmp_path, change_config=None, recorded=None, oof_path=None) -> Path:
+    run = Path(shutil.copytree(trained_run, tmp_path / "runs" / trained_run.name))
+    if change_config:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        change_config(cfg)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if recorded:
+        record = json.loads((run / "run.json").read_text())
+        record.update(recorded)
+        (run / "run.json").write_text(json.dumps(record))
+    if oof_path:
+        for name in ("oof.csv", "data.csv"):
+            df = pd.read_csv(run / name)
+            df["path"] = [oof_path(p) for p in df["path"]]
+            df.to_csv(run / name, index=False)
+    return run
+
+
+def secret_photo(tmp_path) -> Path:
+    secret = tmp_path / "private" / "secret.jpg"
+    secret.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((48, 40, 3), np.uint8)).save(secret)
+    return secret
+
+
+@pytest.mark.parametrize("where", ["data_root in run.json", "cache_dir in config.yaml"])
+def test_a_run_claiming_the_whole_disk_as_its_data_shows_nothing_else(where, trained_run, tmp_path, monkeypatch):
+    secret = secret_photo(tmp_path)
+    if where.startswith("data_root"):
+        crafted_run(trained_run, tmp_path, recorded={"data_root": "/"}, oof_path=lambda p: str(secret))
+    else:
+        crafted_run(trained_run, tmp_path, change_config=lambda c: c["data"].update(cache_dir="/"),
+                    oof_path=lambda p: str(secret))
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert any("outside this run's data folders" in e.value for e in at.error)
+    assert "Grad-CAM grid" not in all_text(at)
+
+
+def test_a_run_on_symlinked_person_folders_shows_its_own_photos(trained_run, faces_root, tmp_path, monkeypatch):
+    subset = tmp_path / "subset"
+    (subset / "images").mkdir(parents=True)
+    shutil.copy(faces_root / "train.csv", subset / "train.csv")
+    for person in (faces_root / "images").iterdir():
+        (subset / "images" / person.name).symlink_to(person, target_is_directory=True)
+    crafted_run(trained_run, tmp_path, change_config=lambda c: c["data"].update(root=str(subset)),
+                recorded={"data_root": str(subset)})
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert not any("outside this run's data folders" in e.value for e in at.error)
+    assert "Grad-CAM grid" in all_text(at)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "config.yaml").write_text("heads: 3\n"), "config.yaml"),
+    (lambda r: (r / "run.json").write_text("{"), "run.json: not valid JSON"),
+    (lambda r: (r / "fold0" / "stage2" / "best.pt").write_bytes(b"PK\x03\x04 cut"), "best.pt"),
+])
+def test_a_damaged_run_is_named_on_the_page(damage, message, trained_run, tmp_path, monkeypatch):
+    run = crafted_run(trained_run, tmp_path)
+    damage(run)
+    monkeypatch.setenv("MULTITASK_RUNS", str(tmp_path / "runs"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]

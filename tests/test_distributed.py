@@ -53,6 +53,43 @@ def test_each_process_takes_its_share_of_the_cores(monkeypatch):
     assert threads_per_process(World(), 16) == 3
 
 
+def test_torchruns_own_thread_default_is_not_taken_for_the_users(monkeypatch):
+    """torchrun puts OMP_NUM_THREADS=1 in its workers' environment when it starts several per machine."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_per_process(World(0, 2, 0, 2), 16) == 8  # torchrun's default: the cores are shared out
+    assert threads_per_process(World(), 16) == 1  # one process, no torchrun: the user's own setting
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_process(World(0, 2, 0, 2), 16) == 3  # any other value under torchrun: the user's
+
+
+def test_nccl_makes_the_ranks_gpu_current_before_the_first_collective(monkeypatch, tmp_path):
+    """No GPU here: the calls are recorded. Each rank's GPU is set, then the group joined naming it, then the run
+    folder broadcast (an object collective, which runs on the current device)."""
+    import torch
+    import torch.distributed as dist
+
+    from multitask import distributed, engine, train
+
+    calls = []
+    monkeypatch.setattr(engine, "configure_threads", lambda *args: 1)  # this test process keeps its threads
+    monkeypatch.setattr(distributed, "from_env", lambda: World(3, 8, 1, 4))
+    monkeypatch.setattr(train, "torch_cuda", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(f"set_device {d}"))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(f"init_process_group {backend} {kw.get('device_id')}"))
+
+    def broadcast(world, value):
+        calls.append("broadcast")
+        raise SystemExit(0)  # enough: the order is pinned
+
+    monkeypatch.setattr(distributed, "broadcast", broadcast)
+    monkeypatch.setattr(distributed, "shutdown", lambda: None)
+    with pytest.raises(SystemExit):
+        train.main([f"out_dir={tmp_path}", "train.device=auto"])
+    assert calls == ["set_device cuda:1", "init_process_group nccl cuda:1", "broadcast"]
+
+
 DP_ARGS = ["cv.folds=2", "stage2.epochs=3", "name=dp"]  # a 2-fold run, long enough to be killed in fold 1
 
 

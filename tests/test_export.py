@@ -36,59 +36,53 @@ def network_batch(run: Path, paths) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fp32_runs(faces_root, tmp_path_factory):
-    """A ce run of two folds whose mask head predicts with the training prior, and a one-fold dldl run; fp32,
-    so that the graph and predict compute the same numbers on any CPU."""
-    runs = {}
-    for name, extra in {"ce": ["cv.run_folds=[0,1]", "heads.0.prior=training"],
-                        "dldl": ["cv.run_folds=[0]", "heads.2.loss=dldl"]}.items():
-        tmp = tmp_path_factory.mktemp(name)
-        cfg = load_config(tiny_overrides(faces_root, tmp) + ["train.precision=fp32", *extra])
-        run_cv(cfg, tmp / name, log=lambda s: None)
-        runs[name] = tmp / name
-    return runs
+def fp32_run(faces_root, tmp_path_factory) -> Path:
+    """Two folds whose mask and gender heads are ce (the mask deciding with the training prior) and whose age head
+    is dldl (a distribution over years); fp32, so that the graph and predict compute the same numbers on any CPU."""
+    tmp = tmp_path_factory.mktemp("fp32")
+    cfg = load_config(tiny_overrides(faces_root, tmp) + ["train.precision=fp32", "cv.run_folds=[0,1]",
+                                                         "heads.0.prior=training", "heads.2.loss=dldl"])
+    run_cv(cfg, tmp / "run", log=lambda s: None)
+    return tmp / "run"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ce", "dldl"])
-def test_the_onnx_graph_gives_predicts_probabilities(kind, fp32_runs, faces_root, tmp_path):
-    run = fp32_runs[kind]
-    assert export_main(["--run", str(run), "--out", str(tmp_path / "export")]) == 0
+def test_the_onnx_graph_gives_predicts_probabilities_for_ce_and_dldl_heads(fp32_run, faces_root, tmp_path):
+    assert export_main(["--run", str(fp32_run), "--out", str(tmp_path / "export")]) == 0
     person = sorted((faces_root / "images").iterdir())[0]
-    expected = predict(run, person, tmp_path / "pred", progress=False, log=lambda s: None)
-    got = run_onnx(tmp_path / "export" / "model.onnx", network_batch(run, expected["path"]))
+    expected = predict(fp32_run, person, tmp_path / "pred", progress=False, log=lambda s: None)
+    got = run_onnx(tmp_path / "export" / "model.onnx", network_batch(fp32_run, expected["path"]))
     for head, classes in {"mask": ["worn", "incorrect", "not_worn"], "gender": ["male", "female"],
                           "age": ["<30", "30-59", "60+"]}.items():
         np.testing.assert_allclose(got[f"p_{head}"], expected[[f"p_{head}_{c}" for c in classes]], atol=1e-4)
-    if kind == "dldl":
-        np.testing.assert_allclose(got["years_age"], expected["years_age"], atol=0.01)  # predict rounds to 0.01
-    else:
-        assert "years_age" not in got
+    np.testing.assert_allclose(got["years_age"], expected["years_age"], atol=0.01)  # predict rounds to 0.01
     info = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
     assert info["input"]["shape"] == ["N", 3, 40, 32] and info["views_in_graph"] == ["plain", "mirrored"]
-    assert info["outputs"]["p_mask"]["classes"] == ["worn", "incorrect", "not_worn"]
-    assert info["folds"] == ([0, 1] if kind == "ce" else [0])
-    assert info["outputs"]["p_mask"]["prior"] == ("training" if kind == "ce" else "balanced")
+    assert info["outputs"]["p_mask"] == {"head": "mask", "classes": ["worn", "incorrect", "not_worn"],
+                                         "prior": "training"}
+    assert info["folds"] == [0, 1] and info["outputs"]["years_age"]["unit"] == "years"
 
 
 @pytest.mark.slow
-def test_torchscript_export_loads_without_the_project_and_matches(fp32_runs, faces_root, tmp_path):
-    path = load_run(fp32_runs["dldl"]).export(tmp_path / "ts", format="torchscript")
-    batch = network_batch(fp32_runs["dldl"], sorted((faces_root / "images").iterdir())[0].glob("*.jpg"))
-    onnx_path = load_run(fp32_runs["dldl"]).export(tmp_path / "onnx")
+def test_torchscript_export_loads_without_the_project_and_matches(fp32_run, faces_root, tmp_path):
+    model = load_run(fp32_run, folds=[0])
+    path = model.export(tmp_path / "ts", format="torchscript")
+    onnx_path = model.export(tmp_path / "onnx")
+    batch = network_batch(fp32_run, sorted((faces_root / "images").iterdir())[0].glob("*.jpg"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the file many can load
         scripted = torch.jit.load(str(path))(torch.from_numpy(batch))
     np.testing.assert_allclose(scripted[0].numpy(), run_onnx(onnx_path, batch)["p_mask"], atol=1e-5)
 
 
-@pytest.mark.parametrize("loss", ["ce", "ordinal", "dldl", "regression"])
-def test_every_age_decoding_is_inside_the_graph(loss, tmp_path):
-    heads = [HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"]),
-             HeadConfig("age", "age_group", ["<30", "30-59", "60+"], loss=loss)]
+def test_every_head_kinds_decoding_is_inside_the_graph(tmp_path):
+    """One model with a head of every loss: the graph's outputs are the model's own probabilities and years."""
+    classes = ["<30", "30-59", "60+"]
+    heads = [HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"])]
+    heads += [HeadConfig(f"age_{loss}", "age_group", classes, loss=loss) for loss in ("ordinal", "dldl", "regression")]
     model, _ = build_model(ModelConfig(arch="resnet18"), heads)
     model.eval()
-    graph = HeadProbabilities([model], ["mask", "age"], flip=False)
+    graph = HeadProbabilities([model], [h.name for h in heads], flip=False)
     x = torch.randn(3, 3, 48, 40)
     torch.onnx.export(graph, (x,), input_names=["image"], output_names=graph.output_names(), dynamo=True,
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).save(str(tmp_path / "m.onnx"))
@@ -96,19 +90,20 @@ def test_every_age_decoding_is_inside_the_graph(loss, tmp_path):
     got = run_onnx(tmp_path / "m.onnx", x5.numpy())
     with torch.no_grad():
         logits = model(x5)
-        want = model.probabilities(logits)
-        years = model.years(logits)
-    np.testing.assert_allclose(got["p_age"], want["age"].numpy(), atol=1e-5)
-    np.testing.assert_allclose(got["p_mask"], want["mask"].numpy(), atol=1e-5)
-    assert ("years_age" in got) == (loss in ("dldl", "regression"))
-    if "years_age" in got:
-        np.testing.assert_allclose(got["years_age"], years["age"].numpy(), rtol=1e-5)
+        want, years = model.probabilities(logits), model.years(logits)
+    for h in heads:
+        np.testing.assert_allclose(got[f"p_{h.name}"], want[h.name].numpy(), atol=1e-5)
+    assert sorted(k for k in got if k.startswith("years_")) == ["years_age_dldl", "years_age_regression"]
+    for name, y in years.items():
+        np.testing.assert_allclose(got[f"years_{name}"], y.numpy(), rtol=1e-5)
 
 
-def test_an_earlier_export_is_not_replaced_without_overwrite(fp32_runs, tmp_path, capsys):
+@pytest.mark.slow
+def test_an_earlier_export_is_not_replaced_without_overwrite(fp32_run, tmp_path, capsys):
     out = tmp_path / "export"
     out.mkdir()
     (out / "model.onnx").write_text("mine")
-    assert export_main(["--run", str(fp32_runs["dldl"]), "--out", str(out)]) == 2
-    assert "holds an earlier export (model.onnx); give another folder or --overwrite" in capsys.readouterr().err
+    assert export_main(["--run", str(fp32_run), "--out", str(out)]) == 2
+    assert "not empty; give a new folder, or --overwrite to replace what an earlier export wrote there" in \
+        capsys.readouterr().err
     assert (out / "model.onnx").read_text() == "mine"

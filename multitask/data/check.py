@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from multitask.cli import guarded
+
 # Data modules (pandas, torch, opencv) are imported where used: --help and usage errors answer at once.
 
 
@@ -19,8 +21,14 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
 
     if source is not None and source not in SOURCES:
         return 0, [Problem(f"--source {source}", f"unknown source; one of {', '.join(SOURCES)}")]
-    if not Path(root).exists():
+    root = Path(root)
+    if not root.exists():
         return 0, [Problem(str(root), "does not exist")]
+    if root.is_file() and root.suffix.lower() != ".csv":
+        return 0, [Problem(str(root), "not a data set: give its folder, or a manifest CSV")]
+    if source is None and root.is_dir() and (root / "images").is_dir() and not (root / "train.csv").exists():
+        return 0, [Problem(str(root / "train.csv"), "missing: ROOT/images/ is the competition layout, which "
+                                                    "needs ROOT/train.csv (id,gender,race,age,path)")]
     source = source or detect_source(root)
     try:
         table, problems, _ = load_source(source, Path(root), thresholds)
@@ -78,6 +86,7 @@ def synth(out: Path, people: int, size: tuple[int, int], seed: int, anywhere: bo
     return 0
 
 
+@guarded
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="multitask data", description="Data set tools.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 def read_rgb(path: Path | str) -> np.ndarray:
     """Decode a photo fully (a truncated file raises OSError) and return H x W x 3 uint8."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+        raise ValueError("not a regular file (a FIFO, socket or device)")
     with Image.open(path) as img:
         check_pixels(img)
         img.load()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from multitask.data.images import is_image_name
+from multitask.errors import BadInput
 from multitask.tasks import AGE_CLASSES, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, age_group, encode_joint
 
 COMPETITION_PHOTOS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
@@ -53,7 +54,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class DataError(Exception):
+class DataError(BadInput):
     """Bad input. Carries every problem found, not just the first."""
 
     def __init__(self, problems: Sequence[Problem], what: str = "data"):
@@ -79,12 +80,26 @@ def parse_label(value, aliases: dict, n_classes: int) -> int | None:
     return None
 
 
+MAX_AGE = 150
+
+
 def parse_age(value) -> int | None:
     try:
         age = float(str(value).strip())
     except ValueError:
         return None
-    return int(age) if age.is_integer() and 0 <= age < 150 else None
+    return int(age) if age.is_integer() and 0 <= age < MAX_AGE else None
+
+
+def age_problem(value) -> str:
+    """Why ``parse_age`` refused a value."""
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return f"age {value!r} is not a number of years"
+    if not age.is_integer():
+        return f"age {value!r} is not a whole number of years"
+    return f"age {value!r} is outside 0-{MAX_AGE - 1} years"
 
 
 def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFrame:
@@ -147,7 +162,7 @@ def load_competition(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[
         if gender is None:
             bad.append(f"gender {person['gender']!r} is not male/female")
         if age is None:
-            bad.append(f"age {person['age']!r} is not a whole number of years")
+            bad.append(age_problem(person["age"]))
         if not person["path"]:
             bad.append("empty path")
         if bad:
@@ -219,7 +234,7 @@ def load_manifest(csv_path: Path, thresholds: Sequence[int] = (30, 60), require_
                 if row["age_group"] is None:
                     bad.append(f"age_group {r['age_group']!r} is not one of {AGE_CLASSES}")
             elif row["age"] is None:
-                bad.append(f"age {r.get('age', '')!r} is not a whole number of years")
+                bad.append(age_problem(r.get("age", "")))
             if row["gender"] is None:
                 bad.append(f"gender {r['gender']!r} is not one of {GENDER_CLASSES}")
             if row["mask"] is None:
@@ -322,9 +337,10 @@ def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
 
 
 def image_files(root: Path) -> Iterable[Path]:
-    """All image files under a folder (recursively), hidden files left out, sorted."""
+    """Everything with an image file's name under a folder (recursively), hidden files left out, sorted. Broken
+    links and special files (a FIFO) named like images are included, so that reading them reports them."""
     return sorted(p for p in Path(root).rglob("*")
-                  if p.is_file() and not p.name.startswith(".") and is_image_name(p))
+                  if not p.is_dir() and not p.name.startswith(".") and is_image_name(p))
 
 
 # --- the table of sources ----------------------------------------------------------------------------------

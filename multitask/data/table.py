@@ -101,6 +101,11 @@ def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Pr
     """A labeled face set for extra training or validation (any source with mask labels: the competition
     layout, a labeled manifest, a folder per mask class, UTKFace-style names)."""
     root = Path(root)
+    return load_source(labeled_source(root), root, thresholds)[:2]
+
+
+def labeled_source(root: Path) -> str:
+    """The layout of a labeled face set, or a DataError naming the folder."""
     if not root.exists():
         raise DataError([Problem(str(root), "does not exist")])
     source = detect_source(root)
@@ -108,7 +113,7 @@ def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Pr
         raise DataError([Problem(str(root), "not a labeled face set: expected the competition layout "
                                             "(train.csv), a manifest CSV, folders named by mask class or "
                                             "UTKFace-style names")])
-    return load_source(source, root, thresholds)[:2]
+    return source
 
 
 def apply_policy(problems: List[Problem], policy: str, what: str) -> None:

@@ -1,0 +1,97 @@
+"""Hostile config values and start-up failures: one line naming the key or file, exit 2, no traceback, and no run
+folder left behind (nothing was trained, nothing to resume)."""
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+
+from multitask.train import main as train_main
+
+from conftest import tiny_overrides
+from test_bad_inputs import no_traceback, run_main
+
+# overrides -> what the one line must say
+CONFIG_VALUES = {
+    "only: a class the head does not have": (["stage1.only={mask: bogus}"],
+                                             "stage1.only.mask='bogus': not a class of head mask"),
+    "only: key:value without a space": (["stage1.only={mask:bogus}"], "write 'key: value'"),
+    "a head without classes": (["heads.0.classes=[]"], "heads.0.classes=[]: a head needs its class names"),
+    "a head beyond the list": (["heads.5.loss=dldl"], "heads has 3 entries (heads.0 to heads.2)"),
+    "negative training seed": (["train.seed=-1"], "train.seed=-1: must be >= 0"),
+    "negative fold seed": (["cv.seed=-1"], "cv.seed=-1: must be >= 0"),
+    "a batch of one photo": (["data.size=[8,8]", "data.batch_size=1"], "data.batch_size=1: must be >= 2"),
+    "a size no memory holds": (["data.size=[100000,100000]"], "data.size=[100000, 100000]: two sizes of 8 to 4096"),
+    "a negative test-time scale": (["predict.tta_scales=[-1]"], "predict.tta_scales=[-1.0]: scales between 0.25"),
+    "a zero test-time scale": (["predict.tta_scales=[0]"], "predict.tta_scales=[0.0]: scales between 0.25"),
+    "an empty age group": (["data.age_thresholds=[30,30]"], "data.age_thresholds=[30, 30]: two ages in years"),
+    "a run outside out_dir": (["name=../escape"], "name='../escape': letters, digits"),
+    "a missing YAML file": (["nosuch.yaml"], "nosuch.yaml: no such config file"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_VALUES)
+def test_a_bad_config_value_is_one_line_and_no_run_folder(case, tmp_path, capsys):
+    overrides, message = CONFIG_VALUES[case]
+    out = run_main(train_main, capsys, f"out_dir={tmp_path / 'runs'}", *overrides)
+    no_traceback(out)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def start(faces_root, tmp_path, capsys, *overrides):
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path), *overrides)
+    no_traceback(out)
+    assert "--resume" not in out.stderr  # nothing to continue
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir()), "a run folder was left"
+    return out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.device=cuda"], "train.device=cuda but no CUDA device is available"),
+    (["model.arch=resnet999"], "model.arch=resnet999: not a torchvision classifier"),
+    (["model.pretrained=/no/such/weights.pt"], "model.pretrained=/no/such/weights.pt: file does not exist"),
+    (["cv.folds=100"], "cv.folds=100: the data has 24 persons to hold out"),
+    (["train.sync_bn=true", "train.device=cpu"], "train.sync_bn=true shares BatchNorm statistics between GPUs"),
+    (["data.extra_val=[/no/such/set]"], "/no/such/set: does not exist"),
+])
+def test_a_start_that_fails_leaves_no_run_folder(overrides, message, faces_root, tmp_path, capsys):
+    out = start(faces_root, tmp_path, capsys, *overrides)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_an_unsafe_weights_file_or_a_set_without_masks_fails_the_start_cleanly(faces_root, tmp_path, capsys):
+    import pickle
+
+    unsafe = tmp_path / "weights.pt"
+    unsafe.write_bytes(pickle.dumps({"fc.weight": print}))
+    out = start(faces_root, tmp_path, capsys, f"model.pretrained={unsafe}")
+    assert out.returncode == 2 and "weights.pt: not a checkpoint or state_dict this project can read safely" in out.stderr
+    folders = tmp_path / "classes"
+    for name in ("cats", "dogs"):
+        (folders / name).mkdir(parents=True)
+    out = start(faces_root, tmp_path, capsys, f"data.extra_val=[{folders}]")
+    assert out.returncode == 2 and "not a labeled face set" in out.stderr
+
+
+def test_imagenet_weights_that_cannot_be_fetched_fail_the_start_cleanly(faces_root, tmp_path, capsys, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    out = start(faces_root, tmp_path, capsys, "model.pretrained=imagenet")
+    assert out.returncode == 2 and "model.pretrained=imagenet: the ImageNet weights for resnet18" in out.stderr
+
+
+def test_out_dir_that_is_a_file_and_a_cache_where_nothing_can_be_written(faces_root, tmp_path, capsys):
+    (tmp_path / "afile.txt").write_text("mine")
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path), f"out_dir={tmp_path / 'afile.txt'}")
+    no_traceback(out)
+    assert out.returncode == 2 and "afile.txt: is a file, not a folder" in out.stderr
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path), "data.cache_dir=/proc/nope")
+    no_traceback(out)
+    assert out.returncode == 3 and "/proc/nope" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -1,0 +1,93 @@
+"""When the system refuses (a folder that cannot be read, a parent that cannot be written, a full disk): one line
+saying what and where, exit code 3, and every file written before intact. The tests run as root, which
+permissions do not stop, so the refusal is made where the system would make it."""
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import pytest
+
+import multitask.io
+from multitask.cli import EXIT_SYSTEM
+from multitask.data.check import main as data_main
+from multitask.predict import main as predict_main
+from multitask.train import main as train_main
+
+from conftest import tiny_overrides
+from test_bad_inputs import no_traceback, run_main
+
+
+def refuse(monkeypatch, method: str, target: Path, code: int = errno.EACCES) -> None:
+    """Path.<method> raises OSError(code) on ``target`` (and below it), as the system would."""
+    original = getattr(Path, method)
+
+    def refused(self, *args, **kwargs):
+        if Path(self) == target or target in Path(self).parents:
+            raise OSError(code, "refused", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, refused)
+
+
+def one_line(out, code: int, *words: str) -> None:
+    no_traceback(out)
+    assert out.returncode == code, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_a_person_folder_that_cannot_be_read(faces_copy, tmp_path, capsys, monkeypatch):
+    person = sorted((faces_copy / "images").iterdir())[0]
+    refuse(monkeypatch, "iterdir", person)
+    one_line(run_main(data_main, capsys, "check", faces_copy), EXIT_SYSTEM, "permission denied at", person.name)
+    out = run_main(train_main, capsys, *tiny_overrides(faces_copy, tmp_path))
+    one_line(out, EXIT_SYSTEM, "permission denied at", person.name)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_an_out_folder_under_a_parent_that_cannot_be_written(trained_run, faces_root, tmp_path, capsys,
+                                                             monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    refuse(monkeypatch, "mkdir", locked)
+    out = run_main(predict_main, capsys, "--run", trained_run, faces_root, "--out", locked / "preds")
+    one_line(out, EXIT_SYSTEM, "permission denied at", str(locked / "preds"))
+
+
+def test_train_out_dir_under_a_parent_that_cannot_be_written(faces_root, tmp_path, capsys, monkeypatch):
+    refuse(monkeypatch, "mkdir", tmp_path / "runs")
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path))
+    one_line(out, EXIT_SYSTEM, "permission denied at", str(tmp_path / "runs"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_training_stops_in_one_line_and_keeps_what_was_written(faces_root, tmp_path, capsys,
+                                                                                  monkeypatch):
+    def full(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 128 vs 0: file write failed")
+
+    monkeypatch.setattr(multitask.io.torch, "save", full)
+    monkeypatch.setattr(multitask.io.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path), "name=full")
+    one_line(out, EXIT_SYSTEM, "error: disk full at", ".pt", "earlier results are kept, --resume")
+    run = next((tmp_path / "runs").iterdir())
+    assert (run / "config.yaml").exists() and (run / "folds.csv").exists()
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.tmp"))  # no half-written checkpoint
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_predicting(trained_run, faces_root, tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    person = sorted((faces_root / "images").iterdir())[0]
+    out = run_main(predict_main, capsys, "--run", trained_run, person, "--out", tmp_path / "out")
+    one_line(out, EXIT_SYSTEM, "error: disk full at", str(tmp_path / "out" / "predictions.csv"))
+    assert not list((tmp_path / "out").glob("*.tmp")) and not list((tmp_path / "out").glob(".*"))
