@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install browser train test test-fast dashboard bench docs clean
+.PHONY: install browser train test test-fast dashboard bench gpu-check docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ dashboard: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/multitask bench $(ARGS)
+
+# the first checks on a GPU machine, one line each (CUDA ones say SKIP where there is no GPU)
+gpu-check: $(STAMP)
+	$(VENV)/bin/multitask bench --gpu-check $(ARGS)
 
 # docs/config.md from the typed config (a test fails when it is stale)
 docs: $(STAMP)

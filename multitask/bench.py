@@ -32,6 +32,9 @@ def cli() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="batches per pipeline measurement (one run)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
+    p.add_argument("--gpu-check", action="store_true", help="instead of the benchmark: the checks to run first on a "
+                   "GPU machine (CUDA, a quick run on one GPU, torchrun on two), one line each; on a machine without "
+                   "them, their CPU counterparts run and the CUDA ones say they were skipped")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one process of (f)
     return p
 
@@ -191,6 +194,28 @@ def onnx_vs_eager(cfg, batch: int) -> dict:
                        f"batch {batch}, {threads} threads, probabilities inside both)"}
 
 
+GPU_IMAGES_PER_S = 3000  # what one modern GPU trains ResNet18 at, at 224 px, in mixed precision (the order of it)
+
+
+def loader_per_worker(cfg, table, images, batch: int) -> dict:
+    """What one data loader worker delivers with no model: cached photo -> training augmentation -> batch
+    (``cached``), and the same decoding every photo from its file (``decoded``), in this process, so one core."""
+    pre = Preprocessing.from_config(cfg)
+    rows = table.head(batch * 4)
+    out = {}
+    for name, cache in (("cached", images), ("decoded", None)):
+        ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.prepare, cache,
+                          rows["_row"].to_numpy() if cache is not None else None)
+        loader = make_loader(ds, batch, 0, torch.device("cpu"), shuffle=True)
+        out[name] = measure(lambda: sum(len(x) for x, _ in loader), torch.device("cpu"), warmup=1, min_runs=3,
+                            min_seconds=3)
+    need = -(-GPU_IMAGES_PER_S // max(1, int(out["cached"]["img_s"])))
+    out["summary"] = (f"cached {fmt(out['cached'])}, decoded from the files {fmt(out['decoded'])} img/s per worker: a "
+                      f"GPU training at {GPU_IMAGES_PER_S} img/s needs about {need} workers fed from the cache "
+                      "(data.workers)")
+    return out
+
+
 def cam_latency(cfg, device: torch.device) -> tuple[float, float]:
     """Seconds for one 3-head x 4-layer CAM grid and for one single-layer GradCAM call (medians)."""
     model, _ = build_model(cfg.model, cfg.heads)
@@ -253,6 +278,44 @@ def ddp_worker(a) -> int:
     return 0
 
 
+def gpu_check(overrides) -> int:
+    """The first checks on a GPU machine, one line each: PASS, FAIL (with the last line the command printed) or
+    SKIP (and why). Exit code 1 when one failed."""
+    import tempfile
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    quick = ["experiment=quick", "cv.run_folds=[0]", "train.progress=false", *overrides]
+    cli_train = [sys.executable, "-m", "multitask.train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                "multitask.train"]
+    with tempfile.TemporaryDirectory() as tmp:
+        checks = [
+            ("CUDA device", None, f"{gpus} GPU(s): {torch.cuda.get_device_name(0)}" if gpus else None),
+            ("quick run, 1 GPU", cli_train + quick + ["train.device=cuda", f"out_dir={tmp}/gpu1"], gpus >= 1),
+            ("torchrun, 2 GPUs (NCCL)", torchrun + quick + ["train.device=cuda", f"out_dir={tmp}/gpu2"], gpus >= 2),
+            ("quick run, CPU", cli_train + quick + ["train.device=cpu", f"out_dir={tmp}/cpu1"], True),
+            ("torchrun, 2 CPU processes (gloo)", torchrun + quick + ["train.device=cpu", f"out_dir={tmp}/cpu2"], True),
+        ]
+        failed = 0
+        for name, command, ready in checks:
+            if command is None:
+                print(f"{'PASS' if ready else 'SKIP'} {name}: {ready or 'no CUDA device visible to torch'}")
+                continue
+            if not ready:
+                print(f"SKIP {name}: needs {'two GPUs' if '2 GPUs' in name else 'a GPU'}")
+                continue
+            tick = time.perf_counter()
+            out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+                                 if "torchrun" in name else None)
+            last = (out.stdout.strip().splitlines() or [""])[-1] if out.returncode == 0 else \
+                (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            failed += out.returncode != 0
+            print(f"{'PASS' if out.returncode == 0 else 'FAIL'} {name} ({time.perf_counter() - tick:.0f} s): "
+                  f"{last.split('. Report:')[0][:200]}")
+    return 1 if failed else 0
+
+
 def fmt(m: dict) -> str:
     return f"{m['img_s']:.1f} ±{m['spread'] * 50:.0f}%"
 
@@ -263,6 +326,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.ddp_worker:
         return ddp_worker(a)
+    if a.gpu_check:
+        return gpu_check(a.overrides)
     base = load_config(a.overrides)
     configure_threads(base.train)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -311,6 +376,13 @@ def main(argv=None) -> int:
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
             rows["onnx"] = onnx_vs_eager(cfg, a.batch * 2)
             print(f"inference at {size} of the exported graph: {rows['onnx']['summary']}")
+        if device.type == "cpu":
+            table, _ = load_table(cfg)
+            table = table.assign(_row=np.arange(len(table)))
+            images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
+                                      Path(cfg.data.cache_dir), log=lambda s: None)
+            rows["loader"] = loader_per_worker(cfg, table, images, a.batch)
+            print(f"data loader at {size}, one worker, no model: {rows['loader']['summary']}")
         rows["compile"] = compiled_vs_eager(cfg, a.batch, rt, rows["sizes"][size]["a_model"])
         print(f"model step at {size}, train.compile: {rows['compile']['summary']}")
     size = a.sizes.split(",")[0]

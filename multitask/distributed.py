@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from pathlib import Path
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,36 @@ def init(world: World, device_type: str) -> None:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+
+
+def elastic_marker(out_dir: str) -> Optional[Path]:
+    """Where a torchrun job notes its run folder, so that the workers torchrun restarts (``--max-restarts``)
+    continue that run instead of starting another; None outside torchrun."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return Path(out_dir) / f".torchrun-{job}" if job else None
+
+
+def elastic_run(out_dir: str, world: World) -> Optional[Path]:
+    """On rank 0 of a restarted torchrun job (TORCHELASTIC_RESTART_COUNT > 0): the run folder its first workers
+    started; None otherwise."""
+    marker = elastic_marker(out_dir)
+    if not world.main or marker is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return None
+    return Path(marker.read_text().strip()) if marker.is_file() else None
+
+
+def remember_elastic_run(out_dir: str, run_dir: Path) -> None:
+    marker = elastic_marker(out_dir)
+    if marker is not None and not marker.exists():
+        from multitask.io import atomic_write_text
+
+        atomic_write_text(marker, f"{run_dir}\n")
+
+
+def forget_elastic_run(out_dir: str) -> None:
+    marker = elastic_marker(out_dir)
+    if marker is not None:
+        marker.unlink(missing_ok=True)
 
 
 def shutdown() -> None:

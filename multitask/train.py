@@ -83,7 +83,13 @@ def main(argv=None) -> int:
                               "CPU (train.device), where it cannot: leave it false")
         distributed.init(world, "cuda" if uses_gpu else "cpu")
         if run_dir is None:
-            run_dir, created = Path(distributed.broadcast(world, str(new_run_dir(cfg)) if world.main else None)), True
+            chosen = distributed.elastic_run(cfg.out_dir, world) or (new_run_dir(cfg) if world.main else None)
+            run_dir = Path(distributed.broadcast(world, str(chosen) if chosen else None))
+            created = not RunDir(run_dir).is_run()
+            if world.main:
+                distributed.remember_elastic_run(cfg.out_dir, run_dir)
+            if not created:  # torchrun restarted the workers: continue the run they started, as --resume does
+                cfg = RunDir(run_dir).load_config()
         if a.create_only:
             open_run(cfg, run_dir, print, world)
             print(run_dir)
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
                   f"training); then: multitask report {run_dir}")
             return 0
         report = write_report(run_dir)
+        distributed.forget_elastic_run(cfg.out_dir)  # finished: nothing for a restart to continue
     except (ConfigError, DataError, WeightsError, NonFiniteLoss, OSError) as e:
         if world.main and created and run_dir.is_dir() and not RunDir(run_dir).is_run():
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before anything worth keeping: leave no folder

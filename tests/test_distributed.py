@@ -90,6 +90,27 @@ def test_nccl_makes_the_ranks_gpu_current_before_the_first_collective(monkeypatc
     assert calls == ["set_device cuda:1", "init_process_group nccl cuda:1", "broadcast"]
 
 
+def test_workers_restarted_by_torchrun_continue_the_run_their_first_start_made(faces_root, tmp_path,
+                                                                             monkeypatch):
+    """torchrun --max-restarts N starts the workers again with the same arguments and TORCHELASTIC_RESTART_COUNT
+    raised: they continue the run folder of the job's first start instead of making another (in one process here:
+    the first start is cut short after writing the run folder, as a killed worker would be)."""
+    args = [*tiny_overrides(faces_root, tmp_path), "cv.run_folds=[0]", "name=elastic"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert train_main([*args, "--create-only"]) == 0
+    first = the_run(tmp_path)
+    assert (tmp_path / "runs" / ".torchrun-job7").read_text().strip() == str(first)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert train_main(args) == 0
+    assert the_run(tmp_path) == first and (first / "report.json").exists()
+    assert not (tmp_path / "runs" / ".torchrun-job7").exists()  # finished: nothing left for a restart
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a new job: a new run
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job8")
+    assert train_main(args) == 0
+    assert len(list((tmp_path / "runs").glob("elastic-*"))) == 2
+
+
 DP_ARGS = ["cv.folds=2", "stage2.epochs=3", "name=dp"]  # a 2-fold run, long enough to be killed in fold 1
 
 
@@ -104,7 +125,7 @@ def torchrun_killed_and_resumed(faces_root, tmp_path_factory) -> tuple[Path, sub
                             start_new_session=True)
     deadline, victim = time.time() + 300, None
     while time.time() < deadline and proc.poll() is None and victim is None:
-        runs = list((out / "runs").glob("*"))
+        runs = list((out / "runs").glob("dp-*"))
         if runs and (runs[0] / "fold1" / "stage2" / "last.pt").exists():
             workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             victim = max(map(int, workers)) if workers else None  # a worker (rank 1), not torchrun itself

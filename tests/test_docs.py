@@ -42,7 +42,7 @@ def test_the_readme_lists_exactly_the_mask_folder_names_understood():
 @pytest.mark.slow
 def test_the_readme_api_example_runs(trained_run, faces_root, tmp_path, monkeypatch):
     block = README.split("## Python API")[1].split("```python")[1].split("```")[0]
-    assert "load_run(" in block and ".predict(" in block and ".explain(" in block and ".export(" in block
+    assert "load_run(" in block and ".predict(" in block and ".explain(" in block
     shutil.copy(next((faces_root / "images").rglob("normal.jpg")), tmp_path / "face.jpg")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -50,4 +50,3 @@ def test_the_readme_api_example_runs(trained_run, faces_root, tmp_path, monkeypa
     table, heat = namespace["table"], namespace["heat"]
     assert len(table) == 3 and table["path"].tolist()[1:] == ["<image 1>", "<image 2>"]
     assert heat.shape == (48, 40) and 0 <= heat.min() and heat.max() <= 1
-    assert (tmp_path / "exported" / "model.onnx").is_file()
