@@ -9,10 +9,9 @@ ARGS ?=
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade --quiet pip
-	# torch and torchvision from this machine's disk; a wider range would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[test]'
+	# torch and torchvision from this machine's disk (a wider range would pull a multi-GB CUDA build), with the
+	# project in one resolve
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[test]'
 	# The face detector (MTCNN, weights in the wheel) pins an old torch: installed without its dependencies.
 	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)

@@ -11,6 +11,7 @@ and the commands give the same numbers.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -91,7 +92,7 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
                    ) -> Dict[int, tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
     """Per fold: (per head the class probabilities, per head that predicts them the years) of prepared photos
     (N x H x W x 3 uint8), averaged over views."""
-    rt, pre = Runtime.on(device, cfg.train), Preprocessing.from_config(cfg)
+    rt, pre = Runtime.on(device, cfg), Preprocessing.from_config(cfg)
     workers = loader_workers(cfg.data.workers, device, True)
     return {k: predict_views(model, images, pre, views, rt, batch_size, workers, progress, desc=f"fold {k}")
             for k, model in models.items()}
@@ -174,7 +175,7 @@ class Predictor:
         names, rgbs, problems = [], [], []
         for i, photo in enumerate(photos):
             if isinstance(photo, (str, Path)):
-                names.append(str(Path(photo).resolve()))
+                names.append(os.path.abspath(photo))
                 try:
                     rgbs.append(read_rgb(Path(photo)))
                 except Exception as e:  # any decoder or file error is this photo's problem

@@ -55,7 +55,7 @@ from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
 from multitask.data.table import load_table, training_targets  # noqa: E402
 from multitask.data.transforms import Preprocessing  # noqa: E402
 from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader,  # noqa: E402
-                              resolve_precision, train_one_epoch)
+                              precision_note, train_one_epoch)
 from multitask.explain import cam_grid  # noqa: E402
 from multitask.losses import MultiHeadLoss, batch_mixer  # noqa: E402
 from multitask.model import build_model, param_groups, stage_layers  # noqa: E402
@@ -269,7 +269,7 @@ def ddp_worker(a) -> int:
         h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
         torch.set_num_threads(distributed.threads_per_process(world, os.cpu_count() or 1))
-        m = model_only(cfg, a.batch, Runtime.on(torch.device("cpu"), cfg.train), ddp=world.active)
+        m = model_only(cfg, a.batch, Runtime.on(torch.device("cpu"), cfg), ddp=world.active)
         rates = distributed.gather(world, m["img_s"])
         if world.main:
             print("DDP " + json.dumps({"img_s": float(sum(rates)), "spread": m["spread"], "processes": world.size}))
@@ -335,9 +335,8 @@ def main(argv=None) -> int:
     print(f"{results['cpu']}: {', '.join(results['flags']) or 'no AVX2'}; {results['threads']} threads; batch "
           f"{a.batch}; images/s as median ±half the spread of repeated runs")
     for device in devices:
-        dtype = resolve_precision(base.train.precision, device)
-        rows = results["devices"][str(device)] = {"precision": str(dtype or "fp32"), "sizes": {}}
-        print(f"\n{device} (precision {rows['precision']})\n{'size':>9} | {'(a) model':>14} | {'(b) ours':>14} | "
+        rows = results["devices"][str(device)] = {"precision": {}, "sizes": {}}
+        print(f"\n{device}\n{'size':>9} | {'(a) model':>14} | {'(b) ours':>14} | "
               f"{'(c) plain':>14} | {'(d) infer':>14} | {'(b)/(a)':>7} | {'(b)/(c)':>7} | {'(e) grid':>8} | "
               f"{'1 CAM':>6} | {'ratio':>5}")
         for size in a.sizes.split(","):
@@ -348,7 +347,8 @@ def main(argv=None) -> int:
             table = table.assign(_row=np.arange(len(table)))
             images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
                                       Path(cfg.data.cache_dir), log=lambda s: None)
-            rt = Runtime(device, dtype, cfg.train.channels_last)
+            rt = Runtime.on(device, cfg)
+            rows["precision"][size] = precision_note(cfg.train, device, cfg.model.arch, cfg.data.size)
             r = {"a_model": model_only(cfg, a.batch, rt),
                  "b_pipeline": pipeline(cfg, table, images, a.batch, a.steps, rt, True),
                  "c_plain": pipeline(cfg, table, images, a.batch, a.steps, Runtime(device), False),
@@ -367,13 +367,15 @@ def main(argv=None) -> int:
         size = a.sizes.split(",")[0]
         h, w = (int(v) for v in size.split("x"))
         cfg = load_config(a.overrides + [f"data.size=[{h},{w}]"])
-        rt = Runtime(device, dtype, cfg.train.channels_last)
+        rt = Runtime.on(device, cfg)
+        for s, note in rows["precision"].items():
+            print(f"{cfg.model.arch} at {s}: {note}")
         if device.type == "cpu":  # what bf16 autocast buys on this CPU, whatever precision=auto chose
             fp32 = model_only(cfg, a.batch, replace(rt, dtype=None))
             bf16 = model_only(cfg, a.batch, replace(rt, dtype=torch.bfloat16))
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
-                  f"({bf16['img_s'] / fp32['img_s']:.2f}x); precision=auto picks {rows['precision']} here")
+                  f"({bf16['img_s'] / fp32['img_s']:.2f}x)")
             rows["onnx"] = onnx_vs_eager(cfg, a.batch * 2)
             print(f"inference at {size} of the exported graph: {rows['onnx']['summary']}")
         if device.type == "cpu":

@@ -54,8 +54,10 @@ def cpu_has_fast_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for plain fp32."""
+def resolve_precision(precision: str, device: torch.device, arch: str = "resnet18",
+                      size: Sequence[int] = (96, 96)) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32. ``auto`` on a CPU: bf16 where it has bf16 instructions and a
+    training step of this model at this size is measurably faster in bf16 (``bf16_speedup``)."""
     if precision == "fp32":
         return None
     if device.type == "cuda":
@@ -68,49 +70,72 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
         if not cpu_has_fast_bf16():
             warnings.warn("train.precision=bf16: this CPU has no AVX512-BF16/AMX; bf16 is emulated and slow")
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_fast_bf16() and bf16_is_faster() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() and bf16_speedup(arch, tuple(size)) > BF16_MIN_SPEEDUP else None
+
+
+BF16_MIN_SPEEDUP = 1 / 0.95  # bf16 must be this much faster to be taken: a tie keeps fp32's numerics
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:  # the CPU's model name: machines of one architecture differ
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def step_seconds(arch: str, size: Sequence[int], dtype: Optional[torch.dtype]) -> float:
+    """The median time of a training step (forward, backward) of ``arch`` on 16 photos of ``size`` here."""
+    import torchvision
+
+    net = torchvision.models.get_model(arch, num_classes=8).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, *size).contiguous(memory_format=torch.channels_last)
+    times = []
+    for _ in range(6):
+        tick = time.perf_counter()
+        with autocast(torch.device("cpu"), dtype):
+            loss = net(x).float().square().mean()
+        loss.backward()
+        times.append(time.perf_counter() - tick)
+    return float(np.median(times[2:]))  # the first calls pick kernels
 
 
 @functools.lru_cache(maxsize=None)
-def bf16_is_faster() -> bool:
-    """Whether bf16 autocast trains faster than fp32 on this CPU, timed once (about 2 s) on a small ResNet step.
-    The flags are not enough: with AVX512-BF16 and no AMX, bf16 was 1.6x faster on one machine and 0.76x on
-    another (make bench prints both rates). Cached per CPU, torch version and thread count."""
+def bf16_speedup(arch: str, size: tuple) -> float:
+    """How much faster a training step of this model at this size runs under bf16 autocast than in fp32 on this
+    CPU (above 1: faster), timed once (a few seconds) and cached per CPU, torch version, threads, model and size.
+    The flags do not say: the same instructions gave 1.6x on one CPU and 0.76x on another, and one CPU 1.6x for
+    ResNet18 and 0.68x for MobileNetV2."""
     import json
-    import platform
 
-    cpu = platform.processor() or platform.machine()
-    try:  # the CPU's model name: machines of one architecture differ
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    key = f"{cpu}-{torch.__version__}-{torch.get_num_threads()}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multitask" / "bf16_is_faster.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{cpu_name()}-{torch.__version__}-{torch.get_num_threads()}-{arch}-{size[0]}x{size[1]}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multitask" / "bf16_speedup.json"
+    try:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+    except (OSError, ValueError):
+        known = {}
     if key not in known:
-        import torchvision
-
-        net = torchvision.models.resnet18(num_classes=8).to(memory_format=torch.channels_last)
-        x = torch.randn(16, 3, 96, 96).contiguous(memory_format=torch.channels_last)
-
-        def step_seconds(dtype) -> float:
-            times = []
-            for i in range(6):
-                tick = time.perf_counter()
-                with autocast(torch.device("cpu"), dtype):
-                    loss = net(x).float().square().mean()
-                loss.backward()
-                times.append(time.perf_counter() - tick)
-            return float(np.median(times[2:]))  # the first calls pick kernels
-
-        known[key] = step_seconds(torch.bfloat16) < 0.95 * step_seconds(None)
+        known[key] = step_seconds(arch, size, None) / step_seconds(arch, size, torch.bfloat16)
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(known))
         except OSError:
             pass  # a read-only home only costs the timing again
-    return bool(known[key])
+    return float(known[key])
+
+
+def precision_note(train: TrainConfig, device: torch.device, arch: str, size: Sequence[int]) -> str:
+    """What ``precision=auto`` chose and why, for the training log."""
+    dtype = resolve_precision(train.precision, device, arch, size)
+    chosen = str(dtype or "fp32").replace("torch.", "")
+    if train.precision != "auto" or device.type != "cpu":
+        return f"precision {chosen} ({train.precision})"
+    if not cpu_has_fast_bf16():
+        return f"precision {chosen} (auto: this CPU has no bf16 instructions)"
+    return (f"precision {chosen} (auto: a {arch} step at {size[0]}x{size[1]} ran {bf16_speedup(arch, tuple(size)):.2f}x "
+            f"the fp32 speed in bf16 here, {torch.get_num_threads()} threads)")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -165,13 +190,14 @@ class Runtime:
     channels_last: bool = False
 
     @classmethod
-    def from_config(cls, train: TrainConfig, world: World = World()) -> "Runtime":
-        return cls.on(resolve_device(train.device, world), train)
+    def from_config(cls, cfg: Config, world: World = World()) -> "Runtime":
+        return cls.on(resolve_device(cfg.train.device, world), cfg)
 
     @classmethod
-    def on(cls, device: torch.device, train: TrainConfig) -> "Runtime":
-        """The run's precision and memory format on a device already chosen."""
-        return cls(device, resolve_precision(train.precision, device), train.channels_last)
+    def on(cls, device: torch.device, cfg: Config) -> "Runtime":
+        """The run's precision (for its model at its size) and memory format on a device already chosen."""
+        dtype = resolve_precision(cfg.train.precision, device, cfg.model.arch, cfg.data.size)
+        return cls(device, dtype, cfg.train.channels_last)
 
     def autocast(self):
         return autocast(self.device, self.dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -93,7 +94,7 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     if path.is_file():
         if not is_image_name(path):
             raise DataError([Problem(str(path), "not an image file")])
-        return pd.DataFrame({"path": [str(path.resolve())]}), "image", []
+        return pd.DataFrame({"path": [os.path.abspath(path)]}), "image", []
     if (path / "info.csv").is_file():
         info = read_csv_or_fail(path / "info.csv", "missing")
         if "ImageID" not in info.columns:
@@ -109,7 +110,8 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     files = image_files(path)
     if not files:
         raise DataError([Problem(str(path), "no image files found")])
-    return pd.DataFrame({"path": [str(p.resolve()) for p in files]}), "folder", []
+    # absolute, links not followed: a photo is named as the user's folder names it (a broken link too)
+    return pd.DataFrame({"path": [os.path.abspath(p) for p in files]}), "folder", []
 
 
 def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dict:

@@ -33,7 +33,7 @@ from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_workers, make_loader,
                               make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
-                              resolve_device, tta_views, uses_sgd, weight_average)
+                              precision_note, resolve_device, tta_views, uses_sgd, weight_average)
 from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
@@ -430,7 +430,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     log = log if world.main else (lambda s: None)
     torch.manual_seed(cfg.train.seed)
     cfg, table, images, pre = open_run(cfg, run_dir, log, world)
-    rt = Runtime.from_config(cfg.train, world)
+    rt = Runtime.from_config(cfg, world)
     todo = folds_to_train(cfg, run_dir)
     run = RunDir(run_dir)
     stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
@@ -439,7 +439,8 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log, pre.prepare.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
-        f"{f' x {world.size} processes' if world.active else ''}, precision {rt.dtype or 'fp32'}, "
+        f"{f' x {world.size} processes' if world.active else ''}, "
+        f"{precision_note(cfg.train, rt.device, cfg.model.arch, cfg.data.size)}, "
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"

@@ -22,9 +22,14 @@ def test_a_wheel_installed_elsewhere_finds_its_presets(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     code = ("import multitask, multitask.config as c; print(multitask.__file__); "
             "cfg = c.load_config(['data=dev_faces', 'experiment=quick', 'model=imagenet']); "
-            "print(cfg.data.size, cfg.model.pretrained)")
+            "print(cfg.data.size, cfg.model.pretrained); "
+            "from multitask.cli import dashboard_script; print(dashboard_script())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0].startswith(str(tmp_path / "site"))
     assert out.stdout.splitlines()[1] == "[64, 48] imagenet"
+    dashboard = Path(out.stdout.splitlines()[2])  # `multitask dashboard` runs the copy inside the package
+    assert dashboard.is_file() and dashboard.is_relative_to(tmp_path / "site")
+    entry_points = next((tmp_path / "site").glob("multitask-*.dist-info")) / "entry_points.txt"
+    assert "multitask = multitask.cli:main" in entry_points.read_text()
