@@ -36,6 +36,7 @@ def cli() -> argparse.ArgumentParser:
                    "GPU machine (CUDA, a quick run on one GPU, torchrun on two), one line each; on a machine without "
                    "them, their CPU counterparts run and the CUDA ones say they were skipped")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)  # one process of (f)
+    p.add_argument("--allocator-worker", action="store_true", help=argparse.SUPPRESS)  # one side of allocator_effect
     return p
 
 
@@ -83,8 +84,7 @@ def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs
     kernels on the first ones), then timed calls until ``min_runs`` and ``min_seconds`` are both reached.
     The figure is the median; ``spread`` is (max - min) / median of the per-call rates."""
     start = time.perf_counter()
-    for _ in range(warmup):
-        step()
+    images = sum(step() for _ in range(warmup))
     warmup_s = time.perf_counter() - start
     rates, start = [], time.perf_counter()
     while len(rates) < min_runs or time.perf_counter() - start < min_seconds:
@@ -93,9 +93,10 @@ def measure(step: Callable[[], int], device: torch.device, warmup: int, min_runs
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(n / (time.perf_counter() - tick))
+        images += n
     median = float(np.median(rates))
     return {"img_s": median, "spread": float((max(rates) - min(rates)) / median), "runs": len(rates),
-            "warmup_s": warmup_s}
+            "warmup_s": warmup_s, "images": images}
 
 
 def setup(cfg, rt: Runtime):
@@ -278,6 +279,50 @@ def ddp_worker(a) -> int:
     return 0
 
 
+def allocator_effect(overrides, size: str, batch: int, steps: int) -> dict:
+    """The model step (a) and the pipeline (b) in a process with glibc's default allocator and in one that keeps
+    freed memory (the setting every command runs with): images/s and minor page faults per image."""
+    out = {}
+    for setting in ("default", "keep"):
+        cmd = [sys.executable, "-m", "multitask.bench", "--allocator-worker", "--sizes", size, "--batch", str(batch),
+               "--steps", str(steps), *overrides]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "MULTITASK_MALLOC": setting})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("ALLOC ")]
+        if proc.returncode != 0 or not lines:
+            return {"summary": f"not measured ({(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]})"}
+        out[setting] = json.loads(lines[-1][6:])
+    d, k = out["default"], out["keep"]
+    out["summary"] = ("model step default {} / kept {} img/s ({:.2f}x), {:.0f} / {:.0f} page faults per image; "
+                      "pipeline default {} / kept {} img/s ({:.2f}x)").format(
+        fmt(d["model"]), fmt(k["model"]), k["model"]["img_s"] / d["model"]["img_s"], d["model"]["faults_per_image"],
+        k["model"]["faults_per_image"], fmt(d["pipeline"]), fmt(k["pipeline"]),
+        k["pipeline"]["img_s"] / d["pipeline"]["img_s"])
+    return out
+
+
+def allocator_worker(a) -> int:
+    """One side of allocator_effect: the allocator as MULTITASK_MALLOC says (set by main's guard)."""
+    h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
+    cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
+                                     f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
+    configure_threads(cfg.train)
+    table, _ = load_table(cfg)
+    table = table.assign(_row=np.arange(len(table)))
+    images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
+                              Path(cfg.data.cache_dir), log=lambda s: None)
+    rt = Runtime.on(torch.device("cpu"), cfg)
+    result = {}
+    for name, run in (("model", lambda: model_only(cfg, a.batch, rt)),
+                      ("pipeline", lambda: pipeline(cfg, table, images, a.batch, a.steps, rt, True))):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        m = run()
+        m["faults_per_image"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / m["images"]
+        result[name] = m
+    print("ALLOC " + json.dumps(result))
+    return 0
+
+
 def gpu_check(overrides) -> int:
     """The first checks on a GPU machine, one line each: PASS, FAIL (with the last line the command printed) or
     SKIP (and why). Exit code 1 when one failed."""
@@ -328,6 +373,8 @@ def main(argv=None) -> int:
         return ddp_worker(a)
     if a.gpu_check:
         return gpu_check(a.overrides)
+    if a.allocator_worker:
+        return allocator_worker(a)
     base = load_config(a.overrides)
     configure_threads(base.train)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -376,6 +423,8 @@ def main(argv=None) -> int:
             rows["fp32_vs_bf16"] = {"size": size, "fp32": fp32, "bf16": bf16, "speedup": bf16["img_s"] / fp32["img_s"]}
             print(f"model step at {size}: fp32 {fmt(fp32)}, bf16 autocast {fmt(bf16)} img/s "
                   f"({bf16['img_s'] / fp32['img_s']:.2f}x)")
+            rows["allocator"] = allocator_effect(a.overrides, size, a.batch, a.steps)
+            print(f"allocator at {size}: {rows['allocator']['summary']}")
             rows["onnx"] = onnx_vs_eager(cfg, a.batch * 2)
             print(f"inference at {size} of the exported graph: {rows['onnx']['summary']}")
         if device.type == "cpu":

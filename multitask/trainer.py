@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
+from multitask import allocator
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, final_stage, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem
@@ -484,6 +485,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "data_root": str(resolve_root(cfg).resolve()),
             "typical_face_boxes": RunDir.typical_face_boxes_record(ctx.pre.prepare.typical),
             "config": fold_config(cfg),  # as the run started: a resume checks config.yaml against it
+            "allocator": {"set": allocator.state, "large_blocks_mapped": allocator.large_blocks_mapped()},
         }, indent=1))
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")
