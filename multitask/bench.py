@@ -191,8 +191,9 @@ def onnx_vs_eager(cfg, batch: int) -> dict:
     eager = measure(eager_step, torch.device("cpu"), warmup=3)
     onnx = measure(lambda: (session.run(None, feed), batch)[1], torch.device("cpu"), warmup=3)
     return {"eager": eager, "onnxruntime": onnx, "speedup": onnx["img_s"] / eager["img_s"], "threads": threads,
-            "summary": f"eager fp32 {fmt(eager)}, ONNX Runtime {fmt(onnx)} img/s ({onnx['img_s'] / eager['img_s']:.2f}x; "
-                       f"batch {batch}, {threads} threads, probabilities inside both)"}
+            "summary": f"eager fp32 {fmt(eager)}, ONNX Runtime {fmt(onnx)} img/s "
+                       f"({onnx['img_s'] / eager['img_s']:.2f}x; batch {batch}, {threads} threads, probabilities "
+                       "inside both)"}
 
 
 GPU_IMAGES_PER_S = 3000  # what one modern GPU trains ResNet18 at, at 224 px, in mixed precision (the order of it)

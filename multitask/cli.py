@@ -47,9 +47,10 @@ def system_error_line(e: OSError) -> str:
 
 
 def guarded(main):
-    """A command's main, run with the allocator keeping freed memory (``multitask.allocator``), and with bad input (``errors.BadInput``) and a refused file operation (``OSError``:
-    permission, disk full, ...) each turned into one line and its exit code instead of a traceback; the commands
-    write atomically, so what was there before is intact."""
+    """A command's main, run with the allocator keeping freed memory (``multitask.allocator``), and with bad input
+    (``errors.BadInput``) and a refused file operation (``OSError``: permission, disk full, ...) each turned into
+    one line and its exit code instead of a traceback; the commands write atomically, so what was there before is
+    intact."""
     from multitask.allocator import keep_freed_memory
     from multitask.errors import BadInput
 

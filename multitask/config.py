@@ -300,8 +300,9 @@ def _set(cfg, key: str, value: str, origin: str):
     for n, part in enumerate(parts):
         node = OmegaConf.select(cfg, ".".join(parts[:n]), default=None) if n else cfg
         if part.isdigit() and isinstance(node, ListConfig) and int(part) >= len(node):
-            raise ConfigError(f"{origin}: {'.'.join(parts[:n])} has {len(node)} entries ({'.'.join(parts[:n])}.0 to "
-                              f"{'.'.join(parts[:n])}.{len(node) - 1}); to add one, give the whole list, e.g. in a YAML file")
+            name = ".".join(parts[:n])
+            raise ConfigError(f"{origin}: {name} has {len(node)} entries ({name}.0 to {name}.{len(node) - 1}); to "
+                              "add one, give the whole list, e.g. in a YAML file")
     if not any(part.isdigit() for part in key.split(".")):
         return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
     try:

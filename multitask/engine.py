@@ -134,8 +134,9 @@ def precision_note(train: TrainConfig, device: torch.device, arch: str, size: Se
         return f"precision {chosen} ({train.precision})"
     if not cpu_has_fast_bf16():
         return f"precision {chosen} (auto: this CPU has no bf16 instructions)"
-    return (f"precision {chosen} (auto: a {arch} step at {size[0]}x{size[1]} ran {bf16_speedup(arch, tuple(size)):.2f}x "
-            f"the fp32 speed in bf16 here, {torch.get_num_threads()} threads)")
+    speedup = bf16_speedup(arch, tuple(size))
+    return (f"precision {chosen} (auto: a {arch} step at {size[0]}x{size[1]} ran {speedup:.2f}x the fp32 speed in "
+            f"bf16 here, {torch.get_num_threads()} threads)")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):

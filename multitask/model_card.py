@@ -45,7 +45,8 @@ def _real_mask_rows(result: dict) -> List[str]:
     if not extra:
         return ["No labeled masked set outside the training data was scored (`data.extra_val`): how the mask head "
                 "does on real masked photos is not known from this run."]
-    rows = ["| set | photos | mask macro-F1 | mask on vs not worn accuracy | recall per class |", "|---|---|---|---|---|"]
+    rows = ["| set | photos | mask macro-F1 | mask on vs not worn accuracy | recall per class |",
+            "|---|---|---|---|---|"]
     for name, r in extra.items():
         m = r["ensemble"]["mask"]
         recalls = ", ".join(f"{c} {v['recall']:.3f} ({v['support']})" for c, v in m["per_class"].items()
@@ -79,7 +80,8 @@ def model_card(cfg: Config, run, heads: Sequence[HeadConfig], oof: pd.DataFrame,
     lines = [
         f"# Model card: {run.root.name}", "",
         "## Model", "",
-        f"A {cfg.model.arch} trunk (weights at start: {cfg.model.pretrained}) shared by one head per task: {head_list}. "
+        f"A {cfg.model.arch} trunk (weights at start: {cfg.model.pretrained}) shared by one head per task: "
+        f"{head_list}. "
         f"Input: {d.size[0]}x{d.size[1]} px of the face region ({d.face_crop}). {len(result['folds'])} fold model(s) "
         f"of {cfg.cv.folds}-fold cross-validation grouped by person; predictions average them.", "",
         "## Intended use", "",
@@ -89,7 +91,8 @@ def model_card(cfg: Config, run, heads: Sequence[HeadConfig], oof: pd.DataFrame,
         "(access, health, age checks), or for gender beyond the two labels the training data used.", "",
         "## Training data", "",
         f"data.source {d.source} {d.root or ''}: {len(oof)} photos of {oof['person_id'].nunique()} persons were "
-        "held out once each (out-of-fold). " + "; ".join(stages) + "." + (" " + "; ".join(extra) + "." if extra else ""),
+        "held out once each (out-of-fold). " + "; ".join(stages) + "."
+        + (" " + "; ".join(extra) + "." if extra else ""),
         "", f"Recipe: {recipe}", "",
         "## Scores (held-out persons)", "", *_score_rows(result, heads), "",
         "## Subgroups", "", *_subgroup_rows(result, heads), "",
