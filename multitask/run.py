@@ -130,10 +130,9 @@ class RunDir:
         started = self.recorded().get("config")
         if not started:
             return
-        now = OmegaConf.to_container(OmegaConf.structured(cfg))
+        now = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
         free = ("predict.", "report.", "train.progress", "cv.run_folds")
-        changed = [(k, v, flatten(now).get(k)) for k, v in flatten(started).items()
-                   if not k.startswith(free) and flatten(now).get(k) != v]
+        changed = [(k, v, now.get(k)) for k, v in flatten(started).items() if not k.startswith(free) and now.get(k) != v]
         if changed:
             edits = "; ".join(f"{k}: {old} -> {new}" for k, old, new in changed[:5])
             raise ConfigError(f"{self.config}: edited since the run started ({edits}); --resume continues a run as "
