@@ -324,6 +324,35 @@ def allocator_worker(a) -> int:
     return 0
 
 
+MEMORY_PEOPLE = (150, 600)  # synthetic persons (7 photos each) of the two trainings whose memory is compared
+
+
+def training_memory(overrides, size: str) -> dict:
+    """Peak resident memory of a short training (one fold, one epoch per stage, its own process) on the synthetic
+    faces of MEMORY_PEOPLE persons, so that the growth with the data is visible."""
+    import tempfile
+
+    h, w = (int(v) for v in size.split("x"))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for people in MEMORY_PEOPLE:
+            cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]",
+                   f"data.synthetic_people={people}", "data.synthetic_unmasked=0", f"data.size=[{h},{w}]",
+                   f"data.cache_dir={tmp}/cache", f"out_dir={tmp}/runs", "train.progress=false", *overrides]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            _, status, usage = os.wait4(proc.pid, 0)
+            error = proc.stderr.read().strip().splitlines()[-1:] if status else []
+            proc.stderr.close()
+            out[people * 7] = {"peak_rss_mb": usage.ru_maxrss / 1024, "error": error}
+    if any(r["error"] for r in out.values()):
+        return {**out, "summary": "failed: " + "; ".join(e for r in out.values() for e in r["error"])}
+    (n1, r1), (n2, r2) = out.items()
+    per = (r2["peak_rss_mb"] - r1["peak_rss_mb"]) / (n2 - n1)
+    return {**out, "mb_per_1000_photos": per * 1000,
+            "summary": f"peak resident memory {r1['peak_rss_mb']:.0f} MB with {n1} photos, {r2['peak_rss_mb']:.0f} MB "
+                       f"with {n2} ({per * 1000:.0f} MB more per 1,000 photos)"}
+
+
 def gpu_check(overrides) -> int:
     """The first checks on a GPU machine, one line each: PASS, FAIL (with the last line the command printed) or
     SKIP (and why). Exit code 1 when one failed."""
@@ -443,6 +472,8 @@ def main(argv=None) -> int:
         results["data_parallel"][n] = r = data_parallel(a.overrides, size, a.batch, n)
         print(f"model step at {size}, DistributedDataParallel over {n} gloo process(es): {fmt(r)} img/s in all"
               + (f" (failed: {r['error']})" if "error" in r else ""))
+    results["training_memory"] = r = training_memory(a.overrides, size)
+    print(f"training memory at {size}: {r['summary']}")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of the whole benchmark {results['peak_rss_mb']:.0f} MB; wrote {a.out}")
     a.out.write_text(json.dumps(results, indent=1))
