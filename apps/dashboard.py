@@ -275,7 +275,7 @@ def report_page(run: Path) -> None:
         return
     r = read_json(report)
     keys = list(r["mean"])
-    name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
+    name = score_names(r)
     rows = [{"fold": k, **{f"{name(x)} F1": round(v[x]["f1_macro"], 4) for x in keys},
              **{f"{name(x)} acc": round(v[x]["accuracy"], 4) for x in keys}} for k, v in r["folds"].items()]
     rows.append({"fold": "mean ± std", **{f"{name(x)} F1": f"{r['mean'][x]['f1_macro']:.4f} ± "
@@ -300,6 +300,11 @@ def report_page(run: Path) -> None:
         st.image(str(png))
 
 
+def score_names(report: dict):
+    """report.json's score key -> how the page calls it: a head's name, or the joint label's ('18-class')."""
+    return lambda key: report["joint_name"] if key == "joint" else key
+
+
 def subgroup_frame(result: dict, name) -> pd.DataFrame:
     """One subgroup of report.json as a table: a row per group and the largest gap."""
     cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -320,7 +325,7 @@ def headline(run: Path) -> None:
         st.caption("No report yet: scores appear when the cross-validation finishes.")
         return
     r = read_json(path)
-    name = lambda k: r["joint_name"] if k == "joint" else k  # noqa: E731
+    name = score_names(r)
     keys = sorted(r["mean"], key=lambda k: k != "joint")
     extra = [(n, x) for n, x in (r.get("extra_val") or {}).items() if "mask" in x["heads"]]
     cols = st.columns(len(keys) + len(extra))

@@ -339,10 +339,12 @@ def training_memory(overrides, size: str) -> dict:
             cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]",
                    f"data.synthetic_people={people}", "data.synthetic_unmasked=0", f"data.size=[{h},{w}]",
                    f"data.cache_dir={tmp}/cache", f"out_dir={tmp}/runs", "train.progress=false", *overrides]
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            _, status, usage = os.wait4(proc.pid, 0)
-            error = proc.stderr.read().strip().splitlines()[-1:] if status else []
-            proc.stderr.close()
+            with open(f"{tmp}/stderr-{people}.txt", "w+") as err:  # a file, not a pipe: a full pipe would block
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory (reaped here)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                err.seek(0)
+                error = err.read().strip().splitlines()[-1:] if proc.returncode else []
             out[people * 7] = {"peak_rss_mb": usage.ru_maxrss / 1024, "error": error}
     if any(r["error"] for r in out.values()):
         return {**out, "summary": "failed: " + "; ".join(e for r in out.values() for e in r["error"])}

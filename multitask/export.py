@@ -55,8 +55,7 @@ class HeadProbabilities(nn.Module):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.heads, self.flip = list(heads), flip
-        first = models[0]
-        self.year_heads = [h for h in self.heads if h in first.years(torch.zeros(1, sum(first.head_sizes)))]
+        self.year_heads = [h for h in self.heads if h in models[0].year_heads]
 
     def output_names(self) -> List[str]:
         return [f"p_{h}" for h in self.heads] + [f"years_{h}" for h in self.year_heads]

@@ -18,6 +18,11 @@ def joint_name(heads: Sequence[HeadConfig]) -> str:
     return f"{n}-class" if len(heads) > 1 else heads[0].name
 
 
+def label(key: str, heads: Sequence[HeadConfig]) -> str:
+    """How reports call a score's key: the head's name, or the joint label's ('18-class')."""
+    return joint_name(heads) if key == JOINT else key
+
+
 def class_scores(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
     """Macro-F1 and accuracy (as scikit-learn computes them on these labels) and per-class P/R/F1."""
     labels = list(range(len(classes)))

@@ -72,13 +72,16 @@ class MultiHeadNet(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {name: self.head_probabilities(name, part) for name, part in self.split(logits).items()}
 
+    @property
+    def year_heads(self) -> List[str]:
+        """The heads that predict the age in years (dldl, regression)."""
+        return [name for name, loss in zip(self.head_names, self.head_losses) if age.uses_years(loss)]
+
     def years(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The predicted age in years of heads that predict years (dldl, regression)."""
-        out = {}
-        for (name, part), loss in zip(self.split(logits).items(), self.head_losses):
-            if age.uses_years(loss):
-                out[name] = age.expected_years(loss, part)
-        return out
+        """The predicted age in years of the ``year_heads``."""
+        parts = self.split(logits)
+        return {name: age.expected_years(self.head_losses[self.head_names.index(name)], parts[name])
+                for name in self.year_heads}
 
 
 def _unweighted_if_missing(model: MultiHeadNet, state: dict, prefix: str, *_) -> None:

@@ -7,13 +7,12 @@ from typing import List, Sequence
 import pandas as pd
 
 from multitask.config import Config, HeadConfig
-from multitask.metrics import JOINT, joint_name
+from multitask.metrics import label
 
 
 def _score_rows(result: dict, heads: Sequence[HeadConfig]) -> List[str]:
-    name = lambda k: joint_name(heads) if k == JOINT else k  # noqa: E731
     rows = ["| | macro-F1 (mean ± std over folds) | accuracy |", "|---|---|---|"]
-    rows += [f"| {name(k)} | {v['f1_macro']:.3f} ± {result['std'][k]['f1_macro']:.3f} | {v['accuracy']:.3f} |"
+    rows += [f"| {label(k, heads)} | {v['f1_macro']:.3f} ± {result['std'][k]['f1_macro']:.3f} | {v['accuracy']:.3f} |"
              for k, v in result["mean"].items()]
     return rows
 
@@ -22,7 +21,6 @@ def _subgroup_rows(result: dict, heads: Sequence[HeadConfig]) -> List[str]:
     subgroups = result.get("subgroups") or {}
     if not subgroups:
         return ["No subgroup could be scored (the data has no gender and age labels or subgroup columns)."]
-    name = lambda k: joint_name(heads) if k == JOINT else k  # noqa: E731
     rows = []
     for sub, r in subgroups.items():
         worst = {}
@@ -32,7 +30,7 @@ def _subgroup_rows(result: dict, heads: Sequence[HeadConfig]) -> List[str]:
                       if v["scores"][key][metric] is not None}
             if scored:
                 low = min(scored, key=scored.get)
-                worst[key] = f"{name(key)} {gap[metric]:.3f} ({'macro-F1' if metric == 'f1_macro' else 'accuracy'}; " \
+                worst[key] = f"{label(key, heads)} {gap[metric]:.3f} ({'macro-F1' if metric == 'f1_macro' else 'accuracy'}; " \
                              f"lowest: {low} {scored[low]:.3f})"
         sizes = ", ".join(f"{g} {v['photos']}" for g, v in r["groups"].items())
         rows += [f"- **{sub}** (photos: {sizes}). Largest gap between groups: "

@@ -73,7 +73,7 @@ from multitask.data.sources import (DataError, Problem, detect_source, image_fil
                                     load_source, read_csv_or_fail)
 from multitask.engine import configure_threads  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text, output_folder  # noqa: E402
-from multitask.metrics import joint_name  # noqa: E402
+from multitask.metrics import label  # noqa: E402
 from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
 from multitask.run import RunDir, true_column  # noqa: E402
 
@@ -121,9 +121,8 @@ def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dic
     extra = [] if acc is None else ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
     plots = write_confusions(scores, heads, out / "plots")
     keys = list(scores)
-    name = lambda k: joint_name(heads) if k == "joint" else k  # noqa: E731
     lines = [f"# Prediction report: {len(df)} labeled photos", "",
-             "| | " + " | ".join(name(k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
+             "| | " + " | ".join(label(k, heads) for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
              "| macro-F1 | " + " | ".join(f"{scores[k]['f1_macro']:.4f}" for k in keys) + " |",
              "| accuracy | " + " | ".join(f"{scores[k]['accuracy']:.4f}" for k in keys) + " |"]
     lines += extra + per_class_table(scores, heads) + [""] + [f"![{p}](plots/{p})" for p in plots]

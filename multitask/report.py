@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 from multitask.config import Config, ConfigError, HeadConfig, extra_val_names  # noqa: E402
 from multitask.engine import tta_views  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
-from multitask.metrics import JOINT, joint_name, score  # noqa: E402
+from multitask.metrics import JOINT, joint_name, label, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
 from multitask.model import learning_rates  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
@@ -49,10 +49,6 @@ def collect_oof(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
     if not parts:
         raise ConfigError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
     return pd.concat(parts, ignore_index=True)
-
-
-def label(key: str, heads: Sequence[HeadConfig]) -> str:
-    return joint_name(heads) if key == JOINT else key
 
 
 def plot_confusion(matrix, classes: Sequence[str], title: str, path: Path) -> None:
