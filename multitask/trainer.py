@@ -311,7 +311,7 @@ def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] 
         images, unreadable = cached_images(table["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir), log)
         apply_policy(problems + unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
         keep = ~table["path"].isin({p.path for p in unreadable}).to_numpy()
-        sets[name] = (table[keep].reset_index(drop=True), np.asarray(images)[keep])
+        sets[name] = (table[keep].reset_index(drop=True), images[keep])
         log(f"extra validation set {name}: {int(keep.sum())} photos from {root}")
     return sets
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,16 @@ def test_cached_photos_equal_freshly_prepared_ones(photos, tmp_path):
     fresh = PhotoDataset(photos, targets, None, prepare)
     for i in range(20):
         np.testing.assert_array_equal(cached.image(i), fresh.image(i))
+
+
+def test_the_cache_is_read_row_by_row_and_never_mapped_into_memory(photos, tmp_path):
+    prepare = Prepare(crop=None, size=(40, 32))
+    images, _ = cached_images(photos, prepare, tmp_path, log=lambda s: None)
+    chosen = images[np.arange(20) % 2 == 1]  # a selection reads nothing yet
+    assert chosen.shape == (10, 40, 32, 3) and len(chosen) == 10
+    np.testing.assert_array_equal(chosen[2], prepare(photos[5]))
+    np.testing.assert_array_equal(np.asarray(chosen[[4, 0]]), np.stack([prepare(photos[9]), prepare(photos[1])]))
+    assert str(tmp_path) not in Path("/proc/self/maps").read_text()  # resident memory does not grow with the cache
 
 
 def test_a_second_run_reuses_the_cache(photos, tmp_path):

@@ -1,12 +1,18 @@
 """Torch dataset over the table, and the decoded-image cache.
 
-Decoding a JPEG every epoch is wasted work: every photo is prepared once (decode, crop, resize) into one
-memory-mapped uint8 array under ``data.cache_dir``, keyed by the files (path, size, mtime) and the preparation
-settings, so a changed file or a changed crop/size builds a new cache. Augmentation runs on the cached arrays.
-Building the cache decodes every photo, which is also where unreadable and truncated files are found.
+Decoding a JPEG every epoch is wasted work: every photo is prepared once (decode, crop, resize) into one uint8
+array file under ``data.cache_dir``, keyed by the files (path, size, mtime) and the preparation settings, so a
+changed file or a changed crop/size builds a new cache. Augmentation runs on the cached arrays. Building the cache
+decodes every photo, which is also where unreadable and truncated files are found.
+
+The cache's rows are read from the file when a photo is needed, not memory-mapped: the kernel's page cache keeps
+them in RAM all the same (shared by the loader workers, and given back when memory is short), but a mapped file
+counts into each process's resident memory, so a training on 20,000 photos looked 2 GB larger than it is to a
+scheduler or an out-of-memory killer.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -61,31 +67,76 @@ def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
     return files_key(paths, repr(framing + (3,)))
 
 
+class CachedImages:
+    """Rows of an image cache file (N x H x W x 3 uint8 ``.npy``), read on access: ``images[i]`` is one photo,
+    ``images[mask or indices]`` a selection of rows (nothing read), ``np.asarray(images)`` all of them."""
+
+    def __init__(self, path: Path, rows: Optional[np.ndarray] = None):
+        header = np.load(path, mmap_mode="r")  # the header only: where the rows start and their shape
+        self.path, self.offset, self.photo_shape = Path(path), header.offset, header.shape[1:]
+        self.rows = np.arange(header.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.row_bytes = int(np.prod(self.photo_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self.photo_shape)
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            offset = self.offset + int(self.rows[index]) * self.row_bytes
+            return np.fromfile(self.path, np.uint8, self.row_bytes, offset=offset).reshape(self.photo_shape)
+        chosen = copy.copy(self)
+        chosen.rows = self.rows[index]
+        return chosen
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        for i in range(len(self)):
+            out[i] = self[i]
+        return out if dtype is None else out.astype(dtype)
+
+
+class RowWriter:
+    """``writer[i] = photo`` writes row i of an open cache file (a mapped file being filled would count into
+    resident memory as it grows)."""
+
+    def __init__(self, file, offset: int, row_bytes: int):
+        self.file, self.offset, self.row_bytes = file, offset, row_bytes
+
+    def __setitem__(self, i: int, photo: np.ndarray) -> None:
+        self.file.seek(self.offset + i * self.row_bytes)
+        self.file.write(np.ascontiguousarray(photo, dtype=np.uint8).tobytes())
+
+
 def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
-                  log: Callable[[str], None] = print) -> tuple[np.ndarray, list[Problem]]:
-    """(N x H x W x 3 uint8 memory map, unreadable files). Rows of unreadable files are zeros."""
+                  log: Callable[[str], None] = print) -> tuple[CachedImages, list[Problem]]:
+    """(the prepared photos, N x H x W x 3, unreadable files). Rows of unreadable files are zeros."""
     cache_dir = Path(cache_dir)
     key = cache_key(paths, prepare)
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
     if array_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return np.load(array_path, mmap_mode="r"), [Problem(**p) for p in meta["problems"]]
+        return CachedImages(array_path), [Problem(**p) for p in meta["problems"]]
     cache_dir.mkdir(parents=True, exist_ok=True)
     h, w = prepare.size
     log(f"caching {len(paths)} photos at {h}x{w} into {array_path}")
     tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     try:
-        sink = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
-        problems = prepare_all(paths, prepare, sink)
-        sink.flush()
-        del sink
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
+        offset = header.offset
+        del header  # the file exists at its full size (zeros); its rows are written, not mapped
+        with open(tmp, "r+b") as f:
+            problems = prepare_all(paths, prepare, RowWriter(f, offset, h * w * 3))
         os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
     meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
     meta_tmp.write_text(json.dumps({"problems": [p.__dict__ for p in problems], "count": len(paths)}))
     os.replace(meta_tmp, meta_path)
-    return np.load(array_path, mmap_mode="r"), problems
+    return CachedImages(array_path), problems
 
 
 def preprocessing(cfg: Config, paths: Sequence[str], log: Callable[[str], None] = print,
@@ -121,7 +172,7 @@ class PhotoDataset(Dataset):
     def image(self, i: int) -> np.ndarray:
         """The prepared (not yet augmented) photo."""
         if self.images is not None:
-            return np.asarray(self.images[self.rows[i]])
+            return self.images[self.rows[i]]
         return self.prepare(self.paths[i])
 
     def __getitem__(self, i: int):
@@ -129,8 +180,8 @@ class PhotoDataset(Dataset):
 
 
 class ArrayDataset(Dataset):
-    """(image tensor, per-head targets) for photos already prepared in memory (N x H x W x 3 uint8), e.g. the
-    photos to predict or an extra validation set; ``targets`` default to -1 (no label)."""
+    """(image tensor, per-head targets) for photos already prepared (N x H x W x 3 uint8: an array or
+    ``CachedImages``), e.g. the photos to predict or an extra validation set; ``targets`` default to -1."""
 
     def __init__(self, images: np.ndarray, transform, targets: Optional[np.ndarray] = None):
         self.images, self.transform = images, transform
@@ -141,4 +192,4 @@ class ArrayDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.transform(image=np.asarray(self.images[i]))["image"], self.targets[i]
+        return self.transform(image=self.images[i])["image"], self.targets[i]
