@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install browser train test test-fast dashboard bench gpu-check docs clean
+.PHONY: install browser tcmalloc train test test-fast dashboard bench gpu-check docs clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# tcmalloc, which every command preloads when installed (faster and smaller than glibc's malloc for training;
+# docs/speed.md). Debian package; needs root.
+tcmalloc:
+	@ldconfig -p | grep -q libtcmalloc_minimal.so.4 || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; }
+
 train: $(STAMP)
 	$(VENV)/bin/multitask train $(ARGS)
 
-test: $(STAMP) browser
+test: $(STAMP) browser tcmalloc
 	$(PY) -m pytest $(ARGS)
 
 test-fast: $(STAMP)

@@ -47,15 +47,17 @@ def system_error_line(e: OSError) -> str:
 
 
 def guarded(main):
-    """A command's main, run with the allocator keeping freed memory (``multitask.allocator``), and with bad input
+    """A command's main, run with an allocator that keeps freed memory (``multitask.allocator``), and with bad input
     (``errors.BadInput``) and a refused file operation (``OSError``: permission, disk full, ...) each turned into
     one line and its exit code instead of a traceback; the commands write atomically, so what was there before is
     intact."""
-    from multitask.allocator import keep_freed_memory
+    from multitask.allocator import keep_freed_memory, restart_with_tcmalloc
     from multitask.errors import BadInput
 
     @functools.wraps(main)
     def run(argv=None) -> int:
+        if main.__module__ == "__main__":  # the process's own command (not a call from Python code or a test)
+            restart_with_tcmalloc()
         keep_freed_memory()
         try:
             return main(argv)
