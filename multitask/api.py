@@ -12,6 +12,8 @@ and the commands give the same numbers.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -138,6 +140,15 @@ class Predictor:
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
         self.members, self.device, self.how, self.batch_size = list(members), device, how, batch_size
+        self.seconds: Dict[str, float] = {}  # wall time per step over all calls: faces, framing, network
+
+    @contextmanager
+    def timed(self, step: str):
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - tick
 
     @property
     def cfg(self) -> Config:
@@ -160,8 +171,10 @@ class Predictor:
         ``face_crop=detector``, its cached face boxes."""
         images, unreadable, face_found = [], {}, None
         for m in self.members:
-            pre, found = preprocessing(m.cfg, paths, lambda s: None, m.run.typical_face_boxes())
-            arr, bad = cached_images(paths, pre.prepare, Path(m.cfg.data.cache_dir), log=lambda s: None)
+            with self.timed("faces"):
+                pre, found = preprocessing(m.cfg, paths, lambda s: None, m.run.typical_face_boxes())
+            with self.timed("framing"):
+                arr, bad = cached_images(paths, pre.prepare, Path(m.cfg.data.cache_dir), log=lambda s: None)
             images.append(arr)
             unreadable.update({p.path: p for p in bad})
             face_found = found if face_found is None else face_found
@@ -185,15 +198,17 @@ class Predictor:
                 rgbs.append(rgb_array(photo))
         if problems:
             raise DataError(problems, "the photos to predict")
-        return [np.stack([m.pre.prepare(rgb) for rgb in rgbs]) for m in self.members], names
+        with self.timed("framing"):
+            return [np.stack([m.pre.prepare(rgb) for rgb in rgbs]) for m in self.members], names
 
     # --- prepared arrays -> the table ------------------------------------------------------------------------
 
     def predict_prepared(self, images: Sequence[np.ndarray], table: pd.DataFrame, progress: bool = False
                          ) -> pd.DataFrame:
         """The prediction table of prepared photos (per member, in ``table``'s order)."""
-        per_run = [predict_arrays(m.models, arr, m.cfg, self.device, m.views, self.batch_size, progress)
-                   for m, arr in zip(self.members, images)]
+        with self.timed("network"):
+            per_run = [predict_arrays(m.models, arr, m.cfg, self.device, m.views, self.batch_size, progress)
+                       for m, arr in zip(self.members, images)]
         probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], self.how)
         years = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
         return predictions_frame(self.cfg, table, probs, preds, years)

@@ -22,7 +22,7 @@ from multitask.data.dataset import ArrayDataset
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss
-from multitask.model import MultiHeadNet, param_groups
+from multitask.model import MultiHeadNet, for_inference, param_groups
 
 
 class NonFiniteLoss(RuntimeError):
@@ -293,10 +293,12 @@ def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, v
     """(per head the class probabilities, per head that predicts them the years) of prepared photos
     (N x H x W x 3 uint8), averaged over test-time views (``tta_views``): what predict gives, and what the extra
     validation sets are scored with."""
+    fused = rt.place(for_inference(unwrap(model)))
+
     def one_view(scale: float, flip: bool):
         loader = make_loader(ArrayDataset(images, pre.eval(scale, flip)), batch_size, workers, rt.device)
-        logits = predict_logits(model, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
-        return head_outputs(model, logits)
+        logits = predict_logits(fused, loader, rt, progress, desc=f"{desc} view {scale}{' flip' if flip else ''}")
+        return head_outputs(fused, logits)
 
     return mean_over_views(views, one_view)
 

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from multitask.cli import guarded, parse_folds
 from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
@@ -143,6 +143,13 @@ def unweighted_priors(predictor: Predictor, priors: Sequence[tuple[str, str]]) -
     return notes
 
 
+def pace(seconds: Dict[str, float], photos: int) -> str:
+    """One line: photos/s over the steps timed, and each step's seconds (cached faces and framings cost ~0)."""
+    total = sum(seconds.values())
+    steps = ", ".join(f"{step} {s:.1f} s" for step, s in seconds.items())
+    return f"{photos / max(total, 1e-9):.1f} photos/s ({steps})"
+
+
 PREDICT_OUTPUTS = ["predictions.csv", "submission.csv", "skipped.csv", "report.md", "report.json", "plots"]
 
 
@@ -172,7 +179,7 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
                       out / "skipped.csv")
     if todo.empty:
         raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
-    df = predictor.predict_prepared([np.asarray(images)[keep] for images in prepared.images], todo, progress)
+    df = predictor.predict_prepared([images[keep] for images in prepared.images], todo, progress)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")
@@ -182,6 +189,7 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
     log(f"{len(df)} photos predicted ({predictor.how}) by {predictor.describe()}; {len(problems)} skipped"
         + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
+    log(pace(predictor.seconds, len(df)))
     return df
 
 

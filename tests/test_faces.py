@@ -52,8 +52,8 @@ def test_each_photo_is_detected_once_whatever_set_or_folder_it_comes_in(anywhere
     for i, p in enumerate(sorted(anywhere_root.rglob("normal.jpg"))):
         paths.append(str(tmp_path / f"{i}.jpg"))
         shutil.copy(p, paths[-1])
-    real, detected, logs = faces_module.detect, [], []
-    monkeypatch.setattr(faces_module, "detect", lambda rgb: detected.append(1) or real(rgb))
+    real, detected, logs = faces_module.detect_many, [], []
+    monkeypatch.setattr(faces_module, "detect_many", lambda rgbs: detected.extend([1] * len(rgbs)) or real(rgbs))
     part = find_faces(paths[:3], tmp_path, logs.append)
     assert len(detected) == 3
     whole = find_faces(list(reversed(paths)), tmp_path, logs.append)  # another set, in another order
@@ -173,3 +173,19 @@ def test_training_and_prediction_with_the_detector_crop(tmp_path):
     assert RunDir(run).typical_face_boxes() == {size: tuple(box) for size, box in found_here.prepare.typical.items()}
     preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
     assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28
+
+
+def test_photos_detected_as_a_batch_get_the_boxes_they_get_alone(anywhere_root):
+    from multitask.data.faces import detect, detect_many
+    from multitask.data.images import read_rgb
+
+    photos = sorted(anywhere_root.rglob("*.jpg"))[:12]
+    rgbs = [read_rgb(p) for p in photos] + [np.full((200, 160, 3), 128, np.uint8)]  # two sizes, one faceless
+    batched = detect_many(rgbs)
+    alone = [detect(rgb) for rgb in rgbs]
+    assert [f is None for f in batched] == [f is None for f in alone] and batched[-1] is None
+    assert sum(f is not None for f in alone) >= 4
+    for b, a in zip(batched, alone):
+        if a is not None:
+            np.testing.assert_allclose(b.box, a.box, atol=0.5)
+            np.testing.assert_allclose(b.landmarks, a.landmarks, atol=0.5)

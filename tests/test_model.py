@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 
 from multitask.config import HeadConfig, ModelConfig, load_config
-from multitask.model import MultiHeadNet, WeightsError, build_model, learning_rates, stage_layers
+from multitask.model import (MultiHeadNet, WeightsError, build_model, for_inference, learning_rates,
+                             stage_layers)
 
 HEADS = load_config().heads
 
@@ -119,3 +121,20 @@ def test_class_weights_are_saved_with_the_model_and_older_checkpoints_load_witho
     loaded.load_state_dict(older)  # weights of 1: the probabilities are the softmax, as they were
     x = torch.randn(3, 4)
     assert torch.allclose(loaded.probabilities(loaded(x))["mask"], loaded.split(loaded(x))["mask"].softmax(1))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_the_model_predicts_with_its_batch_norms_folded_into_the_convolutions(arch):
+    torch.manual_seed(0)
+    model, _ = build_model(ModelConfig(arch=arch, pretrained="none"), load_config([]).heads)
+    model.train()
+    for _ in range(3):  # running statistics that are not the identity
+        model(torch.randn(8, 3, 64, 48) * 2 + 0.5)
+    model.eval()
+    fused = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.trunk.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.trunk.modules())  # the original is untouched
+    x = torch.randn(4, 3, 64, 48)
+    with torch.no_grad():
+        for head, p in model.probabilities(model(x)).items():
+            np.testing.assert_allclose(fused.probabilities(fused(x))[head].numpy(), p.numpy(), atol=1e-5)

@@ -1,6 +1,7 @@
 """Prediction with a fold ensemble and TTA; submission files; reports on labeled input."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,12 @@ def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weig
     np.testing.assert_allclose(again[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)
     plain = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "plain", folds=[0], flip=False, **QUIET)
     assert not np.allclose(plain[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)  # the mirror is in oof.csv
+
+
+def test_predict_ends_with_its_pace_and_where_the_time_went(trained_run, faces_root, tmp_path):
+    messages = []
+    predict(trained_run, faces_root / "images", tmp_path / "p", folds=[0], progress=False, log=messages.append)
+    assert re.fullmatch(r"[0-9.]+ photos/s \(faces [0-9.]+ s, framing [0-9.]+ s, network [0-9.]+ s\)", messages[-1])
 
 
 def test_vote_takes_the_majority_of_fold_classes():
