@@ -44,13 +44,14 @@ if __name__ == "__main__":
     cli().parse_args()  # --help and usage errors answer before torch and the rest are imported
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from multitask import distributed  # noqa: E402
+from multitask import allocator, distributed  # noqa: E402
 from multitask.config import load_config  # noqa: E402
 from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
 from multitask.data.table import load_table, training_targets  # noqa: E402
@@ -281,29 +282,29 @@ def ddp_worker(a) -> int:
 
 
 def allocator_effect(overrides, size: str, batch: int, steps: int) -> dict:
-    """The model step (a) and the pipeline (b) in a process with glibc's default allocator and in one that keeps
-    freed memory (the setting every command runs with): images/s and minor page faults per image."""
+    """The model step (a) and the pipeline (b), each allocator setting in a fresh process: glibc's default, glibc
+    keeping freed memory, tcmalloc (where installed): images/s, minor page faults per image, peak memory."""
     out = {}
-    for setting in ("default", "keep"):
+    for setting in allocator.SETTINGS[::-1]:
         cmd = [sys.executable, "-m", "multitask.bench", "--allocator-worker", "--sizes", size, "--batch", str(batch),
                "--steps", str(steps), *overrides]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, "MULTITASK_MALLOC": setting})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=allocator.environment(setting))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ALLOC ")]
         if proc.returncode != 0 or not lines:
             return {"summary": f"not measured ({(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]})"}
         out[setting] = json.loads(lines[-1][6:])
-    d, k = out["default"], out["keep"]
-    out["summary"] = ("model step default {} / kept {} img/s ({:.2f}x), {:.0f} / {:.0f} page faults per image; "
-                      "pipeline default {} / kept {} img/s ({:.2f}x)").format(
-        fmt(d["model"]), fmt(k["model"]), k["model"]["img_s"] / d["model"]["img_s"], d["model"]["faults_per_image"],
-        k["model"]["faults_per_image"], fmt(d["pipeline"]), fmt(k["pipeline"]),
-        k["pipeline"]["img_s"] / d["pipeline"]["img_s"])
+    base = out["default"]
+    out["summary"] = "; ".join(
+        "{} ({}): model step {} img/s ({:.2f}x), {:.0f} page faults per image, pipeline {} img/s ({:.2f}x), peak "
+        "{:.0f} MB".format(name, r["state"], fmt(r["model"]), r["model"]["img_s"] / base["model"]["img_s"],
+                           r["model"]["faults_per_image"], fmt(r["pipeline"]),
+                           r["pipeline"]["img_s"] / base["pipeline"]["img_s"], r["peak_rss_mb"])
+        for name, r in out.items())
     return out
 
 
 def allocator_worker(a) -> int:
-    """One side of allocator_effect: the allocator as MULTITASK_MALLOC says (set by main's guard)."""
+    """One setting of allocator_effect: the allocator as MULTITASK_MALLOC says (set by main's guard)."""
     h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
     cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
                                      f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
@@ -320,6 +321,8 @@ def allocator_worker(a) -> int:
         m = run()
         m["faults_per_image"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / m["images"]
         result[name] = m
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["state"] = allocator.state
     print("ALLOC " + json.dumps(result))
     return 0
 
@@ -341,18 +344,82 @@ def training_memory(overrides, size: str) -> dict:
                    f"data.cache_dir={tmp}/cache", f"out_dir={tmp}/runs", "train.progress=false", *overrides]
             with open(f"{tmp}/stderr-{people}.txt", "w+") as err:  # a file, not a pipe: a full pipe would block
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-                _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory (reaped here)
-                proc.returncode = os.waitstatus_to_exitcode(status)
+                peaks = resident_peaks(proc.pid)
+                proc.wait()
                 err.seek(0)
                 error = err.read().strip().splitlines()[-1:] if proc.returncode else []
-            out[people * 7] = {"peak_rss_mb": usage.ru_maxrss / 1024, "error": error}
+            out[people * 7] = {**peaks(), "error": error}
     if any(r["error"] for r in out.values()):
         return {**out, "summary": "failed: " + "; ".join(e for r in out.values() for e in r["error"])}
     (n1, r1), (n2, r2) = out.items()
-    per = (r2["peak_rss_mb"] - r1["peak_rss_mb"]) / (n2 - n1)
+    per = (r2["peak_mb"] - r1["peak_mb"]) / (n2 - n1)
+    parts = lambda r: f"{r['peak_mb']:.0f} MB ({r['anon_mb']:.0f} own, {r['file_mb']:.0f} mapped files)"  # noqa
     return {**out, "mb_per_1000_photos": per * 1000,
-            "summary": f"peak resident memory {r1['peak_rss_mb']:.0f} MB with {n1} photos, {r2['peak_rss_mb']:.0f} MB "
-                       f"with {n2} ({per * 1000:.0f} MB more per 1,000 photos)"}
+            "summary": f"peak resident memory {parts(r1)} with {n1} photos, {parts(r2)} with {n2} "
+                       f"({per * 1000:.0f} MB more per 1,000 photos)"}
+
+
+def resident_peaks(pid: int, every: float = 0.2) -> Callable[[], dict]:
+    """Samples a process's resident memory in a thread until it ends; the returned call gives the peaks of the
+    whole (VmRSS), of its own memory (RssAnon: arrays, activations, the heap) and of mapped files (RssFile:
+    libraries, mapped data). Sampled, not the kernel's ru_maxrss: a child forked from a large parent starts
+    with the parent's resident size in it."""
+    import threading
+
+    peaks = {"peak_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
+
+    def sample() -> None:
+        while True:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if "RssAnon" not in fields or fields.get("State", "").strip().startswith("Z"):
+                return
+            for key, name in (("VmRSS", "peak_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+                peaks[name] = max(peaks[name], int(fields[key].split()[0]) / 1024)
+            time.sleep(every)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    return lambda: (thread.join(), dict(peaks))[1]
+
+
+PREDICT_PEOPLE = 150  # synthetic persons (7 portraits of 384 x 512 each) that predict meets for the first time
+
+
+def predict_pace(overrides, size: str) -> dict:
+    """``multitask predict``'s path end to end on new photos (nothing cached) with one fold model and the 6
+    test-time views of experiment=real_faces under the detector face crop: photos/s and the seconds of each step
+    (faces found, photos decoded and framed, the network). The fold model is a one-epoch run on synthetic faces:
+    its speed is a trained model's."""
+    import tempfile
+
+    from multitask.api import load_run
+    from multitask.data.synth import generate
+
+    h, w = (int(v) for v in size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]", f"out_dir={tmp}/runs",
+               f"data.cache_dir={tmp}/cache", "train.progress=false", "data.face_crop=detector",
+               "predict.tta_scales=[0.9,1.1]", *overrides, f"data.size=[{h},{w}]"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            return {"summary": f"not measured ({(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]})"}
+        run = next(Path(tmp, "runs").iterdir())
+        generate(Path(tmp, "new"), PREDICT_PEOPLE, seed=1)
+        paths = sorted(str(p) for p in Path(tmp, "new").rglob("*.jpg"))
+        predictor = load_run(run, folds=[0])
+        views = len(predictor.members[0].views)
+        start = time.perf_counter()
+        prepared = predictor.prepare_files(paths)
+        predictor.predict_prepared(prepared.images, pd.DataFrame({"path": paths}))
+        wall = time.perf_counter() - start
+    steps = ", ".join(f"{step} {s / len(paths) * 1000:.1f}" for step, s in predictor.seconds.items())
+    return {"photos": len(paths), "views": views, "photos_per_s": len(paths) / wall, "seconds": predictor.seconds,
+            "summary": f"{len(paths) / wall:.1f} photos/s for {len(paths)} new 384x512 photos, one model x {views} "
+                       f"views (ms per photo: {steps})"}
 
 
 def gpu_check(overrides) -> int:
@@ -474,6 +541,8 @@ def main(argv=None) -> int:
         results["data_parallel"][n] = r = data_parallel(a.overrides, size, a.batch, n)
         print(f"model step at {size}, DistributedDataParallel over {n} gloo process(es): {fmt(r)} img/s in all"
               + (f" (failed: {r['error']})" if "error" in r else ""))
+    results["predict"] = r = predict_pace(a.overrides, size)
+    print(f"predict at {size}: {r['summary']}")
     results["training_memory"] = r = training_memory(a.overrides, size)
     print(f"training memory at {size}: {r['summary']}")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
