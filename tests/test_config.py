@@ -89,7 +89,10 @@ def test_presets_merge_into_their_section():
 
 
 def test_every_preset_file_loads():
-    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+    presets = sorted(CONFIG_DIR.glob("*/*.yaml"))
+    assert {f"{p.parent.name}={p.stem}" for p in presets} >= {"data=dev_faces", "experiment=quick",
+                                                                "experiment=real_faces", "model=imagenet"}
+    for path in presets:
         load_config([f"{path.parent.name}={path.stem}"])
 
 

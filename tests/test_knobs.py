@@ -86,12 +86,17 @@ def test_training_age_thresholds_change_training_targets_only(faces_root):
     assert (train != true).any()
 
 
-def test_bench_cams_work_for_a_trunk_without_layer4():
-    from multitask.bench import cam_latency
+def test_the_bench_times_a_cam_for_every_layer_and_head_of_a_trunk_without_layer4(monkeypatch):
+    from multitask import bench
 
-    cfg = load_config(["model.arch=mobilenet_v3_small", "data.size=[64,64]"])
-    grid_s, single_s = cam_latency(cfg, torch.device("cpu"))
-    assert grid_s > 0 and single_s > 0
+    grids, real = [], bench.cam_grid
+    monkeypatch.setattr(bench, "cam_grid", lambda *a, **kw: grids.append(real(*a, **kw)) or grids[-1])
+    cfg = load_config(["model.arch=mobilenet_v3_small", "data.size=[64,48]"])
+    grid_s, single_s = bench.cam_latency(cfg, torch.device("cpu"))
+    timed = grids[-1]
+    assert len(timed.layers) == 4 and timed.heads == [h.name for h in cfg.heads]
+    assert all(timed.cams[layer][head].shape == (1, 64, 48) for layer in timed.layers for head in timed.heads)
+    assert 0 < single_s < 60 and 0 < grid_s < 60
 
 
 def test_bench_reports_a_compiler_that_cannot_run_here_instead_of_stopping(monkeypatch):

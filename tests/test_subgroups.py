@@ -47,6 +47,7 @@ def test_each_group_is_scored_and_the_largest_gap_is_between_groups_big_enough()
     assert g["groups"]["male <30"]["scores"]["mask"]["f1_macro"] is not None
 
 
+@pytest.mark.slow
 def test_the_trained_runs_report_and_model_card_show_the_subgroups(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
     assert set(report["subgroups"]) == {"gender x age group", "race"}

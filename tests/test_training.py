@@ -144,6 +144,7 @@ def test_stage1_can_see_each_person_once_per_epoch_masked_or_not(tiny_config, tm
                for line in logged)
 
 
+@pytest.mark.slow
 def test_each_fold_model_keeps_the_class_weights_it_was_trained_with(trained_run):
     """Every synthetic person has 5 masks worn, 1 worn incorrectly, 1 none: weights 1/5 : 1 : 1, mean 1. Saved in
     fp16 with the final stage's weights."""

@@ -2,13 +2,12 @@
 
 MTCNN comes from ``facenet-pytorch``, whose wheel ships the detector's weights (MIT licence); that package pins an
 old torch, so it is installed without its dependencies (``pip install --no-deps facenet-pytorch==2.6.0``; the
-Makefile does it). Why MTCNN: on real masked faces it found 78% (dlib's HOG detector 28%), on unmasked faces 100%,
-in about 15 ms a photo on 2 CPU cores (see the README's detector table).
+Makefile does it). Why MTCNN: it finds real masked faces where a HOG detector mostly does not, unmasked faces
+all but always, in tens of milliseconds a photo on a CPU (docs/real-masks.md has the comparison).
 
-Settings for masked faces (measured on real masked crops and on dev_faces' painted masks, README detector
-table): MTCNN's three stages each at 0.5 instead of its defaults (0.6, 0.7, 0.7), and a box kept from score 0.8
-instead of 0.9, found 83% of real worn masks instead of 77% and 93% of painted masked portraits instead of 85%,
-unmasked faces still 100%. Lower kept scores add boxes around the eyes only.
+Settings for masked faces: a mask lowers the score of every MTCNN stage, so the three stages run at 0.5 instead
+of MTCNN's defaults (0.6, 0.7, 0.7) and a box is kept from score 0.8 instead of 0.9; lower kept scores add
+boxes around the eyes only.
 
 Landmarks are (x, y) in the photo's pixels, in MTCNN's order: left eye, right eye, nose tip, left and right
 mouth corner ("left" as seen in the photo). Used by the face crop (``data.face_crop=detector``) and by the mask

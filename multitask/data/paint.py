@@ -36,7 +36,7 @@ COLOR_P = np.array([0.28, 0.2, 0.1, 0.06, 0.03, 0.04, 0.03, 0.05, 0.12, 0.04, 0.
 PATTERNS = ("plain", "stripes", "dots", "blotches", "graphic")
 PATTERN_P = (0.74, 0.06, 0.06, 0.06, 0.08)
 # Exhalation valves: on many respirators and sport masks, rarely on cloth. Models trained without them called
-# real valved masks "not worn" (the README's real-mask error analysis).
+# real valved masks "not worn" (docs/real-masks.md).
 VALVE_P = {"surgical": 0.0, "cloth": 0.12, "kn95": 0.3, "n95": 0.45}
 VALVE_COLORS = ((235, 235, 235), (140, 140, 145), (30, 30, 32), (60, 160, 80), (230, 120, 40), (70, 110, 190))
 WEARS = ("worn", "nose_out", "chin")
@@ -74,8 +74,8 @@ def outline(shape: str, wear: str, nose: float, mouth: float, center: float, rng
     """The mask's outline in face units, and its top and bottom (y)."""
     chin = mouth + rng.uniform(0.55, 0.7)
     if wear == "worn":
-        # From high on the bridge to halfway down the nose, as real masks sit: many real masks that models
-        # trained on bridge-high masks called "worn incorrectly" sat lower (README, run N).
+        # From high on the bridge to halfway down the nose, as real masks sit: models trained on bridge-high
+        # masks called many real, lower-sitting masks "worn incorrectly".
         top = nose * rng.uniform(0.3, 0.7)
         bottom = chin + rng.uniform(0.0, 0.15)
     elif wear == "nose_out":
