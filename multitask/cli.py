@@ -56,8 +56,8 @@ def guarded(main):
 
     @functools.wraps(main)
     def run(argv=None) -> int:
-        if main.__module__ == "__main__":  # the process's own command (not a call from Python code or a test)
-            restart_with_tcmalloc()
+        if main.__globals__ is vars(sys.modules["__main__"]):  # `python -m`: the process's own command, not
+            restart_with_tcmalloc()  # a call from Python code, a test, or the `multitask` command (restarted there)
         keep_freed_memory()
         try:
             return main(argv)
@@ -124,6 +124,7 @@ def dashboard(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv_given = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(overview())
@@ -136,6 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)} (multitask --help)", file=sys.stderr)
         return 2
     module = COMMANDS[name][0]
+    if argv_given is None and module is not None:  # the console command itself, about to compute
+        from multitask.allocator import restart_with_tcmalloc
+
+        restart_with_tcmalloc()
     saved = sys.argv
     sys.argv = [f"multitask {name}", *rest]
     try:

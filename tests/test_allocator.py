@@ -60,3 +60,14 @@ def test_a_command_restarts_itself_with_tcmalloc_by_default():
     ("fast", "default (MULTITASK_MALLOC=fast is not one of tcmalloc, keep, default) False")])
 def test_other_settings_keep_glibc(setting, expected):
     assert run_command(setting) == expected
+
+
+def test_a_command_run_from_python_code_never_restarts_the_process(tmp_path, monkeypatch, capsys):
+    """Only a process's own command may be restarted: `multitask.cli.main([...])` inside a test or a notebook
+    runs the command in this process."""
+    from multitask import cli
+
+    restarts = []
+    monkeypatch.setattr(allocator, "restart_with_tcmalloc", lambda: restarts.append(1))
+    assert cli.main(["report", str(tmp_path / "no-run")]) == 2
+    assert restarts == [] and "no config.yaml" in capsys.readouterr().err
