@@ -321,7 +321,7 @@ def allocator_worker(a) -> int:
         m = run()
         m["faults_per_image"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / m["images"]
         result[name] = m
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = kib(proc_status("self")["VmHWM"]) / 1024  # not ru_maxrss: see resident_peaks
     result["state"] = allocator.state
     print("ALLOC " + json.dumps(result))
     return 0
@@ -359,11 +359,22 @@ def training_memory(overrides, size: str) -> dict:
                        f"({per * 1000:.0f} MB more per 1,000 photos)"}
 
 
+def proc_status(pid) -> dict:
+    """/proc/PID/status (``pid`` "self": this process) as field -> text."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+
+
+def kib(field: str) -> int:
+    """A /proc status size ("1234 kB") in KiB."""
+    return int(field.split()[0])
+
+
 def resident_peaks(pid: int, every: float = 0.2) -> Callable[[], dict]:
     """Samples a process's resident memory in a thread until it ends; the returned call gives the peaks of the
-    whole (VmRSS), of its own memory (RssAnon: arrays, activations, the heap) and of mapped files (RssFile:
-    libraries, mapped data). Sampled, not the kernel's ru_maxrss: a child forked from a large parent starts
-    with the parent's resident size in it."""
+    whole (VmHWM, the kernel's high-water mark since the command started), of its own memory (RssAnon: arrays, activations, the heap) and of mapped files (RssFile:
+    libraries, mapped data). Not ru_maxrss: that of a child forked from a large parent starts at the parent's
+    resident size, and outlives the child's exec."""
     import threading
 
     peaks = {"peak_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
@@ -371,14 +382,13 @@ def resident_peaks(pid: int, every: float = 0.2) -> Callable[[], dict]:
     def sample() -> None:
         while True:
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
+                fields = proc_status(pid)
             except OSError:
                 return
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             if "RssAnon" not in fields or fields.get("State", "").strip().startswith("Z"):
                 return
-            for key, name in (("VmRSS", "peak_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
-                peaks[name] = max(peaks[name], int(fields[key].split()[0]) / 1024)
+            for key, name in (("VmHWM", "peak_mb"), ("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+                peaks[name] = max(peaks[name], kib(fields[key]) / 1024)
             time.sleep(every)
 
     thread = threading.Thread(target=sample, daemon=True)
