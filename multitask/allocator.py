@@ -59,8 +59,10 @@ def restart_with_tcmalloc() -> None:
     """Replace this process by the same command with tcmalloc preloaded (same PID, arguments and environment),
     unless it is loaded already, not installed, not wanted, or was tried once. Call it first thing, before a
     thread or a file is opened."""
-    library = tcmalloc_library()
-    if setting() != "tcmalloc" or library is None or tcmalloc_loaded() or os.environ.get(RESTARTED):
+    if setting() != "tcmalloc" or os.environ.get(RESTARTED) or tcmalloc_loaded():
+        return
+    library = tcmalloc_library()  # last: finding it runs ldconfig
+    if library is None:
         return
     preload = ":".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
     # tcmalloc warns on stderr about every block over 1 GB, which a large batch's activations can be

@@ -291,7 +291,7 @@ def allocator_effect(overrides, size: str, batch: int, steps: int) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=allocator.environment(setting))
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ALLOC ")]
         if proc.returncode != 0 or not lines:
-            return {"summary": f"not measured ({(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]})"}
+            return {"summary": f"not measured ({last_line(proc.stderr, 'no output')[:160]})"}
         out[setting] = json.loads(lines[-1][6:])
     base = out["default"]
     out["summary"] = "; ".join(
@@ -372,9 +372,9 @@ def kib(field: str) -> int:
 
 def resident_peaks(pid: int, every: float = 0.2) -> Callable[[], dict]:
     """Samples a process's resident memory in a thread until it ends; the returned call gives the peaks of the
-    whole (VmHWM, the kernel's high-water mark since the command started), of its own memory (RssAnon: arrays, activations, the heap) and of mapped files (RssFile:
-    libraries, mapped data). Not ru_maxrss: that of a child forked from a large parent starts at the parent's
-    resident size, and outlives the child's exec."""
+    whole (VmHWM, the kernel's high-water mark since the command started), of its own memory (RssAnon: arrays,
+    activations, the heap) and of mapped files (RssFile: libraries, mapped data). Not ru_maxrss: that of a child
+    forked from a large parent starts at the parent's resident size, and outlives the child's exec."""
     import threading
 
     peaks = {"peak_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
@@ -416,7 +416,7 @@ def predict_pace(overrides, size: str) -> dict:
                "predict.tta_scales=[0.9,1.1]", *overrides, f"data.size=[{h},{w}]"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0:
-            return {"summary": f"not measured ({(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]})"}
+            return {"summary": f"not measured ({last_line(proc.stderr, 'no output')[:160]})"}
         run = next(Path(tmp, "runs").iterdir())
         generate(Path(tmp, "new"), PREDICT_PEOPLE, seed=1)
         paths = sorted(str(p) for p in Path(tmp, "new").rglob("*.jpg"))
@@ -462,12 +462,16 @@ def gpu_check(overrides) -> int:
             out = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                                  env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
                                  if "torchrun" in name else None)
-            last = (out.stdout.strip().splitlines() or [""])[-1] if out.returncode == 0 else \
-                (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            last = last_line(out.stdout, "") if out.returncode == 0 else last_line(out.stderr, "(no output)")
             failed += out.returncode != 0
             print(f"{'PASS' if out.returncode == 0 else 'FAIL'} {name} ({time.perf_counter() - tick:.0f} s): "
                   f"{last.split('. Report:')[0][:200]}")
     return 1 if failed else 0
+
+
+def last_line(text: str, empty: str) -> str:
+    """The last line a command printed (what it died of), or ``empty``."""
+    return (text.strip().splitlines() or [empty])[-1]
 
 
 def fmt(m: dict) -> str:

@@ -187,7 +187,7 @@ def for_inference(model: MultiHeadNet) -> MultiHeadNet:
 
     fused = copy.deepcopy(model).eval()
     try:
-        fused.trunk = fuse(fused.trunk)
+        fused.trunk = fuse(fused.trunk, inplace=True)  # already a copy
     except torch.fx.proxy.TraceError:
         pass
     return fused

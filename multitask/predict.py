@@ -63,7 +63,6 @@ def positive(text: str) -> int:
 if __name__ == "__main__":
     cli().parse_args()  # --help and usage errors answer before torch, pandas and the rest are imported
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from multitask.api import Predictor, load_run  # noqa: E402

@@ -2,7 +2,6 @@
 command restarts itself with it preloaded), else glibc told to keep freed blocks; MULTITASK_MALLOC chooses."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

@@ -71,10 +71,10 @@ class CachedImages:
     """Rows of an image cache file (N x H x W x 3 uint8 ``.npy``), read on access: ``images[i]`` is one photo,
     ``images[mask or indices]`` a selection of rows (nothing read), ``np.asarray(images)`` all of them."""
 
-    def __init__(self, path: Path, rows: Optional[np.ndarray] = None):
+    def __init__(self, path: Path):
         header = np.load(path, mmap_mode="r")  # the header only: where the rows start and their shape
         self.path, self.offset, self.photo_shape = Path(path), header.offset, header.shape[1:]
-        self.rows = np.arange(header.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.rows = np.arange(header.shape[0])
         self.row_bytes = int(np.prod(self.photo_shape))
 
     def __len__(self) -> int:
