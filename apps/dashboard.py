@@ -212,7 +212,7 @@ def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple
         st.info(f"{name} is scored when a fold finishes; no scores for the chosen model yet.")
         return None
     table = frames[0].copy()
-    mask = next((h for h in cfg.heads if h.name == "mask"), None)
+    mask = next((h for h in cfg.heads if h.absent is not None), None)  # what an extra set is about: the mask
     if mask is not None and true_column(mask) in table:
         t, p = true_column(mask), pred_column(mask)
         table[p] = np.mean([f[prob_columns(mask)].to_numpy() for f in frames], axis=0).argmax(1)
@@ -318,7 +318,7 @@ def subgroup_frame(result: dict, name) -> pd.DataFrame:
     return pd.DataFrame(rows).astype(str).replace({"None": ""})
 
 
-def headline(run: Path) -> None:
+def headline(run: Path, cfg) -> None:
     """The run's scores at a glance: macro-F1 per head over the folds, and the masked sets never trained on."""
     path = RunDir(run).report_json
     if not path.exists():
@@ -327,13 +327,14 @@ def headline(run: Path) -> None:
     r = read_json(path)
     name = score_names(r)
     keys = sorted(r["mean"], key=lambda k: k != "joint")
-    extra = [(n, x) for n, x in (r.get("extra_val") or {}).items() if "mask" in x["heads"]]
+    present = [h for h in cfg.heads if h.absent is not None]  # heads with an on vs absent accuracy
+    extra = [(n, x, h) for n, x in (r.get("extra_val") or {}).items() for h in present if h.name in x["heads"]]
     cols = st.columns(len(keys) + len(extra))
     for col, k in zip(cols, keys):
         col.metric(f"{name(k)} macro-F1", f"{r['mean'][k]['f1_macro']:.3f}", help=f"± {r['std'][k]['f1_macro']:.3f} "
                    f"over {len(r['folds'])} fold(s), held-out persons")
-    for col, (n, x) in zip(cols[len(keys):], extra):
-        col.metric(f"{n}: mask on vs not", f"{x['ensemble']['mask']['mask_on_accuracy']:.3f}",
+    for col, (n, x, h) in zip(cols[len(keys):], extra):
+        col.metric(f"{n}: {h.name} on vs {h.absent}", f"{x['ensemble'][h.name]['on_accuracy']:.3f}",
                    help=f"{x['photos']} photos never trained on (data.extra_val), fold ensemble")
 
 
@@ -392,7 +393,7 @@ def show_run(run: Path) -> None:
     shown = (f"the ensemble of folds {', '.join(map(str, folds))} (mean probabilities and CAMs)" if len(folds) > 1
              else f"the model of fold {folds[0]}")
     st.sidebar.caption(f"Shown: {shown}.")
-    headline(run)
+    headline(run, cfg)
     st.sidebar.caption(f"{cfg.model.arch}, {cfg.data.size[0]}x{cfg.data.size[1]} px, heads: "
                        + ", ".join(h.name + (" (prior: training)" if h.prior == "training" else "")
                                    for h in cfg.heads))

@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from multitask.errors import BadInput
+from multitask.errors import ConfigError
+from multitask.tasks import FACE_AGE_THRESHOLDS, FACE_CLASSES
 
 def _config_dir() -> Path:
     """The presets: configs/ beside the package in a source tree, multitask/configs in an installed wheel."""
@@ -27,13 +28,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
-LOSSES = ("ce", "ordinal", "dldl", "regression")  # heads[].loss; all but ce are for the age head
-YEAR_LOSSES = ("dldl", "regression")  # age-head losses that learn the age in years, not the group
 PRIORS = ("balanced", "training")  # heads[].prior
-
-
-class ConfigError(BadInput, ValueError):
-    """A config file or override is wrong; the message names it."""
 
 
 @dataclass
@@ -42,9 +37,13 @@ class HeadConfig:
     column: str  # column of the data table holding the integer label
     classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
     loss_weight: float = 1.0  # the head's share of the summed loss
-    # ce | ordinal | dldl | regression: how the head learns (age.py). The last three are for the age head:
-    # ordinal keeps the groups' order; dldl and regression learn from the age in years.
+    # The head's kind, how it learns (heads.py): ce | ordinal (ordered classes) | dldl | regression (the value of
+    # value_column, cut into the classes at thresholds)
     loss: str = "ce"
+    value_column: Optional[str] = None  # a numeric column the classes are cut from, e.g. age (in years)
+    thresholds: List[int] = field(default_factory=list)  # the cuts of value_column between the classes
+    train_thresholds: Optional[List[int]] = None  # training-only cuts, e.g. [30, 58]: 58+ learned as 60+
+    absent: Optional[str] = None  # the class meaning "none" (not_worn): reports add "present vs absent" accuracy
     # balanced | training: the class frequencies a ce head's probabilities assume. Trained with
     # loss.class_weights, a head treats its classes as equally common (balanced: good for macro-F1 on photos like
     # the training ones); training takes the weights back out when predicting, so the classes are as common as in
@@ -55,9 +54,10 @@ class HeadConfig:
 def face_heads() -> List[HeadConfig]:
     # Declared in the order of the competition's 18-class code: class = 6*mask + 3*gender + age.
     return [
-        HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"]),
-        HeadConfig("gender", "gender", ["male", "female"]),
-        HeadConfig("age", "age_group", ["<30", "30-59", "60+"]),
+        HeadConfig("mask", "mask", FACE_CLASSES["mask"], absent="not_worn"),
+        HeadConfig("gender", "gender", FACE_CLASSES["gender"]),
+        HeadConfig("age", "age_group", FACE_CLASSES["age"], value_column="age",
+                   thresholds=list(FACE_AGE_THRESHOLDS)),
     ]
 
 
@@ -72,8 +72,6 @@ class DataConfig:
     # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
     # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
     synthetic_unmasked: int = 360
-    age_thresholds: List[int] = field(default_factory=lambda: [30, 60])  # true groups: <30, 30-59, 60+
-    train_age_thresholds: Optional[List[int]] = None  # training-only groups, e.g. [30, 58]: 58+ learned as 60+
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
     # People added to stage 1 training only: UTKFace-style folders (one unmasked photo each), or any labeled face
     # set, e.g. their masks painted by `paint-masks` (stage1.only and stage1.photos_per_person pick the photos).
@@ -214,6 +212,8 @@ class ReportConfig:
     # Columns of the data (e.g. a manifest's own) whose groups the report scores every head on, beside gender x
     # age group and, where the data has it, race.
     subgroups: List[str] = field(default_factory=list)
+    cross: List[str] = field(default_factory=lambda: ["gender", "age"])  # heads whose true classes are crossed into
+    # one more subgroup (gender x age group); skipped where a head is missing
 
 
 @dataclass
@@ -408,22 +408,9 @@ def check_ranges(cfg: Config) -> None:
                           f"photo as it is), not {bad_scales}")
     for i, h in enumerate(cfg.heads):
         if h.loss_weight < 0:
-            raise ConfigError(f"heads[{i}].loss_weight={h.loss_weight}: must be >= 0")
-        if h.loss not in LOSSES:
-            raise ConfigError(f"heads[{i}].loss={h.loss!r}: must be one of {', '.join(LOSSES)}")
-        if h.loss != "ce" and h.column != "age_group":
-            raise ConfigError(f"heads[{i}].loss={h.loss}: ordinal, dldl and regression are for the age head "
-                              f"(column age_group), not {h.column}")
+            raise ConfigError(f"heads.{i}.loss_weight={h.loss_weight}: must be >= 0")
         if h.prior not in PRIORS:
-            raise ConfigError(f"heads[{i}].prior={h.prior!r}: must be one of {', '.join(PRIORS)}")
-        if h.prior == "training" and (h.loss != "ce" or not cfg.loss.class_weights):
-            raise ConfigError(f"heads[{i}].prior=training takes out the class weights a ce head learnt with, and "
-                              + (f"heads[{i}].loss={h.loss}" if h.loss != "ce" else "loss.class_weights=false")
-                              + " has none; leave it balanced")
-        if h.loss in YEAR_LOSSES and cfg.data.train_age_thresholds:
-            raise ConfigError(f"data.train_age_thresholds={list(cfg.data.train_age_thresholds)}: heads[{i}].loss="
-                              f"{h.loss} learns the years, not the groups, so training groups would change nothing; "
-                              "use it with ce or ordinal")
+            raise ConfigError(f"heads.{i}.prior={h.prior!r}: must be one of {', '.join(PRIORS)}")
 
 
 def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
@@ -437,7 +424,8 @@ def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from multitask.data.sources import SOURCES  # the table of data layouts (data imports this module)
+    from multitask.data.sources import SOURCES  # the table of data layouts
+    from multitask.heads import check_heads  # torch: imported when a config is checked, not for --help
 
     check_ranges(cfg)
     sources = ["synthetic"] + [name for name, s in SOURCES.items() if s.trains]
@@ -459,6 +447,7 @@ def validate(cfg: Config) -> None:
                               "data.source=imagefolder, takes them from the folders)")
         if len(h.classes) == 1 or len(set(h.classes)) != len(h.classes):
             raise ConfigError(f"heads.{i}.classes={list(h.classes)}: at least two classes, each named once")
+    check_heads(cfg)
     for stage_name in ("stage1", "stage2"):
         stage = getattr(cfg, stage_name)
         if not stage.enabled:
@@ -476,11 +465,6 @@ def validate(cfg: Config) -> None:
             check_stage_size(cfg, stage_name, stage.size)
     if not (cfg.stage1.enabled or cfg.stage2.enabled):
         raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
-    for key in ("age_thresholds", "train_age_thresholds"):
-        ages = getattr(cfg.data, key)
-        if ages is not None and (len(ages) != 2 or not 0 < ages[0] < ages[1] < 150):
-            raise ConfigError(f"data.{key}={list(ages)}: two ages in years, each above the other (every group "
-                              "needs ages of its own)")
     if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", cfg.name):
         raise ConfigError(f"name={cfg.name!r}: letters, digits, '.', '_', '+' and '-' only, not starting with '.' "
                           "(it names a folder inside out_dir)")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from multitask import config as config_module
-from multitask.config import CHOICES, INF, LOSSES, PRIORS, RANGES, Config, HeadConfig
+from multitask.config import CHOICES, INF, PRIORS, RANGES, Config, HeadConfig
+from multitask.heads import KINDS
 
 
 def field_comments() -> Dict[str, Dict[str, str]]:
@@ -38,7 +39,7 @@ def field_comments() -> Dict[str, Dict[str, str]]:
     return out
 
 
-HEAD_CHOICES = {"heads.N.loss": LOSSES, "heads.N.prior": PRIORS}  # checked per head by config.check_ranges
+HEAD_CHOICES = {"heads.N.loss": tuple(KINDS), "heads.N.prior": PRIORS}  # checked per head at load
 
 
 def rule(key: str) -> str:
@@ -86,6 +87,8 @@ def reference() -> str:
             lines += [f"- `heads.{i}`: {h.name} (column `{h.column}`, classes {', '.join(h.classes)})"
                       for i, h in enumerate(sub)]
             lines += ["", *header, *section_rows("heads.N.", HeadConfig("NAME", "COLUMN"), comments["HeadConfig"])]
+            lines += ["", "Head kinds (`heads.N.loss`, `multitask/heads.py`):", "", "| kind | what the head learns |",
+                      "|---|---|", *[f"| `{name}` | {k.doc} |" for name, k in KINDS.items()]]
         elif dataclasses.is_dataclass(sub):
             lines += ["", f"## {f.name}", "", *header, *section_rows(f"{f.name}.", sub, comments[type(sub).__name__])]
     return "\n".join(lines) + "\n"

@@ -9,3 +9,7 @@ exits 3. Kept free of heavy imports: the command line imports it before anything
 
 class BadInput(Exception):
     """The user's input is wrong; the message names the file or key and says what is wrong."""
+
+
+class ConfigError(BadInput, ValueError):
+    """A config file or override is wrong; the message names it."""

@@ -52,6 +52,7 @@ from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
 from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
 from multitask.io import atomic_to_csv, output_folder  # noqa: E402
+from multitask.heads import kind  # noqa: E402
 from multitask.model import MultiHeadNet, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
 
@@ -86,8 +87,8 @@ class HeadProbability:
 
 def cam_target(model: MultiHeadNet, head: str, cls: int):
     """What a head's CAM explains: a softmax head's logit of the class (Grad-CAM's usual target); for the other
-    age losses, the class probability derived from the head's outputs."""
-    if model.head_losses[model.head_names.index(head)] == "ce":
+    kinds, the class probability derived from the head's outputs."""
+    if kind(model.head_config(head)).cam_on_logit:
         return ClassifierOutputTarget(model.head_offset(head) + cls)
     return HeadProbability(model, head, cls)
 

@@ -100,12 +100,12 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
             {"step": "normalise", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         ],
         "typical_face_boxes": member.run.recorded().get("typical_face_boxes", {}),
-        "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior}
+        "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior,
+                                  **({"thresholds": list(heads[h].thresholds)} if heads[h].thresholds else {})}
                        for h in graph.heads},
                     **{f"years_{h}": {"head": h, "unit": "years"} for h in graph.year_heads}},
         "views_in_graph": views,
         "views_not_in_graph": [f"scale {s}" for s in scales],
-        "age_thresholds": list(cfg.data.age_thresholds),
         "joint_label": {"heads": graph.heads, "sizes": [len(heads[h].classes) for h in graph.heads],
                         "rule": "mixed radix of the heads' argmax, first head most significant (the competition's "
                                 "18 classes: 6 * mask + 3 * gender + age)"},

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitask.age import age_loss
 from multitask.config import AugmentConfig, LossConfig
+from multitask.heads import KINDS
 
 
 def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional[np.ndarray] = None
@@ -25,8 +25,8 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional
 
 
 class MultiHeadLoss(nn.Module):
-    """Weighted sum of one loss per active head (cross-entropy, or an age loss of age.py); targets of -1 (no
-    label) are ignored."""
+    """Weighted sum of one loss per active head (cross-entropy, or its kind's own loss: heads.py); targets of -1
+    (no label) are ignored."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
                  class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
@@ -46,8 +46,9 @@ class MultiHeadLoss(nn.Module):
         if not valid.any():
             return logits.sum() * 0.0
         logits, target = logits[valid].float(), target[valid]
-        if self.losses[name] != "ce":  # ordinal / dldl / regression (age.py)
-            return age_loss(self.losses[name], logits, target).mean()
+        own_loss = KINDS[self.losses[name]].loss
+        if own_loss is not None:
+            return own_loss(logits, target).mean()
         ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.smoothing, reduction="none")
         if self.gamma > 0:
             p_true = logits.softmax(1).gather(1, target[:, None]).squeeze(1)

@@ -15,9 +15,9 @@ import torch
 import torchvision
 from torch import nn
 
-from multitask import age
 from multitask.config import HeadConfig, ModelConfig, OptimConfig
 from multitask.errors import BadInput
+from multitask.heads import kind, value_heads
 
 
 class WeightsError(BadInput, RuntimeError):
@@ -25,24 +25,21 @@ class WeightsError(BadInput, RuntimeError):
 
 
 class MultiHeadNet(nn.Module):
-    """A trunk and one linear head per task. Each head's raw outputs follow its loss (age.py); ``probabilities``
-    turns them into class probabilities, whatever the loss. Each head keeps the class weights it was last
-    trained with (a buffer, saved with the weights), so that a head with ``prior: training`` can take them out."""
+    """A trunk and one linear head per task. Each head's raw outputs follow its kind (heads.py);
+    ``probabilities`` turns them into class probabilities, whatever the kind. Each head keeps the class weights it
+    was last trained with (a buffer, saved with the weights), so that a head with ``prior: training`` can take
+    them out."""
 
-    def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0,
-                 age_thresholds: Sequence[int] = (30, 60)):
+    def __init__(self, trunk: nn.Module, features: int, heads: Sequence[HeadConfig], dropout: float = 0.0):
         super().__init__()
         self.trunk = trunk
+        self.head_configs = list(heads)
         self.head_names = [h.name for h in heads]
-        self.head_losses = [h.loss for h in heads]
-        self.head_sizes = [age.output_size(h.loss, len(h.classes)) for h in heads]
-        self.age_thresholds = list(age_thresholds)
-        self.head_priors = [h.prior for h in heads]
+        self.head_sizes = [kind(h).outputs(len(h.classes)) for h in heads]
         self.heads = nn.ModuleDict(
             {h.name: nn.Sequential(nn.Dropout(dropout), nn.Linear(features, n)) for h, n in zip(heads, self.head_sizes)})
         for h, head in zip(heads, self.heads.values()):
             head.register_buffer("class_weights", torch.ones(len(h.classes)))
-        self.register_load_state_dict_pre_hook(_unweighted_if_missing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.trunk(x)
@@ -50,6 +47,9 @@ class MultiHeadNet(nn.Module):
 
     def split(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         return dict(zip(self.head_names, torch.split(logits, self.head_sizes, dim=1)))
+
+    def head_config(self, name: str) -> HeadConfig:
+        return self.head_configs[self.head_names.index(name)]
 
     def head_offset(self, name: str) -> int:
         i = self.head_names.index(name)
@@ -62,33 +62,26 @@ class MultiHeadNet(nn.Module):
 
     def head_probabilities(self, name: str, outputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities of one head from its raw outputs (N x its output size)."""
-        i = self.head_names.index(name)
-        if self.head_priors[i] == "training":
+        head = self.head_config(name)
+        if head.prior == "training":
             # A loss weighted by w_c learns p(c|x) * w_c (normalised); dividing by w_c gives back the training
             # photos' frequencies. A class never seen in training (weight 0) gets probability 0.
             w = self.heads[name].class_weights.float()
             outputs = outputs.float() + torch.where(w > 0, -w.log(), torch.full_like(w, -torch.inf))
-        return age.class_probabilities(self.head_losses[i], outputs, self.age_thresholds)
+        return kind(head).probabilities(outputs, head.thresholds)
 
     def probabilities(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
         return {name: self.head_probabilities(name, part) for name, part in self.split(logits).items()}
 
     @property
     def year_heads(self) -> List[str]:
-        """The heads that predict the age in years (dldl, regression)."""
-        return [name for name, loss in zip(self.head_names, self.head_losses) if age.uses_years(loss)]
+        """The heads that predict a value (the age in years), not only a class."""
+        return [h.name for h in value_heads(self.head_configs)]
 
     def years(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The predicted age in years of the ``year_heads``."""
+        """The predicted value (the age in years) of the ``year_heads``."""
         parts = self.split(logits)
-        return {name: age.expected_years(self.head_losses[self.head_names.index(name)], parts[name])
-                for name in self.year_heads}
-
-
-def _unweighted_if_missing(model: MultiHeadNet, state: dict, prefix: str, *_) -> None:
-    """Checkpoints written before the heads kept their class weights load with weights of 1: nothing to take out."""
-    for name in model.head_names:
-        state.setdefault(f"{prefix}heads.{name}.class_weights", torch.ones_like(model.heads[name].class_weights))
+        return {name: kind(self.head_config(name)).value(parts[name]) for name in self.year_heads}
 
 
 def _strip_classifier(net: nn.Module) -> int:
@@ -163,8 +156,7 @@ def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
-def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig], age_thresholds: Sequence[int] = (30, 60)
-                ) -> tuple[MultiHeadNet, bool]:
+def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig]) -> tuple[MultiHeadNet, bool]:
     """(model, whether pretrained weights were loaded into the trunk)."""
     if cfg.arch not in torchvision.models.list_models(module=torchvision.models):
         raise WeightsError(f"model.arch={cfg.arch}: not a torchvision classifier")
@@ -176,7 +168,7 @@ def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig], age_thresholds: S
             _load_state_dict_file(net, Path(cfg.pretrained), cfg.arch)
             loaded = True
     features = _strip_classifier(net)
-    return MultiHeadNet(net, features, heads, cfg.dropout, age_thresholds), loaded
+    return MultiHeadNet(net, features, heads, cfg.dropout), loaded
 
 
 def for_inference(model: MultiHeadNet) -> MultiHeadNet:

@@ -68,7 +68,7 @@ import pandas as pd  # noqa: E402
 from multitask.api import Predictor, load_run  # noqa: E402
 from multitask.config import Config  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
-from multitask.data.sources import (DataError, Problem, detect_source, image_files, load_manifest,  # noqa: E402
+from multitask.data.sources import (DataError, Problem, age_thresholds, detect_source, image_files, load_manifest,  # noqa: E402
                                     load_source, read_csv_or_fail)
 from multitask.engine import configure_threads  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text, output_folder  # noqa: E402
@@ -88,7 +88,7 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
     if path.name == "train.csv" and (path.parent / "images").is_dir():
         path = path.parent  # the competition layout's table: its folder is the layout
     if path.is_file() and path.suffix.lower() == ".csv":
-        table, problems = load_manifest(path, cfg.data.age_thresholds, require_labels=False)
+        table, problems = load_manifest(path, age_thresholds(cfg.heads), require_labels=False)
         return table, "manifest", problems
     if path.is_file():
         if not is_image_name(path):
@@ -104,7 +104,7 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
         return table, "evaluation", problems
     source = detect_source(path)
     if source in ("competition", "mask_folders"):  # labeled: scored (a folder per mask class: the mask head)
-        table, problems, _ = load_source(source, path, cfg.data.age_thresholds)
+        table, problems, _ = load_source(source, path, age_thresholds(cfg.heads))
         return table, source, problems
     files = image_files(path)
     if not files:
@@ -116,8 +116,9 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
 def write_labeled_report(cfg: Config, heads, df: pd.DataFrame, out: Path) -> dict:
     """Scores of the labeled heads (all of them, or only the mask for a folder per mask class)."""
     scores = labeled_scores(heads, df)
-    acc = scores.get("mask", {}).get("mask_on_accuracy")
-    extra = [] if acc is None else ["", f"Mask on the face (worn or incorrectly) vs not worn: accuracy {acc:.4f}"]
+    extra = [f"{h.name}: any other class vs {h.absent}: accuracy {scores[h.name]['on_accuracy']:.4f}"
+             for h in heads if "on_accuracy" in scores.get(h.name, {})]
+    extra = ["", *extra] if extra else []
     plots = write_confusions(scores, heads, out / "plots")
     keys = list(scores)
     lines = [f"# Prediction report: {len(df)} labeled photos", "",

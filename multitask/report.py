@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from multitask.cli import guarded
 
@@ -33,6 +33,7 @@ import pandas as pd  # noqa: E402
 
 from multitask.config import Config, ConfigError, HeadConfig, extra_val_names  # noqa: E402
 from multitask.engine import tta_views  # noqa: E402
+from multitask.heads import kind  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, label, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
@@ -121,20 +122,41 @@ def summarize(cfg: Config, heads: Sequence[HeadConfig], oof: pd.DataFrame) -> di
     return {"folds": folds, "mean": mean, "std": std, "pooled": pooled}
 
 
-def mask_on_accuracy(true: np.ndarray, pred: np.ndarray, not_worn: int) -> float:
-    """Accuracy of "a mask is on the face (worn or incorrect)" against "not worn": the mistake that matters most."""
-    return float(np.mean((true == not_worn) == (pred == not_worn))) if len(true) else float("nan")
+def on_accuracy(true: np.ndarray, pred: np.ndarray, absent: int) -> float:
+    """Accuracy of "present (any other class)" against "absent" (for the mask head: a mask on the face, worn or
+    incorrect, against not worn: the mistake that matters most)."""
+    return float(np.mean((true == absent) == (pred == absent))) if len(true) else float("nan")
+
+
+def head_on_accuracy(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Optional[float]:
+    if head.absent is None:
+        return None
+    known = true >= 0
+    return on_accuracy(true[known], df[pred_column(head)].to_numpy()[known], head.classes.index(head.absent))
+
+
+def head_value_mae(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Optional[float]:
+    if head.value_column not in df or years_column(head) not in df or df[head.value_column].isna().all():
+        return None
+    known = df[head.value_column].notna()
+    return float((df.loc[known, years_column(head)] - df.loc[known, head.value_column].astype(float)).abs().mean())
+
+
+# The extra scores a head kind declares (heads.HeadKind.metrics): (head, true classes, prediction table) -> score,
+# None where the head or the table lacks what the score needs
+HEAD_METRICS = {"on_accuracy": head_on_accuracy, "value_mae": head_value_mae}
 
 
 def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
-    """Scores of a prediction table's labeled heads (its ``pred_<head>`` classes for the mask's "mask on vs not
-    worn" accuracy: a vote ensemble's, where predict wrote one)."""
+    """Scores of a prediction table's labeled heads, with the extra scores their kinds declare (from its
+    ``pred_<head>`` classes: a vote ensemble's, where predict wrote one)."""
     targets, probs = frame_arrays(heads, df)
     s = score(heads, targets, probs)
-    mask = next((h for h in heads if h.name == "mask" and "not_worn" in h.classes), None)
-    if mask is not None:
-        s["mask"]["mask_on_accuracy"] = mask_on_accuracy(targets["mask"], df[pred_column(mask)].to_numpy(),
-                                                         mask.classes.index("not_worn"))
+    for h in heads:
+        for metric in kind(h).metrics:
+            value = HEAD_METRICS[metric](h, targets[h.name], df)
+            if value is not None:
+                s[h.name][metric] = value
     return s
 
 
@@ -193,16 +215,19 @@ def runs_views_sentence(views: Sequence[tuple], so: str) -> str:
         + "; predict's scores on the same photos may differ a little.")
 
 
-def extra_val_lines(results: dict, member=lambda k: f"fold {k}") -> List[str]:
+def extra_val_lines(results: dict, heads: Sequence[HeadConfig], member=lambda k: f"fold {k}") -> List[str]:
+    """A table per extra set: each head's F1; for a head with an absent class, its recall per class and the
+    present vs absent accuracy."""
+    by_name = {h.name: h for h in heads}
     lines = []
     for name, r in results.items():
         cols = []
         for h in r["heads"]:
             cols.append((f"{h} F1", lambda s, h=h: s[h]["f1_macro"]))
-            if h == "mask":
-                classes = list(r["ensemble"]["mask"]["per_class"])
-                cols += [(f"{c} recall", lambda s, c=c: s["mask"]["per_class"][c]["recall"]) for c in classes]
-                cols.append(("mask on vs not worn acc", lambda s: s["mask"]["mask_on_accuracy"]))
+            if by_name[h].absent is not None:
+                classes = list(r["ensemble"][h]["per_class"])
+                cols += [(f"{c} recall", lambda s, c=c, h=h: s[h]["per_class"][c]["recall"]) for c in classes]
+                cols.append((f"{h} on vs {by_name[h].absent} acc", lambda s, h=h: s[h]["on_accuracy"]))
         lines += ["", f"### {name} ({r['photos']} photos, never trained on)", "",
                   "| model | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         rows = [(member(k), s) for k, s in r["folds"].items()] + [("**ensemble**", r["ensemble"])]
@@ -216,7 +241,7 @@ AGE_BANDS = [0, 18, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 200]
 def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> tuple[dict, List[str]]:
     """Where the exact age is known: the age head's predicted group by true age band (where do 30-59 errors
     come from?), and for heads that predict years the mean absolute error per fold and a predicted-vs-true plot."""
-    head = next((h for h in heads if h.column == "age_group"), None)
+    head = next((h for h in heads if h.value_column == "age"), None)
     if head is None or "age" not in oof or oof["age"].isna().all():
         return {}, []
     known = oof[oof["age"].notna()]
@@ -257,16 +282,17 @@ MIN_GROUP_PHOTOS = 20  # the largest gap is taken over groups with at least this
 
 
 def subgroup_labels(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> Dict[str, pd.Series]:
-    """Subgroup name -> each photo's group: gender x age group (from the true classes) always, and every
-    subgroup column the table keeps (race, report.subgroups)."""
-    by_column = {h.column: h for h in heads}
+    """Subgroup name -> each photo's group: the true classes of the heads in report.cross crossed (gender x age
+    group), and every subgroup column the table keeps (race, report.subgroups)."""
+    by_name = {h.name: h for h in heads}
+    crossed = [by_name[n] for n in cfg.report.cross if n in by_name]
     out = {}
-    gender, age = by_column.get("gender"), by_column.get("age_group")
-    if gender is not None and age is not None:
-        g, a = oof[true_column(gender)], oof[true_column(age)]
-        known = (g >= 0) & (a >= 0)
-        out["gender x age group"] = pd.Series(
-            [f"{gender.classes[i]} {age.classes[j]}" if k else None for i, j, k in zip(g, a, known)], index=oof.index)
+    if crossed and len(crossed) == len(cfg.report.cross):
+        true = [oof[true_column(h)].to_numpy() for h in crossed]
+        known = np.all([t >= 0 for t in true], axis=0)
+        out[" x ".join(cfg.report.cross) + " group"] = pd.Series(
+            [" ".join(h.classes[t[i]] for h, t in zip(crossed, true)) if known[i] else None for i in range(len(oof))],
+            index=oof.index)
     for col in subgroup_columns(cfg):
         if col in oof and oof[col].notna().any():
             out[col] = oof[col].where(oof[col].notna()).astype("string")
@@ -388,8 +414,8 @@ def write_report(run_dir: Path) -> dict:
         lines += ["", "## Extra validation sets (data.extra_val)", "",
                   "Scored by each fold's model and by their ensemble (mean probabilities), "
                   + views_sentence(views_used(frames), predict_views, "the ensemble row is what predict gives")
-                  + " \"Mask on vs not worn\": a mask on the face, worn or incorrectly, against no mask."]
-        lines += extra_val_lines(extra)
+                  + " \"On vs\" a head's absent class (mask on vs not_worn): any other class against it."]
+        lines += extra_val_lines(extra, heads)
     age, age_lines = age_results(oof, heads, plots)
     lines += age_lines
     subgroups = subgroup_results(oof, heads, cfg)
@@ -455,7 +481,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
     if extra:
         lines += ["", "## Extra validation sets", "", "Each run's fold ensemble, and their average, scored "
                   + runs_views_sentence(views, "the average row is what predict gives")]
-        lines += extra_val_lines(extra, member=str)
+        lines += extra_val_lines(extra, heads, member=str)
     plots = Path(out) / "plots"
     confusions = write_confusions(s["pooled"], heads, plots)
     age, age_lines = age_results(oof, heads, plots)

@@ -13,6 +13,7 @@ known), ``p_<head>_<class>`` per class, ``pred_<head>`` and, for heads that pred
 """
 from __future__ import annotations
 
+import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,9 @@ class RunDir:
         if not text.strip() or text.lstrip()[:1] in "[-" or ":" not in text:
             raise ConfigError(f"{self.config}: not a run's config (a run's config.yaml holds its whole resolved "
                               "config, as training wrote it)")
+        if re.search(r"^  age_thresholds:", text, re.MULTILINE):
+            raise ConfigError(f"{self.config}: a run of multitask 0.1 (age thresholds under data:, not on the age "
+                              "head); read it with multitask 0.1.0 or train it again")
         return load_config(base=self.config)
 
     def recorded(self) -> dict:
@@ -194,7 +198,7 @@ class RunDir:
         model_cfg = type(cfg.model)(arch=cfg.model.arch, pretrained="none", dropout=cfg.model.dropout)
         models = {}
         for k in folds:
-            model, _ = build_model(model_cfg, cfg.heads, cfg.data.age_thresholds)
+            model, _ = build_model(model_cfg, cfg.heads)
             load_weights(model, self.best(k, final_stage(cfg)), self.config)
             models[k] = model.to(device or torch.device("cpu")).eval()
         return models
@@ -225,11 +229,11 @@ def final_heads(cfg: Config) -> List[HeadConfig]:
 def check_same_classes(runs: Sequence[RunDir], cfgs: Sequence[Config]) -> None:
     """Runs whose predictions are averaged must predict the same heads, classes and age groups."""
     def classes(cfg: Config) -> list:
-        return [(h.name, list(h.classes)) for h in final_heads(cfg)] + [list(cfg.data.age_thresholds)]
+        return [(h.name, list(h.classes), list(h.thresholds)) for h in final_heads(cfg)]
 
     for run, cfg in zip(runs[1:], cfgs[1:]):
         if classes(cfg) != classes(cfgs[0]):
-            raise ConfigError(f"{run.root}: its heads, classes or age thresholds differ from {runs[0].root}'s; "
+            raise ConfigError(f"{run.root}: its heads, classes or thresholds differ from {runs[0].root}'s; "
                               "runs averaged together must predict the same classes")
 
 

@@ -1,4 +1,4 @@
-"""The heads and their joint label.
+"""The face task's classes and the heads' joint label.
 
 The joint label is the mixed-radix code of the heads in their declared order; for the face task
 (mask, gender, age) that is the competition's 18-class label: 6*mask + 3*gender + age.
@@ -9,17 +9,17 @@ from typing import Sequence
 
 import numpy as np
 
-from multitask.config import HeadConfig, face_heads
-
-# The face task is declared once, in config.face_heads; these are its class names and joint-code sizes.
-FACE_CLASSES = {h.name: list(h.classes) for h in face_heads()}
+# Declared in the order of the competition's 18-class code: class = 6*mask + 3*gender + age.
+FACE_CLASSES = {"mask": ["worn", "incorrect", "not_worn"], "gender": ["male", "female"],
+                "age": ["<30", "30-59", "60+"]}
 MASK_CLASSES, GENDER_CLASSES, AGE_CLASSES = FACE_CLASSES["mask"], FACE_CLASSES["gender"], FACE_CLASSES["age"]
 FACE_SIZES = [len(c) for c in FACE_CLASSES.values()]  # 3, 2, 3: the 18-class code
+FACE_AGE_THRESHOLDS = (30, 60)  # <30, 30-59, 60+
 
 
-def age_group(age, thresholds: Sequence[int] = (30, 60)) -> np.ndarray:
-    """0: age < t0, 1: t0 <= age < t1, 2: age >= t1."""
-    return np.digitize(np.asarray(age), list(thresholds)).astype(np.int64)
+def cut(values, thresholds: Sequence[int]) -> np.ndarray:
+    """The class of each value: 0 below thresholds[0], k from thresholds[k-1] on."""
+    return np.digitize(np.asarray(values), list(thresholds)).astype(np.int64)
 
 
 def encode_joint(labels: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarray:
@@ -30,8 +30,9 @@ def encode_joint(labels: Sequence[np.ndarray], sizes: Sequence[int]) -> np.ndarr
     return code
 
 
-def joint_label(heads: Sequence[HeadConfig], preds: dict) -> np.ndarray:
-    """The joint class of per-head predicted classes (``preds``: head name -> classes), e.g. the 18-class label."""
+def joint_label(heads: Sequence, preds: dict) -> np.ndarray:
+    """The joint class of per-head predicted classes (``preds``: head name -> classes), e.g. the 18-class label;
+    ``heads``: HeadConfigs."""
     return encode_joint([preds[h.name] for h in heads], [len(h.classes) for h in heads])
 
 
@@ -43,7 +44,7 @@ def joint_probabilities(probs: Sequence[np.ndarray]) -> np.ndarray:
     return joint
 
 
-def joint_class_names(heads: Sequence[HeadConfig]) -> list[str]:
+def joint_class_names(heads: Sequence) -> list[str]:
     names = [""]
     for h in heads:
         names = [f"{n}/{c}" if n else c for n in names for c in h.classes]

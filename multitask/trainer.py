@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from multitask import allocator
 from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, final_stage, save_config
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
-from multitask.data.sources import DataError, Problem
+from multitask.data.sources import DataError, Problem, age_thresholds
 from multitask.data.table import (apply_policy, eval_targets, labeled_source, load_labeled, load_table, resolve_root,
                                   training_targets, with_found_classes)
 from multitask.data.transforms import Preprocessing
@@ -36,6 +36,7 @@ from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_w
                               make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
                               precision_note, resolve_device, tta_views, uses_sgd, weight_average)
 from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
+from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
@@ -188,7 +189,7 @@ def class_weights(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, dr
     its chance ``drawn`` of being in an epoch; none with loss.class_weights off."""
     column = {h.name: i for i, h in enumerate(cfg.heads)}
     return ({h.name: inverse_frequency_weights(y_train[:, column[h.name]], len(h.classes), drawn)
-             for h in active if h.loss == "ce"} if cfg.loss.class_weights else {})
+             for h in active if kind(h).cross_entropy} if cfg.loss.class_weights else {})
 
 
 def stage_loss(cfg: Config, active: List[HeadConfig], weights: Dict[str, torch.Tensor]) -> MultiHeadLoss:
@@ -304,7 +305,7 @@ def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] 
     training set's ``typical`` face boxes); unreadable files follow data.on_bad_file."""
     sets = {}
     for name, root in zip(extra_val_names(cfg.data), cfg.data.extra_val):
-        table, problems = load_labeled(Path(root), cfg.data.age_thresholds)
+        table, problems = load_labeled(Path(root), age_thresholds(cfg.heads))
         pre, face_found = preprocessing(cfg, table["path"].tolist(), log, typical)
         if face_found is not None:
             table = table.assign(face_found=face_found)
@@ -364,7 +365,7 @@ def preflight(cfg: Config, world: World) -> None:
     """The start-up checks that need more than the config, made before a new run's folder is written, so that a
     start that fails leaves nothing behind: the device, the model and its weights, the extra validation sets."""
     resolve_device(cfg.train.device, world)
-    build_model(cfg.model, cfg.heads, cfg.data.age_thresholds)
+    build_model(cfg.model, cfg.heads)
     for root in cfg.data.extra_val:
         labeled_source(Path(root))
 
@@ -473,7 +474,7 @@ def stage_size_note(cfg: Config, stage_no: int) -> str:
 def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWriter]) -> None:
     cfg, world = ctx.cfg, ctx.world
     torch.manual_seed(cfg.train.seed + fold)
-    model, loaded = build_model(cfg.model, cfg.heads, cfg.data.age_thresholds)
+    model, loaded = build_model(cfg.model, cfg.heads)
     lrs = learning_rates(cfg.optim, loaded)
     if cfg.train.lr_scaling == "linear":
         lrs = (lrs[0] * world.size, lrs[1] * world.size)

@@ -44,7 +44,7 @@ def test_overrides_reach_nested_fields_with_types():
     ("stage1.photos_per_person=-1", "stage1.photos_per_person=-1: must be >= 0"),
     ("stage1.only=3", "override 'stage1.only=3': Cannot assign int"),
     ("data.size=[1,", "override 'data.size=[1,': "),
-    ("heads.0.prior=real", "heads[0].prior='real': must be one of balanced, training"),
+    ("heads.0.prior=real", "heads.0.prior='real': must be one of balanced, training"),
 ])
 def test_bad_overrides_are_errors_that_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -53,8 +53,8 @@ def test_bad_overrides_are_errors_that_name_the_key(override, message):
 
 def test_the_training_prior_needs_class_weights_to_take_out():
     assert load_config(["heads.0.prior=training"]).heads[0].prior == "training"
-    with pytest.raises(ConfigError, match=re.escape("heads[2].prior=training takes out the class weights a ce head "
-                                                    "learnt with, and heads[2].loss=dldl has none")):
+    with pytest.raises(ConfigError, match=re.escape("heads.2.prior=training takes out the class weights a ce head "
+                                                    "learnt with, and heads.2.loss=dldl has none")):
         load_config(["heads.2.loss=dldl", "heads.2.prior=training"])
     with pytest.raises(ConfigError, match=re.escape("and loss.class_weights=false has none")):
         load_config(["loss.class_weights=false", "heads.0.prior=training"])
@@ -104,6 +104,6 @@ def test_a_yaml_file_with_an_unknown_key_is_named(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(["augment.mix=cutmix_vertical", "data.train_age_thresholds=[30,58]", "stage1.only={}"])
+    cfg = load_config(["augment.mix=cutmix_vertical", "heads.2.train_thresholds=[30,58]", "stage1.only={}"])
     (tmp_path / "c.yaml").write_text(to_yaml(cfg))  # a resumed run, predict and explain read this
     assert load_config(base=tmp_path / "c.yaml") == cfg

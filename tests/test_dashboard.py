@@ -46,7 +46,7 @@ def test_it_opens_on_the_scores_and_a_held_out_photo_explained(app, trained_run)
     report = json.loads((trained_run / "report.json").read_text())
     metrics = {m.label: m.value for m in app.metric}
     assert metrics["18-class macro-F1"] == f"{report['mean']['joint']['f1_macro']:.3f}"
-    assert metrics["masked: mask on vs not"] == f"{report['extra_val']['masked']['ensemble']['mask']['mask_on_accuracy']:.3f}"
+    assert metrics["masked: mask on vs not_worn"] == f"{report['extra_val']['masked']['ensemble']['mask']['on_accuracy']:.3f}"
     assert app.radio[0].value == "held-out photos of the run"
     text = all_text(app)
     assert "Grad-CAM grid" in text and "Explained by the ensemble of folds 0, 1, 2" in text

@@ -24,7 +24,7 @@ CONFIG_VALUES = {
     "a size no memory holds": (["data.size=[100000,100000]"], "data.size=[100000, 100000]: two sizes of 8 to 4096"),
     "a negative test-time scale": (["predict.tta_scales=[-1]"], "predict.tta_scales=[-1.0]: scales between 0.25"),
     "a zero test-time scale": (["predict.tta_scales=[0]"], "predict.tta_scales=[0.0]: scales between 0.25"),
-    "an empty age group": (["data.age_thresholds=[30,30]"], "data.age_thresholds=[30, 30]: two ages in years"),
+    "an empty age group": (["heads.2.thresholds=[30,30]"], "heads.2.thresholds=[30, 30]: each above the one before"),
     "a run outside out_dir": (["name=../escape"], "name='../escape': letters, digits"),
     "a missing YAML file": (["nosuch.yaml"], "nosuch.yaml: no such config file"),
 }

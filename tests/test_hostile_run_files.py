@@ -47,6 +47,9 @@ DAMAGE = {  # name -> (how the run is damaged, what the one line says)
                         "best.pt: does not fit the model"),
     "a class added to a head": (lambda r: edit_config(r, lambda c: c["heads"][0]["classes"].append("scarf")),
                                 "best.pt: does not fit the model"),
+    "a run of version 0.1": (lambda r: edit_config(r, lambda c: c["data"].update(age_thresholds=[30, 60])),
+                             "config.yaml: a run of multitask 0.1 (age thresholds under data:, not on the age head); "
+                             "read it with multitask 0.1.0 or train it again"),
 }
 
 

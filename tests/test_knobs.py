@@ -77,7 +77,7 @@ def test_dropped_ages_leave_training_but_not_validation(faces_root):
 
 def test_training_age_thresholds_change_training_targets_only(faces_root):
     table, _ = load_competition(faces_root)
-    cfg = load_config(["data.train_age_thresholds=[25,40]"])
+    cfg = load_config(["heads.2.train_thresholds=[25,40]"])
     age_col = [h.name for h in cfg.heads].index("age")
     train = training_targets(cfg, table)[:, age_col]
     true = eval_targets(cfg, table)[:, age_col]

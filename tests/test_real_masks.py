@@ -15,7 +15,7 @@ from multitask.folds import make_folds
 from multitask.data.sources import load_competition, load_mask_folders
 from multitask.data.table import balanced_people, load_labeled, load_table
 from multitask.data.transforms import train_transform
-from multitask.report import mask_on_accuracy, recipe, write_report
+from multitask.report import on_accuracy, recipe, write_report
 from multitask.run import RunDir
 
 from conftest import tiny_overrides
@@ -30,11 +30,11 @@ def test_a_folder_per_mask_class_is_a_labeled_set_for_the_mask_head(mask_folders
     assert same["path"].tolist() == table["path"].tolist()
 
 
-def test_mask_on_accuracy_counts_masks_called_not_worn_as_errors():
+def test_on_accuracy_counts_masks_called_not_worn_as_errors():
     # classes: 0 worn, 1 incorrect, 2 not_worn
     true = np.array([0, 0, 1, 2, 2])
     pred = np.array([1, 2, 0, 2, 0])  # worn->incorrect is right here (a mask is on); worn->not_worn is not
-    assert mask_on_accuracy(true, pred, not_worn=2) == pytest.approx(3 / 5)
+    assert on_accuracy(true, pred, absent=2) == pytest.approx(3 / 5)
 
 
 def test_balanced_people_draws_evenly_from_every_gender_and_age_cell(faces_root):
@@ -87,12 +87,12 @@ def test_every_fold_and_the_ensemble_are_scored_on_the_extra_validation_set(trai
     frames = [pd.read_csv(trained_run / f"fold{k}" / "extra_val" / "masked.csv") for k in range(3)]
     mean = np.mean([f[["p_mask_worn", "p_mask_incorrect", "p_mask_not_worn"]].to_numpy() for f in frames], 0)
     true = frames[0]["true_mask"].to_numpy()
-    assert masked["ensemble"]["mask"]["mask_on_accuracy"] == pytest.approx(mask_on_accuracy(true, mean.argmax(1), 2))
+    assert masked["ensemble"]["mask"]["on_accuracy"] == pytest.approx(on_accuracy(true, mean.argmax(1), 2))
     fold1 = frames[1][["p_mask_worn", "p_mask_incorrect", "p_mask_not_worn"]].to_numpy().argmax(1)
     recall = (fold1[true == 0] == 0).mean()
     assert masked["folds"]["1"]["mask"]["per_class"]["worn"]["recall"] == pytest.approx(recall)
     text = (trained_run / "report.md").read_text()
-    assert "### masked (96 photos, never trained on)" in text and "mask on vs not worn acc" in text
+    assert "### masked (96 photos, never trained on)" in text and "mask on vs not_worn acc" in text
     assert "with the test-time views predict uses (2 per photo" in text
 
 
@@ -116,7 +116,7 @@ def test_predict_scores_a_folder_per_mask_class(trained_run, mask_folders_root, 
     df = predict(trained_run, mask_folders_root, tmp_path / "out", progress=False, log=lambda s: None)
     assert "true_mask" in df and "true_gender" not in df and len(df) == 96
     scores = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert list(scores) == ["mask"] and "mask_on_accuracy" in scores["mask"]
+    assert list(scores) == ["mask"] and "on_accuracy" in scores["mask"]
     # the report's ensemble row on the same set is this prediction: every fold, the run's test-time views
     probs = ["p_mask_worn", "p_mask_incorrect", "p_mask_not_worn"]
     folds = [pd.read_csv(trained_run / f"fold{k}" / "extra_val" / "masked.csv").set_index("path")[probs]

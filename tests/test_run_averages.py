@@ -45,10 +45,10 @@ def test_several_runs_average_their_ensembles_each_with_its_own_preprocessing(tr
 
 def test_runs_that_predict_different_classes_cannot_be_averaged(trained_run, faces_root, tmp_path, capsys):
     other = copy_run(trained_run, tmp_path / "other")
-    edit_config(other, "age_thresholds:\n  - 30\n  - 60", "age_thresholds:\n  - 25\n  - 60")
+    edit_config(other, "thresholds:\n  - 30\n  - 60", "thresholds:\n  - 25\n  - 60")
     code = predict_main(["--run", str(trained_run), "--run", str(other), str(faces_root), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: {other}: its heads, classes or age thresholds differ")
+    assert code == 2 and err.startswith(f"error: {other}: its heads, classes or thresholds differ")
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 

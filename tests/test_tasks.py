@@ -1,7 +1,7 @@
 import numpy as np
 
 from multitask.config import face_heads
-from multitask.tasks import age_group, encode_joint, joint_class_names, joint_probabilities
+from multitask.tasks import cut, encode_joint, joint_class_names, joint_probabilities
 
 
 def test_the_18_classes_follow_the_competition_code():
@@ -36,5 +36,5 @@ def test_joint_probability_is_the_product_of_head_probabilities():
 
 
 def test_age_groups_use_the_thresholds():
-    assert age_group([0, 29, 30, 59, 60, 99]).tolist() == [0, 0, 1, 1, 2, 2]
-    assert age_group([57, 58, 59], (30, 58)).tolist() == [1, 2, 2]
+    assert cut([0, 29, 30, 59, 60, 99], (30, 60)).tolist() == [0, 0, 1, 1, 2, 2]
+    assert cut([57, 58, 59], (30, 58)).tolist() == [1, 2, 2]

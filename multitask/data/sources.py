@@ -19,7 +19,8 @@ import pandas as pd
 
 from multitask.data.images import is_image_name
 from multitask.errors import BadInput
-from multitask.tasks import AGE_CLASSES, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, age_group, encode_joint
+from multitask.tasks import (AGE_CLASSES, FACE_AGE_THRESHOLDS, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, cut,
+                             encode_joint)
 
 COMPETITION_PHOTOS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
 COMPETITION_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -102,6 +103,11 @@ def age_problem(value) -> str:
     return f"age {value!r} is outside 0-{MAX_AGE - 1} years"
 
 
+def age_thresholds(heads: Sequence) -> Sequence[int]:
+    """Where the face layouts' age groups are cut: the thresholds of the head on the age_group column."""
+    return next((h.thresholds for h in heads if h.column == "age_group" and h.thresholds), FACE_AGE_THRESHOLDS)
+
+
 def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFrame:
     """Add age_group (when ages are known) and the 18-class label to face rows."""
     table = pd.DataFrame(rows)
@@ -110,7 +116,7 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     if "age_group" not in table or table["age_group"].isna().any():
         known = table["age"].notna()
         groups = table.get("age_group", pd.Series(np.nan, index=table.index)).copy()
-        groups[known] = age_group(table.loc[known, "age"].astype(int), thresholds)
+        groups[known] = cut(table.loc[known, "age"].astype(int), thresholds)
         table["age_group"] = groups
     table["age"] = table["age"].astype("Int64")
     for col in ("gender", "age_group", "mask"):
@@ -132,7 +138,7 @@ def read_csv_or_fail(path: Path, missing: str) -> pd.DataFrame:
 # --- competition layout -----------------------------------------------------------------------------------
 
 
-def load_competition(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+def load_competition(root: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS) -> Tuple[pd.DataFrame, List[Problem]]:
     """ROOT/train.csv (id,gender,race,age,path) + ROOT/images/<path>/{mask1..5,incorrect_mask,normal}.<ext>."""
     root = Path(root)
     csv_path = root / "train.csv"
@@ -202,7 +208,7 @@ def load_competition(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[
 # --- manifest CSV -----------------------------------------------------------------------------------------
 
 
-def load_manifest(csv_path: Path, thresholds: Sequence[int] = (30, 60), require_labels: bool = True
+def load_manifest(csv_path: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS, require_labels: bool = True
                   ) -> Tuple[pd.DataFrame, List[Problem]]:
     """A user's CSV with path,person_id,gender,age (or age_group),mask; paths relative to the CSV."""
     csv_path = Path(csv_path)
@@ -253,7 +259,7 @@ def load_manifest(csv_path: Path, thresholds: Sequence[int] = (30, 60), require_
 UTK_NAME = re.compile(r"^(\d+)_([01])_(\d+)_[^.]*\.(jpg|jpeg|png)", re.IGNORECASE)
 
 
-def load_utkface(root: Path, thresholds: Sequence[int] = (30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+def load_utkface(root: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS) -> Tuple[pd.DataFrame, List[Problem]]:
     """<age>_<gender 0=male 1=female>_<race>_<date>.jpg[.chip.jpg]: unmasked faces, one person per file."""
     root = Path(root)
     if not root.is_dir():
@@ -383,5 +389,5 @@ def detect_source(root: Path) -> str:
     return next((name for name, s in SOURCES.items() if s.looks_like(Path(root))), "utkface")
 
 
-def load_source(name: str, root: Path, thresholds: Sequence[int] = (30, 60)) -> Loaded:
+def load_source(name: str, root: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS) -> Loaded:
     return SOURCES[name].load(Path(root), thresholds)

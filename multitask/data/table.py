@@ -8,11 +8,12 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from multitask.age import uses_years
 from multitask.config import Config, ConfigError
-from multitask.data.sources import SOURCES, DataError, Problem, detect_source, imagefolder_classes, load_source
+from multitask.data.sources import (SOURCES, DataError, Problem, age_thresholds, detect_source, imagefolder_classes,
+                                    load_source)
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
-from multitask.tasks import age_group
+from multitask.heads import kind
+from multitask.tasks import cut
 
 
 def with_found_classes(cfg: Config) -> Config:
@@ -49,7 +50,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     head's classes must be the folders', see ``with_found_classes``)."""
     root = resolve_root(cfg)
     source = "competition" if cfg.data.source == "synthetic" else cfg.data.source
-    table, problems, classes = load_source(source, root, cfg.data.age_thresholds)
+    table, problems, classes = load_source(source, root, age_thresholds(cfg.heads))
     if source == "imagefolder":
         table = table[table["split"] == "train"].reset_index(drop=True)
         if len(cfg.heads) != 1:
@@ -65,7 +66,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     extras = [(f, load_labeled, cfg.data.extra_unmasked_people, True) for f in unmasked]
     extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
     for i, (folder, load, people, stage1_only) in enumerate(extras):
-        extra, extra_problems = load(Path(folder), cfg.data.age_thresholds)
+        extra, extra_problems = load(Path(folder), age_thresholds(cfg.heads))
         problems += extra_problems
         extra = balanced_people(extra, people, cfg.cv.seed)
         extra = extra.assign(person_id=f"extra{i}:" + extra["person_id"].astype(str), extra=True,
@@ -137,15 +138,16 @@ def balanced_people(table: pd.DataFrame, people: int, seed: int, by: Sequence[st
 
 
 def training_targets(cfg: Config, rows: pd.DataFrame) -> np.ndarray:
-    """Per-head targets for training: the age in years for heads that learn years (dldl, regression; -1 where
-    unknown); otherwise the class, where the age head may use its own thresholds (e.g. 58+ learned as 60+)."""
+    """Per-head targets for training: the value (e.g. the age in years; -1 where unknown) for heads whose kind
+    learns one; otherwise the class, cut from the value at the head's training thresholds where it has them
+    (e.g. 58+ learned as 60+)."""
     cols = []
     for h in cfg.heads:
         values = rows[h.column].to_numpy(dtype=np.int64)
-        if uses_years(h.loss):
-            values = rows["age"].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
-        elif h.column == "age_group" and cfg.data.train_age_thresholds:
-            values = age_group(rows["age"].to_numpy(dtype=np.int64), cfg.data.train_age_thresholds)
+        if kind(h).value is not None:
+            values = rows[h.value_column].astype("Int64").fillna(-1).to_numpy(dtype=np.int64)
+        elif h.train_thresholds:
+            values = cut(rows[h.value_column].to_numpy(dtype=np.int64), h.train_thresholds)
         cols.append(values)
     return np.stack(cols, axis=1)
 

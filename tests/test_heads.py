@@ -1,5 +1,5 @@
-"""Age from years: every age loss gives group probabilities that sum to 1 and agree with the bins, trains, and
-the report shows where age errors come from (and the error in years where the head predicts years)."""
+"""Head kinds: every kind gives class probabilities that sum to 1 and agree with its outputs, trains, and the
+report shows where age errors come from (and the error in years where the head predicts years)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from multitask import age
-from multitask.config import LOSSES, ConfigError, load_config
+from multitask import heads
+from multitask.config import ConfigError, load_config
+from multitask.heads import KINDS
 from multitask.trainer import run_cv
 from multitask.data.table import training_targets
 from multitask.data.sources import load_competition
@@ -24,32 +25,32 @@ from conftest import tiny_overrides
 THRESHOLDS = [30, 60]
 
 
-@pytest.mark.parametrize("loss", LOSSES)
-def test_group_probabilities_sum_to_one_for_every_loss(loss):
-    logits = torch.randn(64, age.output_size(loss, 3), generator=torch.Generator().manual_seed(0)) * 3
-    p = age.class_probabilities(loss, logits, THRESHOLDS)
+@pytest.mark.parametrize("loss", KINDS)
+def test_group_probabilities_sum_to_one_for_every_kind(loss):
+    logits = torch.randn(64, KINDS[loss].outputs(3), generator=torch.Generator().manual_seed(0)) * 3
+    p = KINDS[loss].probabilities(logits, THRESHOLDS)
     assert p.shape == (64, 3) and (p >= -1e-6).all()
     assert torch.allclose(p.sum(1), torch.ones(64), atol=1e-5)
 
 
 def test_dldl_groups_are_the_year_probabilities_summed_within_the_bins():
-    logits = torch.randn(4, age.YEARS, generator=torch.Generator().manual_seed(1))
+    logits = torch.randn(4, heads.YEARS, generator=torch.Generator().manual_seed(1))
     years = logits.softmax(1)
-    p = age.class_probabilities("dldl", logits, THRESHOLDS)
+    p = KINDS["dldl"].probabilities(logits, THRESHOLDS)
     assert torch.allclose(p[:, 0], years[:, :30].sum(1)) and torch.allclose(p[:, 2], years[:, 60:].sum(1))
 
 
 def test_regression_picks_the_group_of_the_predicted_age():
     ages = torch.tensor([18.0, 29.4, 29.6, 45.0, 59.4, 59.6, 80.0])
-    logits = ((ages - 40) / age.DECADE)[:, None]
-    assert torch.allclose(age.expected_years("regression", logits), ages)
-    groups = age.class_probabilities("regression", logits, THRESHOLDS).argmax(1)
+    logits = ((ages - 40) / heads.DECADE)[:, None]
+    assert torch.allclose(KINDS["regression"].value(logits), ages)
+    groups = KINDS["regression"].probabilities(logits, THRESHOLDS).argmax(1)
     assert groups.tolist() == np.digitize(np.round(ages.numpy()), THRESHOLDS).tolist() == [0, 0, 1, 1, 1, 2, 2]
 
 
 def test_ordinal_follows_the_thresholds_passed():
     # P(group > 0), P(group > 1): confident "older than 30, not older than 60" is the middle group
-    p = age.class_probabilities("ordinal", torch.tensor([[4.0, -4.0], [-4.0, -4.0], [4.0, 4.0]]), THRESHOLDS)
+    p = KINDS["ordinal"].probabilities(torch.tensor([[4.0, -4.0], [-4.0, -4.0], [4.0, 4.0]]), THRESHOLDS)
     assert p.argmax(1).tolist() == [1, 0, 2]
 
 
@@ -59,13 +60,13 @@ def test_the_losses_fall_when_the_prediction_moves_to_the_truth(loss):
         target, good, bad = torch.tensor([1]), torch.tensor([[5.0, -5.0]]), torch.tensor([[-5.0, 5.0]])
     elif loss == "dldl":
         target = torch.tensor([35])
-        good = torch.full((1, age.YEARS), -5.0)
+        good = torch.full((1, heads.YEARS), -5.0)
         good[0, 33:38] = 5.0
-        bad = torch.full((1, age.YEARS), -5.0)
+        bad = torch.full((1, heads.YEARS), -5.0)
         bad[0, 70:75] = 5.0
     else:
         target, good, bad = torch.tensor([35]), torch.tensor([[-0.5]]), torch.tensor([[3.0]])
-    assert age.age_loss(loss, good, target).item() < age.age_loss(loss, bad, target).item()
+    assert KINDS[loss].loss(good, target).item() < KINDS[loss].loss(bad, target).item()
 
 
 def test_years_losses_train_on_the_exact_age(faces_root):
@@ -75,24 +76,38 @@ def test_years_losses_train_on_the_exact_age(faces_root):
         assert training_targets(cfg, table)[:, 2].tolist() == expected.astype(int).tolist()
 
 
-def test_training_age_groups_with_a_years_loss_are_an_error_not_ignored():
+def test_training_thresholds_with_a_value_kind_are_an_error_not_ignored():
     for loss in ("dldl", "regression"):  # they learn the years: training groups would change nothing
-        with pytest.raises(ConfigError, match=re.escape(f"data.train_age_thresholds=[30, 58]: heads[2].loss={loss} "
-                                                        "learns the years")):
-            load_config([f"heads.2.loss={loss}", "data.train_age_thresholds=[30,58]"])
-    cfg = load_config(["heads.2.loss=ordinal", "data.train_age_thresholds=[30,58]"])
-    assert cfg.data.train_age_thresholds == [30, 58]
+        with pytest.raises(ConfigError, match=re.escape("heads.2.train_thresholds=[30, 58]: heads.2.loss="
+                                                        f"{loss} learns the value")):
+            load_config([f"heads.2.loss={loss}", "heads.2.train_thresholds=[30,58]"])
+    cfg = load_config(["heads.2.loss=ordinal", "heads.2.train_thresholds=[30,58]"])
+    assert cfg.heads[2].train_thresholds == [30, 58]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["heads.1.loss=dldl"], "heads.1.loss=dldl learns a value: it needs heads.1.value_column and heads.1.thresholds"),
+    (["heads.2.thresholds=[30]"], "heads.2.thresholds=[30]: one cut between each two classes (2 for"),
+    (["heads.2.thresholds=[60,30]"], "heads.2.thresholds=[60, 30]: each above the one before"),
+    (["heads.2.loss=dldl", "heads.2.thresholds=[30,160]"], "heads.2.thresholds=[30, 160]: loss=dldl cuts values 0..99"),
+    (["heads.0.absent=none"], "heads.0.absent='none': not one of its classes"),
+    (["heads.2.loss=softmax"], "heads.2.loss='softmax': must be one of ce, ordinal, dldl, regression"),
+    (["heads.1.train_thresholds=[1,2]"], "heads.1.train_thresholds: needs heads.1.value_column"),
+])
+def test_a_head_that_its_kind_cannot_serve_is_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides)
 
 
 def test_the_model_outputs_what_each_loss_needs():
-    for loss, size in (("ce", 3), ("ordinal", 2), ("dldl", age.YEARS), ("regression", 1)):
+    for loss, size in (("ce", 3), ("ordinal", 2), ("dldl", heads.YEARS), ("regression", 1)):
         cfg = load_config([f"heads.2.loss={loss}", "model.arch=mobilenet_v3_small"])
         model, _ = build_model(cfg.model, cfg.heads)
         out = model.eval()(torch.randn(2, 3, 64, 64))
         assert out.shape == (2, 3 + 2 + size)
         probs = model.probabilities(out)
         assert all(torch.allclose(p.sum(1), torch.ones(2), atol=1e-5) for p in probs.values())
-        assert set(model.years(out)) == ({"age"} if age.uses_years(loss) else set())
+        assert set(model.years(out)) == ({"age"} if KINDS[loss].value is not None else set())
 
 
 @pytest.mark.slow
@@ -107,7 +122,7 @@ def test_each_age_loss_trains_and_the_report_shows_age_by_year(faces_root, tmp_p
     p = oof[["p_age_<30", "p_age_30-59", "p_age_60+"]].to_numpy()
     assert np.allclose(p.sum(1), 1, atol=1e-4) and (oof["pred_age"] == p.argmax(1)).all()
     assert report["age"]["by_year"] and "## Age by year" in (run / "report.md").read_text()
-    if age.uses_years(loss):
+    if KINDS[loss].value is not None:
         expected = (oof["years_age"] - oof["age"]).abs().mean()
         assert report["age"]["mae_years"][0] == pytest.approx(expected)
         assert (run / "plots" / "age_predicted_vs_true.png").exists()
