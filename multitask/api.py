@@ -29,22 +29,11 @@ from multitask.data.sources import DataError, Problem
 from multitask.data.transforms import Preprocessing
 from multitask.engine import Runtime, loader_workers, predict_views, resolve_device, tta_views
 from multitask.model import MultiHeadNet
-from multitask.run import RunDir, check_same_classes, final_heads, prediction_frame
+from multitask.run import Member, RunDir, check_same_classes, final_heads, prediction_frame
 from multitask.tasks import joint_class_names, joint_label
 
 Photo = Union[str, Path, np.ndarray, Image.Image]  # a file, a PIL image or an RGB array
 ENSEMBLES = ("mean", "vote")
-
-
-@dataclass
-class Member:
-    """One run's part of a prediction: its config, fold models, preprocessing and test-time views."""
-
-    run: RunDir
-    cfg: Config
-    models: Dict[int, MultiHeadNet]
-    pre: Preprocessing
-    views: List[tuple]
 
 
 @dataclass
@@ -162,7 +151,7 @@ class Predictor:
 
     def describe(self) -> str:
         """Which models predict, e.g. "faces-...: folds [0, 1, 2] x 2 view(s)"."""
-        return "; ".join(f"{m.run.root.name}: folds {sorted(m.models)} x {len(m.views)} view(s)" for m in self.members)
+        return "; ".join(m.describe() for m in self.members)
 
     # --- photos -> prepared arrays ---------------------------------------------------------------------------
 

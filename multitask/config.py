@@ -131,6 +131,11 @@ class StageConfig:
     photos_per_person: int = 0
 
 
+def default_stages() -> List[StageConfig]:
+    # Gender and age first learn from the unmasked photos, then every head from all photos
+    return [StageConfig(epochs=4, heads=["gender", "age"], only={"mask": "not_worn"}), StageConfig(epochs=8)]
+
+
 @dataclass
 class OptimConfig:
     optimizer: str = "adam"  # adam | adamw | sgd
@@ -212,8 +217,8 @@ class ReportConfig:
     # Columns of the data (e.g. a manifest's own) whose groups the report scores every head on, beside gender x
     # age group and, where the data has it, race.
     subgroups: List[str] = field(default_factory=list)
-    cross: List[str] = field(default_factory=lambda: ["gender", "age"])  # heads whose true classes are crossed into
-    # one more subgroup (gender x age group); skipped where a head is missing
+    # Heads whose true classes are crossed into one more subgroup (gender x age group); none where one is missing
+    cross: List[str] = field(default_factory=lambda: ["gender", "age"])
 
 
 @dataclass
@@ -223,10 +228,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     heads: List[HeadConfig] = field(default_factory=face_heads)
-    stage1: StageConfig = field(
-        default_factory=lambda: StageConfig(epochs=4, heads=["gender", "age"], only={"mask": "not_worn"})
-    )
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=8))
+    # Trained in order, each starting from the one before; `stageN.key` is short for `stages.(N-1).key`
+    stages: List[StageConfig] = field(default_factory=default_stages)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -236,9 +239,18 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+def stage(cfg: Config, number: int) -> StageConfig:
+    """Stage ``number`` (1-based, as run folders and logs count them)."""
+    return cfg.stages[number - 1]
+
+
+def enabled_stages(cfg: Config) -> List[int]:
+    return [n for n, s in enumerate(cfg.stages, 1) if s.enabled]
+
+
 def final_stage(cfg: Config) -> int:
-    """The stage whose best.pt is a fold's model: 2, or 1 when stage 2 is off."""
-    return 2 if cfg.stage2.enabled else 1
+    """The stage whose best.pt is a fold's model: the last one enabled."""
+    return enabled_stages(cfg)[-1]
 
 
 CHOICES = {
@@ -266,15 +278,29 @@ def _reason(e: Exception) -> str:
     return str(getattr(e, "msg", None) or e).strip().splitlines()[0]
 
 
+STAGE_KEY = re.compile(r"stage(\d+)$")  # stageN: stage N of the list, 1-based
+
+
 def _merge(base, other, origin: str):
     """``other`` merged into ``base``; a mapping the config declares as a value (``stage1.only``) is replaced, not
-    merged into, so a preset's or an override's ``only: {}`` clears it."""
+    merged into, so a preset's or an override's ``only: {}`` clears it. A ``stageN:`` section is merged into
+    entry N-1 of ``stages``."""
+    sections = {}
+    if isinstance(other, DictConfig) and "stages" in base:
+        sections = {key: other[key] for key in list(other.keys()) if STAGE_KEY.match(str(key))}
+        other = OmegaConf.masked_copy(other, [k for k in other.keys() if k not in sections])
     try:
         merged = OmegaConf.merge(base, other)
         _replace_mappings(merged, other)
-        return merged
     except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
+    for key, section in sections.items():
+        n = int(STAGE_KEY.match(key)[1])
+        if not 1 <= n <= len(merged.stages):
+            raise ConfigError(f"{origin}: {key}: there are {len(merged.stages)} stages (stage1 to "
+                              f"stage{len(merged.stages)}); to add one, give the whole stages list")
+        merged.stages[n - 1] = _merge(merged.stages[n - 1], section, f"{origin}: {key}")
+    return merged
 
 
 def _replace_mappings(cfg: DictConfig, other) -> None:
@@ -289,7 +315,13 @@ def _replace_mappings(cfg: DictConfig, other) -> None:
 
 
 def _set(cfg, key: str, value: str, origin: str):
-    """``a.b=value``; list items by index too (``heads.2.loss=dldl``)."""
+    """``a.b=value``; list items by index too (``heads.2.loss=dldl``); ``stageN.key`` is ``stages.(N-1).key``."""
+    alias = re.match(r"stage(\d+)\.(.+)$", key)
+    if alias:
+        if not 1 <= int(alias[1]) <= len(cfg.stages):
+            raise ConfigError(f"{origin}: there are {len(cfg.stages)} stages (stage1 to stage{len(cfg.stages)}); to "
+                              "add one, give the whole stages list, e.g. in a YAML file")
+        key = f"stages.{int(alias[1]) - 1}.{alias[2]}"
     try:
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
     except Exception as e:  # YAML and interpolation grammar errors alike: name the override
@@ -305,8 +337,10 @@ def _set(cfg, key: str, value: str, origin: str):
                               "add one, give the whole list, e.g. in a YAML file")
     if not any(part.isdigit() for part in key.split(".")):
         return _merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]), origin)
+    node = OmegaConf.select(cfg, key, default=None)
+    mapping = isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict  # a value, replaced (stage1.only)
     try:
-        OmegaConf.update(cfg, key, parsed, merge=True, force_add=False)
+        OmegaConf.update(cfg, key, parsed, merge=not mapping, force_add=False)
         return cfg
     except (OmegaConfBaseException, TypeError, ValueError, IndexError, KeyError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
@@ -371,8 +405,6 @@ RANGES = {
     # BatchNorm needs two photos in a training step
     "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (2, INF, True),
     "data.workers": (-1, 256, True), "model.dropout": (0, 1, True),
-    "stage1.epochs": (1, INF, True), "stage2.epochs": (1, INF, True),
-    "stage1.photos_per_person": (0, INF, True), "stage2.photos_per_person": (0, INF, True),
     "optim.lr_trunk": (0, INF, False), "optim.lr_heads": (0, INF, False), "optim.lr_trunk_pretrained": (0, INF, False),
     "optim.lr_heads_pretrained": (0, INF, False), "optim.lr_scratch": (0, INF, False),
     "optim.weight_decay": (0, 1, True), "optim.momentum": (0, 1, True), "optim.step_every": (1, INF, True),
@@ -385,20 +417,25 @@ RANGES = {
     "train.threads": (0, 4096, True), "train.seed": (0, 2**32 - 1, True), "cv.seed": (0, 2**32 - 1, True),
     "data.synthetic_seed": (0, 2**32 - 1, True),
 }
+STAGE_RANGES = {"epochs": (1, INF, True), "photos_per_person": (0, INF, True)}  # per entry of stages
 MAX_SIZE = 4096  # pixels per side of data.size, data.crop and stage sizes: beyond it a step no longer fits memory
 
 
+def check_range(dotted: str, value, low, high, low_ok) -> None:
+    if value is not None and (not (low <= value if low_ok else low < value) or value > high):
+        bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:n}" if high != INF else "")
+        raise ConfigError(f"{dotted}={value!r}: must be {bound}")
+
+
 def check_ranges(cfg: Config) -> None:
-    for dotted, (low, high, low_ok) in RANGES.items():
+    for dotted, bounds in RANGES.items():
         section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value is None:
-            continue
-        if not (low <= value if low_ok else low < value) or value > high:
-            bound = f"{'>=' if low_ok else '>'} {low:g}" + (f" and <= {high:n}" if high != INF else "")
-            raise ConfigError(f"{dotted}={value!r}: must be {bound}")
+        check_range(dotted, getattr(getattr(cfg, section), key), *bounds)
+    for n, s in enumerate(cfg.stages, 1):
+        for key, bounds in STAGE_RANGES.items():
+            check_range(f"stage{n}.{key}", getattr(s, key), *bounds)
     sizes = {f"data.{name}": getattr(cfg.data, name) for name in ("size", "crop", "synthetic_size")}
-    sizes.update({f"{stage}.size": getattr(cfg, stage).size for stage in ("stage1", "stage2")})
+    sizes.update({f"stage{n}.size": s.size for n, s in enumerate(cfg.stages, 1)})
     for key, dims in sizes.items():
         if dims is not None and (len(dims) != 2 or min(dims) < 8 or max(dims) > MAX_SIZE):
             raise ConfigError(f"{key}={list(dims)}: two sizes of 8 to {MAX_SIZE} pixels")
@@ -418,7 +455,7 @@ def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
     if size[0] > cfg.data.size[0] or size[1] > cfg.data.size[1]:
         raise ConfigError(f"{stage_name}.size={list(size)}: at most data.size {list(cfg.data.size)} (photos are "
                           f"prepared for data.size; a stage may train smaller, not larger)")
-    if stage_name == f"stage{final_stage(cfg)}" and list(size) != list(cfg.data.size):
+    if enabled_stages(cfg) and stage_name == f"stage{final_stage(cfg)}" and list(size) != list(cfg.data.size):
         raise ConfigError(f"{stage_name}.size={list(size)}: the final stage trains the run's model, at data.size "
                           f"{list(cfg.data.size)}; set it to null")
 
@@ -448,8 +485,10 @@ def validate(cfg: Config) -> None:
         if len(h.classes) == 1 or len(set(h.classes)) != len(h.classes):
             raise ConfigError(f"heads.{i}.classes={list(h.classes)}: at least two classes, each named once")
     check_heads(cfg)
-    for stage_name in ("stage1", "stage2"):
-        stage = getattr(cfg, stage_name)
+    if not enabled_stages(cfg):
+        raise ConfigError("stages: none enabled; nothing to train")
+    for n, stage in enumerate(cfg.stages, 1):
+        stage_name = f"stage{n}"
         if not stage.enabled:
             continue
         for key in ("heads", "only"):
@@ -463,8 +502,6 @@ def validate(cfg: Config) -> None:
                                   f"({', '.join(map(str, classes))})")
         if stage.size is not None:
             check_stage_size(cfg, stage_name, stage.size)
-    if not (cfg.stage1.enabled or cfg.stage2.enabled):
-        raise ConfigError("stage1.enabled and stage2.enabled are both false: nothing to train")
     if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", cfg.name):
         raise ConfigError(f"name={cfg.name!r}: letters, digits, '.', '_', '+' and '-' only, not starting with '.' "
                           "(it names a folder inside out_dir)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from multitask import config as config_module
-from multitask.config import CHOICES, INF, PRIORS, RANGES, Config, HeadConfig
+from multitask.config import CHOICES, INF, PRIORS, RANGES, STAGE_RANGES, Config, HeadConfig, StageConfig
 from multitask.heads import KINDS
 
 
@@ -46,8 +46,9 @@ def rule(key: str) -> str:
     choices = CHOICES.get(key) or HEAD_CHOICES.get(key)
     if choices:
         return " \\| ".join(f"`{c}`" for c in choices)
-    if key in RANGES:
-        low, high, low_ok = RANGES[key]
+    bounds = RANGES.get(key) or STAGE_RANGES.get(key.removeprefix("stageN."))
+    if bounds:
+        low, high, low_ok = bounds
         return f"{'≥' if low_ok else '>'} {low:n}" + (f", ≤ {high:n}" if high != INF else "")
     return ""
 
@@ -89,6 +90,13 @@ def reference() -> str:
             lines += ["", *header, *section_rows("heads.N.", HeadConfig("NAME", "COLUMN"), comments["HeadConfig"])]
             lines += ["", "Head kinds (`heads.N.loss`, `multitask/heads.py`):", "", "| kind | what the head learns |",
                       "|---|---|", *[f"| `{name}` | {k.doc} |" for name, k in KINDS.items()]]
+        elif f.name == "stages":
+            lines += ["", "## stages", "", f"{comments['Config']['stages']}. The default:", ""]
+            lines += [f"- `stage{n}`: {s.epochs} epochs, "
+                      + (f"heads {', '.join(s.heads)}" if s.heads else "every head")
+                      + (f", photos whose {', '.join(f'{k} is {v}' for k, v in s.only.items())}" if s.only else "")
+                      for n, s in enumerate(sub, 1)]
+            lines += ["", *header, *section_rows("stageN.", StageConfig(), comments["StageConfig"])]
         elif dataclasses.is_dataclass(sub):
             lines += ["", f"## {f.name}", "", *header, *section_rows(f"{f.name}.", sub, comments[type(sub).__name__])]
     return "\n".join(lines) + "\n"

@@ -247,13 +247,11 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
                   with_faithfulness: bool = False, overwrite: bool = False) -> pd.DataFrame:
     """One CAM grid PNG per photo in ``out`` and predictions.csv; ``out`` must be new or empty unless
     ``overwrite``."""
-    from multitask.api import load_run
-
     run = RunDir(run_dir)
-    trained = run.trained_folds(run.load_config())
+    cfg = run.load_config()
+    trained = run.trained_folds(cfg)
     fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
-    member = load_run(run_dir, [fold], device="cpu").members[0]
-    cfg, model, pre = member.cfg, member.models[fold], member.pre
+    model, pre = run.load_models(cfg, [fold], torch.device("cpu"))[fold], run.preprocessing(cfg)
     if not Path(inputs).exists():
         raise DataError([Problem(str(inputs), "does not exist")])
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))

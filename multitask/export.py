@@ -43,7 +43,7 @@ from multitask.config import ConfigError  # noqa: E402
 from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size  # noqa: E402
 from multitask.io import atomic_write_text, output_folder  # noqa: E402
 from multitask.model import MultiHeadNet  # noqa: E402
-from multitask.run import final_heads  # noqa: E402
+from multitask.run import Member, RunDir, final_heads  # noqa: E402
 
 PREPROCESSING = "preprocessing.json"
 
@@ -153,11 +153,14 @@ def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> 
 @guarded
 def main(argv=None) -> int:
     a = cli().parse_args(argv)
-    from multitask.api import load_run
+    from multitask.engine import tta_views
 
-    predictor = load_run(a.run, a.folds, device="cpu")
-    path = export_member(predictor.members[0], a.out, a.format, a.overwrite)
-    print(f"exported {predictor.describe()} to {path} (how to feed it: {a.out / PREPROCESSING})")
+    run = RunDir(a.run)
+    cfg = run.load_config()
+    member = Member(run, cfg, run.load_models(cfg, a.folds, torch.device("cpu")), run.preprocessing(cfg),
+                    tta_views(cfg.predict))
+    path = export_member(member, a.out, a.format, a.overwrite)
+    print(f"exported {member.describe()} to {path} (how to feed it: {a.out / PREPROCESSING})")
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from multitask.config import Config, HeadConfig, StageConfig
+from multitask.config import Config, HeadConfig, StageConfig, stage
 from multitask.data.sources import DataError, Problem
 
 
@@ -82,7 +82,7 @@ def draw_per_person(persons: np.ndarray, per_person: int, seed: int) -> np.ndarr
 
 def stage_split(cfg: Config, t: pd.DataFrame, fold: int, stage_no: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training rows, validation rows) of one stage of one fold."""
-    keep = stage_rows(t, getattr(cfg, f"stage{stage_no}"), cfg.heads)
+    keep = stage_rows(t, stage(cfg, stage_no), cfg.heads)
     train_rows = t[keep & (t["fold"] != fold) & (~t["stage1_only"] | (stage_no == 1))]
     if cfg.data.drop_train_ages and "age" in t:
         train_rows = train_rows[~train_rows["age"].isin(cfg.data.drop_train_ages)]

@@ -43,8 +43,8 @@ class HeadKind:
     loss: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     # The predicted value (N) from raw outputs; a kind with one learns from the head's value_column, not its class
     value: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    value_range: Optional[Tuple[int, int]] = None  # the values the kind can predict; thresholds fall inside
     cam_on_logit: bool = False  # CAM explains the class's logit (a softmax's usual target), else its probability
-    ordered: bool = False  # the classes must be in order (the kind relies on it)
     # Extra scores the report adds for heads of this kind (report.HEAD_METRICS), where the head declares what
     # they need (``absent`` for on_accuracy, ``value_column`` for value_mae)
     metrics: Tuple[str, ...] = ()
@@ -121,13 +121,13 @@ KINDS = {
     "ce": HeadKind("softmax over the classes", outputs=lambda n: n, probabilities=softmax, cam_on_logit=True,
                    metrics=("on_accuracy",)),
     "ordinal": HeadKind("cumulative logits P(class > k): the classes' order built in", outputs=lambda n: n - 1,
-                        probabilities=ordinal_probabilities, loss=ordinal_loss, ordered=True),
+                        probabilities=ordinal_probabilities, loss=ordinal_loss),
     "dldl": HeadKind("a distribution over the value 0..99 (value_column), cut at the thresholds",
                      outputs=lambda n: YEARS, probabilities=distribution_probabilities, loss=distribution_loss,
-                     value=distribution_value, ordered=True, metrics=("value_mae",)),
+                     value=distribution_value, value_range=(0, YEARS - 1), metrics=("value_mae",)),
     "regression": HeadKind("the value itself (value_column), cut at the thresholds", outputs=lambda n: 1,
                            probabilities=regression_probabilities, loss=regression_loss, value=regression_value,
-                           ordered=True, metrics=("value_mae",)),
+                           value_range=(0, YEARS - 1), metrics=("value_mae",)),
 }
 
 
@@ -158,8 +158,9 @@ def check_heads(cfg: "Config") -> None:
             raise ConfigError(f"heads.{i}.loss={h.loss} learns a value: it needs heads.{i}.value_column and "
                               f"heads.{i}.thresholds (head {h.name} has "
                               f"{'no value_column' if not h.value_column else 'no thresholds'})")
-        if k.value is not None and any(not 0 < t < YEARS for t in h.thresholds):
-            raise ConfigError(f"heads.{i}.thresholds={list(h.thresholds)}: loss={h.loss} cuts values 0..{YEARS - 1}")
+        if k.value_range and any(not k.value_range[0] < t <= k.value_range[1] for t in h.thresholds):
+            raise ConfigError(f"heads.{i}.thresholds={list(h.thresholds)}: loss={h.loss} cuts values "
+                              f"{k.value_range[0]}..{k.value_range[1]}")
         if h.train_thresholds is not None and k.value is not None:
             raise ConfigError(f"heads.{i}.train_thresholds={list(h.train_thresholds)}: heads.{i}.loss={h.loss} "
                               "learns the value, not the classes, so training classes would change nothing; use it "

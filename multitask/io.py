@@ -72,7 +72,7 @@ def output_folder(out: Path, ours: Sequence[str], overwrite: bool, command: str)
     """``out`` made ready for a command's outputs, never mixing two runs of it: created when missing; refused
     when it holds anything, unless ``overwrite``, which first removes this command's own earlier outputs (the
     names or glob patterns in ``ours``) and leaves any other file alone."""
-    from multitask.config import ConfigError
+    from multitask.errors import ConfigError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

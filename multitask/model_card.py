@@ -74,7 +74,7 @@ def model_card(cfg: Config, run, heads: Sequence[HeadConfig], oof: pd.DataFrame,
                           + (", prior training" if h.prior == "training" else "") + ")" for h in heads)
     stages = [f"stage {i}: {s.epochs} epochs on " + (f"heads {', '.join(s.heads)}" if s.heads else "every head")
               + (f", photos whose {', '.join(f'{k} is {v}' for k, v in s.only.items())}" if s.only else "")
-              for i, s in ((1, cfg.stage1), (2, cfg.stage2)) if s.enabled]
+              for i, s in enumerate(cfg.stages, 1) if s.enabled]
     extra = [f"{what}: {', '.join(map(str, roots))}" for what, roots in
              (("extra stage-1 photos", d.extra_unmasked), ("extra training sets", d.extra_train)) if roots]
     weakest = _weakest_classes(result, heads)

@@ -394,8 +394,8 @@ def write_report(run_dir: Path) -> dict:
              f"{cfg.model.arch} (pretrained: {cfg.model.pretrained}), {cfg.data.size[0]}x{cfg.data.size[1]} px, "
              f"data: {cfg.data.source} {cfg.data.root or ''}; {len(oof)} out-of-fold photos of "
              f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
-             f"Stage 1: {cfg.stage1.epochs if cfg.stage1.enabled else 0} epochs, stage 2: "
-             f"{cfg.stage2.epochs if cfg.stage2.enabled else 0} epochs. Macro-F1 per fold on the fold's held-out "
+             + ", ".join(f"{'Stage' if n == 1 else 'stage'} {n}: {s.epochs if s.enabled else 0} epochs"
+                         for n, s in enumerate(cfg.stages, 1)) + ". Macro-F1 per fold on the fold's held-out "
              f"persons (best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1 on the "
              "plain photo), scored " + views_sentence(oof_views(oof), predict_views, "predict reproduces them") + " "
              + recipe(cfg, run), "",

@@ -17,12 +17,16 @@ import re
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
 from multitask.config import Config, ConfigError, HeadConfig, final_stage, load_config
+
+if TYPE_CHECKING:  # the torch side is imported where models are loaded, so report and the dashboard start fast
+    from multitask.data.transforms import Preprocessing
+    from multitask.model import MultiHeadNet
 
 
 def read_json(path: Path) -> dict:
@@ -204,6 +208,21 @@ class RunDir:
         return models
 
 
+@dataclass
+class Member:
+    """One run's part of a prediction: its config, fold models, preprocessing and test-time views."""
+
+    run: RunDir
+    cfg: Config
+    models: Dict[int, "MultiHeadNet"]
+    pre: "Preprocessing"
+    views: List[tuple]
+
+    def describe(self) -> str:
+        """Which models predict, e.g. "faces-...: folds [0, 1, 2] x 2 view(s)"."""
+        return f"{self.run.root.name}: folds {sorted(self.models)} x {len(self.views)} view(s)"
+
+
 def load_weights(model, path: Path, config: Path) -> None:
     """A checkpoint's weights into a model built from the run's config; a file of another shape or kind is one
     WeightsError line naming it."""
@@ -222,7 +241,7 @@ def load_weights(model, path: Path, config: Path) -> None:
 
 def final_heads(cfg: Config) -> List[HeadConfig]:
     """The heads the final stage trained: the ones a run's models predict."""
-    stage = getattr(cfg, f"stage{final_stage(cfg)}")
+    stage = cfg.stages[final_stage(cfg) - 1]
     return [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
 
 

@@ -25,7 +25,8 @@ from torch.utils.data import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask import allocator
-from multitask.config import Config, ConfigError, HeadConfig, StageConfig, extra_val_names, final_stage, save_config
+from multitask.config import (Config, ConfigError, HeadConfig, StageConfig, enabled_stages, extra_val_names, final_stage,
+                              save_config, stage)
 from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
 from multitask.data.sources import DataError, Problem, age_thresholds
 from multitask.data.table import (apply_policy, eval_targets, labeled_source, load_labeled, load_table, resolve_root,
@@ -91,7 +92,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     validates its share of the photos; the predictions are gathered so every process sees the same scores and
     keeps the same best epoch, and rank 0 alone writes."""
     cfg, world = ctx.cfg, ctx.world
-    stage: StageConfig = getattr(cfg, f"stage{stage_no}")
+    stage: StageConfig = cfg.stages[stage_no - 1]
     run = ctx.run
     active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
     if run.stage_done(fold, stage_no).exists():
@@ -435,9 +436,8 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     rt = Runtime.from_config(cfg, world)
     todo = folds_to_train(cfg, run_dir)
     run = RunDir(run_dir)
-    stages = [s for s in (1, 2) if getattr(cfg, f"stage{s}").enabled]
-    sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in stages}
-    planned = sum(getattr(cfg, f"stage{s}").epochs * sum(n) for s, n in sizes.items())
+    sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
+    planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
     extra_val = load_extra_val(cfg, log, pre.prepare.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
@@ -445,7 +445,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
         f"{precision_note(cfg.train, rt.device, cfg.model.arch, cfg.data.size)}, "
         f"size {cfg.data.size[0]}x{cfg.data.size[1]}; run {run_dir}")
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
-        f"stage {s} {getattr(cfg, f'stage{s}').epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
+        f"stage {s} {stage(cfg, s).epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
         + stage_size_note(cfg, s) for s, n in sizes.items()) + "; the time left is shown after every epoch")
     for fold in sorted(set(cfg.cv.run_folds or range(cfg.cv.folds)) - set(todo)):
         log(f"fold {fold}: done, kept")
@@ -462,12 +462,12 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
 def epoch_photos(cfg: Config, table: pd.DataFrame, fold: int, stage_no: int) -> int:
     """Photos one epoch of a stage trains and validates on (fewer training photos when it draws per person)."""
     train_rows, val_rows = stage_split(cfg, table, fold, stage_no)
-    per_person = getattr(cfg, f"stage{stage_no}").photos_per_person
+    per_person = stage(cfg, stage_no).photos_per_person
     return round(draw_weights(train_rows["person_id"].to_numpy(), per_person).sum()) + len(val_rows)
 
 
 def stage_size_note(cfg: Config, stage_no: int) -> str:
-    size = getattr(cfg, f"stage{stage_no}").size
+    size = stage(cfg, stage_no).size
     return f" at {size[0]}x{size[1]}" if size and list(size) != list(cfg.data.size) else ""
 
 
@@ -491,12 +491,11 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
     ctx.log(f"fold {fold}: trunk {'weights loaded' if loaded else 'random init'}, "
             f"learning rates trunk {lrs[0]:.0e} heads {lrs[1]:.0e}")
     tick = time.perf_counter()
-    for stage_no in (1, 2):
-        if getattr(cfg, f"stage{stage_no}").enabled:
-            model = run_stage(ctx, fold, stage_no, model, lrs, writer)
+    for stage_no in enabled_stages(cfg):
+        model = run_stage(ctx, fold, stage_no, model, lrs, writer)
     if world.main:
         score_extra_val(ctx, fold, model.eval(), extra_val)
         atomic_write_text(ctx.run.fold_done(fold), json.dumps({"seconds": time.perf_counter() - tick}))
-        if final_stage(cfg) == 2:  # stage 1's model only seeds stage 2; the fold's model is stage 2's best.pt
-            ctx.run.best(fold, 1).unlink(missing_ok=True)
+        for earlier in enabled_stages(cfg)[:-1]:  # they only seed the next stage; the fold's model is the last's
+            ctx.run.best(fold, earlier).unlink(missing_ok=True)
     barrier(world)

@@ -3,20 +3,20 @@ import re
 
 import pytest
 
-from multitask.config import CONFIG_DIR, ConfigError, load_config, to_yaml
+from multitask.config import CONFIG_DIR, ConfigError, final_stage, load_config, to_yaml
 
 
 def test_defaults_are_the_face_task_with_two_stages():
     cfg = load_config()
     assert [h.name for h in cfg.heads] == ["mask", "gender", "age"]
-    assert cfg.stage1.heads == ["gender", "age"] and cfg.stage1.only == {"mask": "not_worn"}
-    assert cfg.stage2.heads == [] and cfg.model.arch == "resnet18"
+    assert cfg.stages[0].heads == ["gender", "age"] and cfg.stages[0].only == {"mask": "not_worn"}
+    assert cfg.stages[1].heads == [] and cfg.model.arch == "resnet18"
     assert cfg.optim.lr_trunk is None and cfg.optim.lr_heads is None  # chosen by whether weights were loaded
 
 
 def test_overrides_reach_nested_fields_with_types():
     cfg = load_config(["model.arch=resnet34", "stage2.epochs=10", "data.size=[160,128]", "optim.lr_trunk=0.001"])
-    assert cfg.model.arch == "resnet34" and cfg.stage2.epochs == 10
+    assert cfg.model.arch == "resnet34" and cfg.stages[1].epochs == 10
     assert cfg.data.size == [160, 128] and cfg.optim.lr_trunk == pytest.approx(1e-3)
 
 
@@ -74,12 +74,12 @@ def test_a_preset_after_an_override_of_the_same_key_is_an_error_not_a_silent_und
 
 
 def test_a_mapping_in_an_override_or_a_file_replaces_the_mapping(tmp_path):
-    assert load_config(["stage1.only={}"]).stage1.only == {}  # stage 1 on every photo, masked or not
-    assert load_config(["stage1.only={gender: female}"]).stage1.only == {"gender": "female"}
+    assert load_config(["stage1.only={}"]).stages[0].only == {}  # stage 1 on every photo, masked or not
+    assert load_config(["stage1.only={gender: female}"]).stages[0].only == {"gender": "female"}
     preset = tmp_path / "every_photo.yaml"
     preset.write_text("stage1:\n  only: {}\n  photos_per_person: 1\n")
     cfg = load_config([str(preset)])
-    assert cfg.stage1.only == {} and cfg.stage1.photos_per_person == 1 and cfg.stage1.heads == ["gender", "age"]
+    assert cfg.stages[0].only == {} and cfg.stages[0].photos_per_person == 1 and cfg.stages[0].heads == ["gender", "age"]
 
 
 def test_presets_merge_into_their_section():
@@ -107,3 +107,26 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(["augment.mix=cutmix_vertical", "heads.2.train_thresholds=[30,58]", "stage1.only={}"])
     (tmp_path / "c.yaml").write_text(to_yaml(cfg))  # a resumed run, predict and explain read this
     assert load_config(base=tmp_path / "c.yaml") == cfg
+
+
+def test_stages_are_a_list_and_stage_n_names_entry_n_minus_1(tmp_path):
+    three = tmp_path / "three.yaml"
+    three.write_text("stages:\n  - {epochs: 2, heads: [gender, age], only: {mask: not_worn}}\n  - {epochs: 3}\n"
+                     "  - {epochs: 1, heads: [mask]}\n")
+    cfg = load_config([str(three), "stage3.epochs=4", "stage1.only={}"])
+    assert [s.epochs for s in cfg.stages] == [2, 3, 4] and cfg.stages[2].heads == ["mask"]
+    assert cfg.stages[0].only == {} and final_stage(cfg) == 3
+    assert final_stage(load_config(["stage2.enabled=false"])) == 1
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert load_config(base=tmp_path / "c.yaml") == cfg  # what a run saves: the list
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stage3.epochs=2"], "there are 2 stages (stage1 to stage2); to add one, give the whole stages list"),
+    (["stage1.enabled=false", "stage2.enabled=false"], "stages: none enabled; nothing to train"),
+    (["stage2.epochs=0"], "stage2.epochs=0: must be >= 1"),
+    (["stage2.heads=[nose]"], "stage2.heads: unknown head(s) ['nose']"),
+])
+def test_a_wrong_stage_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides)

@@ -13,9 +13,10 @@ import torch
 from multitask import heads
 from multitask.config import ConfigError, load_config
 from multitask.heads import KINDS
+from multitask.tasks import MASK_CLASSES
 from multitask.trainer import run_cv
-from multitask.data.table import training_targets
-from multitask.data.sources import load_competition
+from multitask.data.sources import DataError, load_competition
+from multitask.data.table import load_table, training_targets
 from multitask.model import build_model
 from multitask.predict import predict
 from multitask.report import write_report
@@ -132,3 +133,29 @@ def test_each_age_loss_trains_and_the_report_shows_age_by_year(faces_root, tmp_p
     else:
         assert "mae_years" not in report["age"]
     assert json.loads((run / "report.json").read_text())["age"]["by_year"]
+
+
+def test_a_head_on_a_manifest_column_of_values_gets_its_classes_cut_and_learns_the_values(faces_root, tmp_path):
+    """A new value head is config only: a numeric column, thresholds, and a kind that learns values."""
+    table, _ = load_competition(faces_root)
+    rng = np.random.default_rng(0)
+    pose = rng.integers(10, 90, len(table)).astype(str)
+    pose[0] = ""  # unknown
+    manifest = table[["path", "person_id", "gender", "age", "mask"]].assign(
+        gender=table["gender"].map({0: "male", 1: "female"}), mask=table["mask"].map(dict(enumerate(MASK_CLASSES))),
+        head_pose=pose)
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    heads_yaml = tmp_path / "heads.yaml"
+    heads_yaml.write_text(
+        "heads:\n  - {name: mask, column: mask, classes: [worn, incorrect, not_worn], absent: not_worn}\n"
+        "  - {name: pose, column: pose, classes: [left, frontal, right], value_column: head_pose,\n"
+        "     thresholds: [40, 60], loss: regression}\n"
+        "stage1:\n  heads: [pose]\n")
+    cfg = load_config([f"data.root={tmp_path / 'm.csv'}", "data.source=manifest", str(heads_yaml)])
+    loaded, _ = load_table(cfg)
+    values = pd.to_numeric(pd.Series(pose).replace("", None))
+    assert loaded["pose"].tolist() == [-1] + np.digitize(values[1:], [40, 60]).tolist()
+    assert training_targets(cfg, loaded)[:, 1].tolist() == [-1] + values[1:].astype(int).tolist()
+    manifest.assign(head_pose=["left"] + list(pose[1:])).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match=re.escape("column head_pose: values ['left'] are not numbers")):
+        load_table(cfg)

@@ -22,6 +22,7 @@ from multitask.data.table import load_table
 from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
 from multitask.losses import inverse_frequency_weights
 from multitask.report import write_report
+from multitask.run import RunDir
 from multitask.train import main as train_main
 from multitask.tasks import encode_joint
 from multitask.trainer import run_cv
@@ -117,6 +118,23 @@ def test_stage1_trains_on_unmasked_photos_only(tiny_config, tmp_path, spy_traini
     assert stage1 and {mask_of[p] for p in stage1} == {2}
     assert {mask_of[p] for p in stage2} == {0, 1, 2}
     assert {fold_of[p] for p in stage1 | stage2} == {1, 2}  # never the validation fold
+
+
+@pytest.mark.slow
+def test_a_third_stage_is_a_config_entry(tiny_config, tmp_path, spy_training):
+    """Stages train in order from the one before; the last one's best.pt is the fold model, the others go."""
+    three = tmp_path / "three.yaml"
+    three.write_text("stages:\n  - {epochs: 1, heads: [gender, age], only: {mask: not_worn}}\n  - {epochs: 1}\n"
+                     "  - {epochs: 1, heads: [mask], only: {mask: incorrect}}\n")
+    cfg = tiny_config(str(three), "cv.run_folds=[0]")
+    run_cv(cfg, tmp_path / "run", log=lambda s: None)
+    table = pd.read_csv(tmp_path / "run" / "data.csv")
+    mask_of = dict(zip(table["path"], table["mask"]))
+    assert {mask_of[p] for p in spy_training["fold 0 stage 3"]} == {1}
+    fold = tmp_path / "run" / "fold0"
+    assert [(fold / f"stage{n}" / "done.json").exists() for n in (1, 2, 3)] == [True] * 3
+    assert [(fold / f"stage{n}" / "best.pt").exists() for n in (1, 2, 3)] == [False, False, True]
+    assert RunDir(tmp_path / "run").trained_folds(cfg) == [0]
 
 
 @pytest.mark.slow
@@ -272,7 +290,6 @@ def test_a_single_head_image_folder_task_trains_reports_and_explains(tmp_path):
     from PIL import Image
 
     from multitask.explain import cam_grid
-    from multitask.run import RunDir
 
     rng = np.random.default_rng(0)
     colors = {"red_sign": (220, 30, 30), "blue_sign": (30, 30, 220), "green_sign": (30, 200, 30)}

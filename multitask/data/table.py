@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from multitask.config import Config, ConfigError
+from multitask.config import Config, ConfigError, HeadConfig
 from multitask.data.sources import (SOURCES, DataError, Problem, age_thresholds, detect_source, imagefolder_classes,
                                     load_source)
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
@@ -72,6 +72,7 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
         extra = extra.assign(person_id=f"extra{i}:" + extra["person_id"].astype(str), extra=True,
                              stage1_only=stage1_only)
         table = pd.concat([table, extra], ignore_index=True)
+    table = with_value_classes(table, cfg.heads, root)
     missing = [h.column for h in cfg.heads if h.column not in table.columns]
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
@@ -85,6 +86,25 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     if table.empty:
         raise DataError(problems or [Problem(str(root), "no photos found")], str(root))
     return table, problems
+
+
+def with_value_classes(table: pd.DataFrame, heads: Sequence[HeadConfig], root: Path) -> pd.DataFrame:
+    """A head's value column (e.g. a manifest's own) as numbers, and the head's classes cut from it at its
+    thresholds where the data has no class column for it; an empty value is unknown (class -1)."""
+    for h in heads:
+        if not h.value_column or h.value_column not in table:
+            continue
+        values = table[h.value_column]
+        if not pd.api.types.is_numeric_dtype(values):
+            text = values.astype("string").str.strip().fillna("")
+            values = pd.to_numeric(text.replace("", None), errors="coerce")
+            bad = sorted(text[values.isna() & (text != "")].unique())
+            if bad:
+                raise DataError([Problem(f"{root}: column {h.value_column}", f"values {bad[:10]} are not numbers")])
+            table = table.assign(**{h.value_column: values.round().astype("Int64")})
+        if h.column not in table and h.thresholds:
+            table[h.column] = np.where(values.notna(), cut(values.fillna(0), h.thresholds), -1).astype(np.int64)
+    return table
 
 
 def class_indices(values: pd.Series, classes: Sequence[str], what: str) -> pd.Series:
