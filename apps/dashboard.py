@@ -194,7 +194,7 @@ def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
 
 def face_box_view(pre: Preprocessing, photo: np.ndarray) -> tuple[np.ndarray, str]:
     """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
-    box, how = pre.prepare.face_region(photo, photo)
+    box, how = pre.framing.face_region(photo, photo)
     if box is None:
         return photo, "no face found: the centre crop is used"
     shown = photo.copy()

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from multitask.config import Config, ConfigError, check_ranges
-from multitask.data.dataset import cached_images, preprocessing
+from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem
 from multitask.data.transforms import Preprocessing
 from multitask.engine import Runtime, loader_workers, predict_views, resolve_device, tta_views
@@ -37,7 +37,7 @@ ENSEMBLES = ("mean", "vote")
 
 
 @dataclass
-class PreparedPhotos:
+class FramedPhotos:
     """Photos as every member prepares them (decode, face region, resize), with the ones that failed."""
 
     images: List[Optional[np.ndarray]]  # per member: N x H x W x 3 uint8 (rows of unreadable photos: zeros)
@@ -155,21 +155,20 @@ class Predictor:
 
     # --- photos -> prepared arrays ---------------------------------------------------------------------------
 
-    def prepare_files(self, paths: List[str]) -> PreparedPhotos:
+    def frame_files(self, paths: List[str]) -> FramedPhotos:
         """Photo files as each run prepares them, through the run's image cache (``data.cache_dir``) and, under
         ``face_crop=detector``, its cached face boxes."""
         images, unreadable, face_found = [], {}, None
         for m in self.members:
-            with self.timed("faces"):
-                pre, found = preprocessing(m.cfg, paths, lambda s: None, m.run.typical_face_boxes())
-            with self.timed("framing"):
-                arr, bad = cached_images(paths, pre.prepare, Path(m.cfg.data.cache_dir), log=lambda s: None)
-            images.append(arr)
-            unreadable.update({p.path: p for p in bad})
-            face_found = found if face_found is None else face_found
-        return PreparedPhotos(images, list(unreadable.values()), face_found)
+            photos = photo_set(m.cfg, pd.DataFrame({"path": paths}), lambda s: None, m.run.typical_face_boxes(),
+                               cache=True, timed=self.timed)
+            images.append(photos.images)
+            unreadable.update({p.path: p for p in photos.unreadable})
+            if face_found is None and "face_found" in photos.table:
+                face_found = photos.table["face_found"].to_numpy()
+        return FramedPhotos(images, list(unreadable.values()), face_found)
 
-    def prepare_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
+    def frame_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
         """(per member the prepared photos, a name per photo) of files, PIL images and arrays, no cache; an
         unreadable file is a DataError naming it."""
         from multitask.data.images import read_rgb
@@ -188,11 +187,11 @@ class Predictor:
         if problems:
             raise DataError(problems, "the photos to predict")
         with self.timed("framing"):
-            return [np.stack([m.pre.prepare(rgb) for rgb in rgbs]) for m in self.members], names
+            return [np.stack([m.pre.framing(rgb) for rgb in rgbs]) for m in self.members], names
 
     # --- prepared arrays -> the table ------------------------------------------------------------------------
 
-    def predict_prepared(self, images: Sequence[np.ndarray], table: pd.DataFrame, progress: bool = False
+    def predict_framed(self, images: Sequence[np.ndarray], table: pd.DataFrame, progress: bool = False
                          ) -> pd.DataFrame:
         """The prediction table of prepared photos (per member, in ``table``'s order)."""
         with self.timed("network"):
@@ -207,8 +206,8 @@ class Predictor:
         predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``years_<head>``, ``label``)."""
         if isinstance(photos, (str, Path, np.ndarray, Image.Image)):
             photos = [photos]
-        images, names = self.prepare_photos(list(photos))
-        return self.predict_prepared(images, pd.DataFrame({"path": names}), progress)
+        images, names = self.frame_photos(list(photos))
+        return self.predict_framed(images, pd.DataFrame({"path": names}), progress)
 
     # --- CAMs and export -------------------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from multitask import allocator, distributed  # noqa: E402
 from multitask.config import load_config  # noqa: E402
-from multitask.data.dataset import PhotoDataset, cached_images  # noqa: E402
+from multitask.data.dataset import PhotoDataset  # noqa: E402
+from multitask.data.photoset import photo_set  # noqa: E402
 from multitask.data.table import load_table, training_targets  # noqa: E402
 from multitask.data.transforms import Preprocessing  # noqa: E402
 from multitask.engine import (Runtime, configure_threads, loader_workers, make_loader,  # noqa: E402
@@ -136,7 +137,7 @@ def pipeline(cfg, table, images, batch: int, steps: int, rt: Runtime, cached: bo
     model, loss_fn, opt = setup(cfg, rt)
     rows = table.head(batch * steps)
     pre = Preprocessing.from_config(cfg)
-    ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.prepare,
+    ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.framing,
                       images if cached else None, rows["_row"].to_numpy() if cached else None)
     workers = loader_workers(cfg.data.workers, rt.device, cached)
 
@@ -207,7 +208,7 @@ def loader_per_worker(cfg, table, images, batch: int) -> dict:
     rows = table.head(batch * 4)
     out = {}
     for name, cache in (("cached", images), ("decoded", None)):
-        ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.prepare, cache,
+        ds = PhotoDataset(rows["path"].tolist(), training_targets(cfg, rows), pre.train(), pre.framing, cache,
                           rows["_row"].to_numpy() if cache is not None else None)
         loader = make_loader(ds, batch, 0, torch.device("cpu"), shuffle=True)
         out[name] = measure(lambda: sum(len(x) for x, _ in loader), torch.device("cpu"), warmup=1, min_runs=3,
@@ -309,10 +310,8 @@ def allocator_worker(a) -> int:
     cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
                                      f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
     configure_threads(cfg.train)
-    table, _ = load_table(cfg)
-    table = table.assign(_row=np.arange(len(table)))
-    images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
-                              Path(cfg.data.cache_dir), log=lambda s: None)
+    photos = photo_set(cfg, load_table(cfg)[0], log=lambda s: None, cache=True)
+    table, images = photos.table, photos.images
     rt = Runtime.on(torch.device("cpu"), cfg)
     result = {}
     for name, run in (("model", lambda: model_only(cfg, a.batch, rt)),
@@ -423,8 +422,8 @@ def predict_pace(overrides, size: str) -> dict:
         predictor = load_run(run, folds=[0])
         views = len(predictor.members[0].views)
         start = time.perf_counter()
-        prepared = predictor.prepare_files(paths)
-        predictor.predict_prepared(prepared.images, pd.DataFrame({"path": paths}))
+        prepared = predictor.frame_files(paths)
+        predictor.predict_framed(prepared.images, pd.DataFrame({"path": paths}))
         wall = time.perf_counter() - start
     steps = ", ".join(f"{step} {s / len(paths) * 1000:.1f}" for step, s in predictor.seconds.items())
     return {"photos": len(paths), "views": views, "photos_per_s": len(paths) / wall, "seconds": predictor.seconds,
@@ -503,10 +502,8 @@ def main(argv=None) -> int:
             h, w = (int(v) for v in size.split("x"))
             cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
                                              f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
-            table, _ = load_table(cfg)
-            table = table.assign(_row=np.arange(len(table)))
-            images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
-                                      Path(cfg.data.cache_dir), log=lambda s: None)
+            photos = photo_set(cfg, load_table(cfg)[0], log=lambda s: None, cache=True)
+            table, images = photos.table, photos.images
             rt = Runtime.on(device, cfg)
             rows["precision"][size] = precision_note(cfg.train, device, cfg.model.arch, cfg.data.size)
             r = {"a_model": model_only(cfg, a.batch, rt),
@@ -541,10 +538,8 @@ def main(argv=None) -> int:
             rows["onnx"] = onnx_vs_eager(cfg, a.batch * 2)
             print(f"inference at {size} of the exported graph: {rows['onnx']['summary']}")
         if device.type == "cpu":
-            table, _ = load_table(cfg)
-            table = table.assign(_row=np.arange(len(table)))
-            images, _ = cached_images(table["path"].tolist(), Preprocessing.from_config(cfg).prepare,
-                                      Path(cfg.data.cache_dir), log=lambda s: None)
+            photos = photo_set(cfg, load_table(cfg)[0], log=lambda s: None, cache=True)
+            table, images = photos.table, photos.images
             rows["loader"] = loader_per_worker(cfg, table, images, a.batch)
             print(f"data loader at {size}, one worker, no model: {rows['loader']['summary']}")
         rows["compile"] = compiled_vs_eager(cfg, a.batch, rt, rows["sizes"][size]["a_model"])

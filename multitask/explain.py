@@ -49,10 +49,11 @@ from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image  # n
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from multitask.config import Config, ConfigError  # noqa: E402
+from multitask.data.photoset import PhotoSet, photo_set  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
 from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
-from multitask.io import atomic_to_csv, output_folder  # noqa: E402
 from multitask.heads import kind  # noqa: E402
+from multitask.io import atomic_to_csv, output_folder  # noqa: E402
 from multitask.model import MultiHeadNet, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
 
@@ -215,21 +216,14 @@ def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Pat
 def network_input(pre: Preprocessing) -> Callable[[Union[Path, np.ndarray]], torch.Tensor]:
     """Photo file or RGB array -> C x H x W tensor, preprocessed like the run's validation photos."""
     transform = pre.eval()
-    return lambda photo: transform(image=pre.prepare(photo))["image"]
+    return lambda photo: transform(image=pre.framing(photo))["image"]
 
 
-def prepare_inputs(pre: Preprocessing, paths: Sequence[Path]
-                   ) -> tuple[torch.Tensor, List[np.ndarray], List[Problem]]:
-    """(network inputs, the photos as shown under the CAMs, unreadable files)."""
-    to_input = network_input(pre)
-    xs, problems = [], []
-    for p in paths:
-        try:
-            xs.append(to_input(p))
-        except Exception as e:  # a bad file is reported, the others are explained
-            problems.append(Problem(str(p), f"unreadable image ({type(e).__name__}: {e})"))
-    x = torch.stack(xs) if xs else torch.zeros(0, 3, *pre.data.size)
-    return x, [denormalize(t) for t in x], problems
+def network_inputs(photos: PhotoSet, rows: pd.DataFrame) -> tuple[torch.Tensor, List[np.ndarray]]:
+    """(network inputs of these rows of a photo set, the photos as shown under the CAMs)."""
+    transform = photos.pre.eval()
+    x = torch.stack([transform(image=image)["image"] for image in photos.selected(rows)])
+    return x, [denormalize(t) for t in x]
 
 
 EXPLAIN_OUTPUTS = ["predictions.csv", "skipped.csv", "*_cams.png"]
@@ -251,21 +245,21 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
     cfg = run.load_config()
     trained = run.trained_folds(cfg)
     fold = (trained or [0])[0] if fold is None else fold  # no fold at all: load_models names the problem
-    model, pre = run.load_models(cfg, [fold], torch.device("cpu"))[fold], run.preprocessing(cfg)
+    model = run.load_models(cfg, [fold], torch.device("cpu"))[fold]
     if not Path(inputs).exists():
         raise DataError([Problem(str(inputs), "does not exist")])
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
     output_folder(out, EXPLAIN_OUTPUTS, overwrite, "explain")
-    rows, problems = [], []
-    for start in range(0, len(paths), batch_size):
-        batch = paths[start:start + batch_size]
-        x, rgbs, bad = prepare_inputs(pre, batch)
-        problems += bad
-        good = [p for p in batch if str(p) not in {b.path for b in bad}]
-        if not good:
-            continue
+    # framed as predict frames them: the run's cache, and under face_crop=detector each photo's own face
+    photos = photo_set(cfg, pd.DataFrame({"path": [str(p) for p in paths]}), lambda s: None,
+                       run.typical_face_boxes(), cache=True)
+    readable, problems, rows = photos.readable(), photos.unreadable, []
+    for start in range(0, len(readable), batch_size):
+        batch = readable.iloc[start:start + batch_size]
+        x, rgbs = network_inputs(photos, batch)
+        good = [Path(p) for p in batch["path"]]
         grid = cam_grid(model, x, method, target_classes)
         faith = faithfulness(model, x, grid) if with_faithfulness else {}
         for i, p in enumerate(good):

@@ -166,7 +166,7 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     table, kind, problems = read_input(input_path, predictor.cfg)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
-    prepared = predictor.prepare_files(todo["path"].tolist())
+    prepared = predictor.frame_files(todo["path"].tolist())
     if prepared.face_found is not None:
         todo = todo.assign(face_found=prepared.face_found)  # False: no face found; the typical box or centre crop
     problems = problems + prepared.unreadable
@@ -179,7 +179,7 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
                       out / "skipped.csv")
     if todo.empty:
         raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
-    df = predictor.predict_prepared([images[keep] for images in prepared.images], todo, progress)
+    df = predictor.predict_framed([images[keep] for images in prepared.images], todo, progress)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
         atomic_to_csv(pd.DataFrame({"ImageID": todo["ImageID"], "ans": df["label"]}), out / "submission.csv")

@@ -27,7 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 from multitask import allocator
 from multitask.config import (Config, ConfigError, HeadConfig, StageConfig, enabled_stages, extra_val_names, final_stage,
                               save_config, stage)
-from multitask.data.dataset import PhotoDataset, cached_images, prepare_all, preprocessing
+from multitask.data.dataset import PhotoDataset
+from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem, age_thresholds
 from multitask.data.table import (apply_policy, eval_targets, labeled_source, load_labeled, load_table, resolve_root,
                                   training_targets, with_found_classes)
@@ -64,7 +65,7 @@ class Context:
 
 
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform) -> PhotoDataset:
-    return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.pre.prepare, ctx.images,
+    return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.pre.framing, ctx.images,
                         rows["_row"].to_numpy() if ctx.images is not None else None)
 
 
@@ -307,14 +308,11 @@ def load_extra_val(cfg: Config, log: Log, typical: Optional[Dict[tuple, tuple]] 
     sets = {}
     for name, root in zip(extra_val_names(cfg.data), cfg.data.extra_val):
         table, problems = load_labeled(Path(root), age_thresholds(cfg.heads))
-        pre, face_found = preprocessing(cfg, table["path"].tolist(), log, typical)
-        if face_found is not None:
-            table = table.assign(face_found=face_found)
-        images, unreadable = cached_images(table["path"].tolist(), pre.prepare, Path(cfg.data.cache_dir), log)
-        apply_policy(problems + unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
-        keep = ~table["path"].isin({p.path for p in unreadable}).to_numpy()
-        sets[name] = (table[keep].reset_index(drop=True), images[keep])
-        log(f"extra validation set {name}: {int(keep.sum())} photos from {root}")
+        photos = photo_set(cfg, table, log, typical, cache=True)
+        apply_policy(problems + photos.unreadable, cfg.data.on_bad_file, f"data.extra_val {root}")
+        rows = photos.readable()
+        sets[name] = (rows.drop(columns="_row").reset_index(drop=True), photos.selected(rows))
+        log(f"extra validation set {name}: {len(rows)} photos from {root}")
     return sets
 
 
@@ -339,27 +337,18 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     """The table with every photo decoded once (into the cache) and the bad-file policy applied."""
     run = RunDir(run_dir)
     table, problems = load_table(cfg)
-    paths = table["path"].tolist()
-    pre, face_found = preprocessing(cfg, paths, log)
-    if face_found is not None:
-        table = table.assign(face_found=face_found)
-        sizes = ", ".join(f"{w}x{h}" for w, h in pre.prepare.typical) or "none"
-        log(f"face found in {int(face_found.sum())} of {len(paths)} photos; the others are cropped with the typical "
-            f"box of their size (known for {sizes}), else centred")
-    if cfg.data.cache:
-        images, unreadable = cached_images(paths, pre.prepare, Path(cfg.data.cache_dir), log)
-    else:
-        images, unreadable = None, prepare_all(paths, pre.prepare)
-    problems = problems + unreadable
+    photos = photo_set(cfg, table, log)
+    if "face_found" in photos.table:
+        sizes = ", ".join(f"{w}x{h}" for w, h in photos.pre.framing.typical) or "none"
+        log(f"face found in {int(photos.table['face_found'].sum())} of {len(table)} photos; the others are cropped "
+            f"with the typical box of their size (known for {sizes}), else centred")
+    problems = problems + photos.unreadable
     apply_policy(problems, cfg.data.on_bad_file, str(cfg.data.root or "synthetic data"))
-    table = table.assign(_row=np.arange(len(table)))
     if problems:
         if main and not run.skipped.exists():
             atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), run.skipped)
         log(f"skipped {len(problems)} problem file(s); listed in {run.skipped}")
-        bad = {p.path for p in unreadable}
-        table = table[~table["path"].isin(bad)]
-    return table, images, pre
+    return photos.readable(), photos.images, photos.pre
 
 
 def preflight(cfg: Config, world: World) -> None:
@@ -439,7 +428,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
     planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
-    extra_val = load_extra_val(cfg, log, pre.prepare.typical) if world.main else {}  # rank 0 alone scores them
+    extra_val = load_extra_val(cfg, log, pre.framing.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
         f"{f' x {world.size} processes' if world.active else ''}, "
         f"{precision_note(cfg.train, rt.device, cfg.model.arch, cfg.data.size)}, "
@@ -484,7 +473,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
             "batch_per_process": cfg.data.batch_size, "effective_batch": cfg.data.batch_size * world.size,
             "lr_scaling": cfg.train.lr_scaling, "device": str(ctx.rt.device), "precision": str(ctx.rt.dtype or "fp32"),
             "data_root": str(resolve_root(cfg).resolve()),
-            "typical_face_boxes": RunDir.typical_face_boxes_record(ctx.pre.prepare.typical),
+            "typical_face_boxes": RunDir.typical_face_boxes_record(ctx.pre.framing.typical),
             "config": fold_config(cfg),  # as the run started: a resume checks config.yaml against it
             "allocator": {"set": allocator.state, "large_blocks_mapped": allocator.large_blocks_mapped()},
         }, indent=1))

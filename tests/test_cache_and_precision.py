@@ -17,7 +17,7 @@ from multitask.config import ConfigError, load_config
 from multitask.trainer import prepare_data
 from multitask.data.dataset import PhotoDataset, cached_images
 from multitask.data.sources import DataError, load_competition
-from multitask.data.transforms import Prepare
+from multitask.data.transforms import FaceFraming
 from multitask.engine import autocast, bf16_speedup, cpu_has_fast_bf16, resolve_precision
 from multitask.api import predict_arrays
 from multitask.run import RunDir
@@ -34,7 +34,7 @@ def cache_files(cache_dir) -> set[str]:
 
 
 def test_cached_photos_equal_freshly_prepared_ones(photos, tmp_path):
-    prepare = Prepare(crop=(100, 80), size=(54, 46))
+    prepare = FaceFraming(crop=(100, 80), size=(54, 46))
     images, problems = cached_images(photos, prepare, tmp_path, log=lambda s: None)
     assert problems == [] and images.shape == (20, 54, 46, 3)
     targets = np.zeros((20, 3))
@@ -45,7 +45,7 @@ def test_cached_photos_equal_freshly_prepared_ones(photos, tmp_path):
 
 
 def test_the_cache_is_read_row_by_row_and_never_mapped_into_memory(photos, tmp_path):
-    prepare = Prepare(crop=None, size=(40, 32))
+    prepare = FaceFraming(crop=None, size=(40, 32))
     images, _ = cached_images(photos, prepare, tmp_path, log=lambda s: None)
     chosen = images[np.arange(20) % 2 == 1]  # a selection reads nothing yet
     assert chosen.shape == (10, 40, 32, 3) and len(chosen) == 10
@@ -55,7 +55,7 @@ def test_the_cache_is_read_row_by_row_and_never_mapped_into_memory(photos, tmp_p
 
 
 def test_a_second_run_reuses_the_cache(photos, tmp_path):
-    prepare = Prepare(crop=None, size=(40, 32))
+    prepare = FaceFraming(crop=None, size=(40, 32))
     cached_images(photos, prepare, tmp_path, log=lambda s: None)
     messages = []
     cached_images(photos, prepare, tmp_path, log=messages.append)
@@ -63,7 +63,7 @@ def test_a_second_run_reuses_the_cache(photos, tmp_path):
 
 
 def test_the_same_photos_spelled_relative_reuse_the_cache(photos, tmp_path, monkeypatch):
-    prepare = Prepare(crop=None, size=(40, 32))
+    prepare = FaceFraming(crop=None, size=(40, 32))
     cached_images(photos, prepare, tmp_path / "cache", log=lambda s: None)
     monkeypatch.chdir(os.path.dirname(photos[0]))
     messages = []
@@ -71,9 +71,9 @@ def test_the_same_photos_spelled_relative_reuse_the_cache(photos, tmp_path, monk
     assert messages == [] and len(cache_files(tmp_path / "cache")) == 1
 
 
-@pytest.mark.parametrize("changed", [Prepare(crop=(100, 80), size=(40, 32)), Prepare(crop=None, size=(44, 32))])
+@pytest.mark.parametrize("changed", [FaceFraming(crop=(100, 80), size=(40, 32)), FaceFraming(crop=None, size=(44, 32))])
 def test_changing_crop_or_size_builds_a_new_cache(photos, tmp_path, changed):
-    cached_images(photos, Prepare(crop=None, size=(40, 32)), tmp_path, log=lambda s: None)
+    cached_images(photos, FaceFraming(crop=None, size=(40, 32)), tmp_path, log=lambda s: None)
     images, _ = cached_images(photos, changed, tmp_path, log=lambda s: None)
     assert len(cache_files(tmp_path)) == 2
     np.testing.assert_array_equal(images[3], changed(photos[3]))
@@ -82,7 +82,7 @@ def test_changing_crop_or_size_builds_a_new_cache(photos, tmp_path, changed):
 def test_a_changed_photo_builds_a_new_cache(faces_copy, tmp_path):
     table, _ = load_competition(faces_copy)
     paths = table["path"].tolist()[:10]
-    prepare = Prepare(crop=None, size=(40, 32))
+    prepare = FaceFraming(crop=None, size=(40, 32))
     cached_images(paths, prepare, tmp_path / "cache", log=lambda s: None)
     flipped = np.ascontiguousarray(np.asarray(prepare(paths[0]))[:, ::-1])
     Image.open(paths[0]).transpose(Image.FLIP_LEFT_RIGHT).save(paths[0], quality=95)
@@ -164,7 +164,7 @@ def test_bf16_keeps_the_validation_f1_of_fp32(learned_run):
     """The trained model's validation predictions under bf16 autocast score within 0.02 of fp32's, per head."""
     cfg = load_config(base=learned_run / "config.yaml")
     oof = pd.read_csv(learned_run / "oof.csv")
-    prepare = Prepare.from_config(cfg.data)
+    prepare = FaceFraming.from_config(cfg.data)
     images = np.stack([prepare(p) for p in oof["path"]])
     models = RunDir(learned_run).load_models(cfg, folds=[0])
     scores = {}

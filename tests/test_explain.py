@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 
 from multitask.config import load_config
 from multitask.data.transforms import load_size
-from multitask.explain import METHODS, cam_grid, faithfulness, main as explain_main, prepare_inputs
+from multitask.data.photoset import photo_set
+from multitask.explain import METHODS, cam_grid, faithfulness, main as explain_main, network_inputs
 from multitask.run import RunDir
 
 pytestmark = pytest.mark.slow
@@ -102,6 +103,13 @@ def masked_validation_photos(run):
     return worn.merge(boxes, on="path"), data
 
 
+def framed(run, cfg, photos):
+    """The network inputs of these photos, framed as the run frames them."""
+    framed = photo_set(cfg, photos[["path"]], lambda s: None, RunDir(run).typical_face_boxes(), cache=True)
+    assert not framed.unreadable
+    return network_inputs(framed, framed.table)[0]
+
+
 def test_mask_head_looks_at_the_mask(learned_run):
     """Sanity check (a): layer4's mask-head CAM peaks inside the mask box on >= 75% of correctly classified
     photos with a mask worn correctly.
@@ -113,8 +121,7 @@ def test_mask_head_looks_at_the_mask(learned_run):
     cfg, model = fold0(learned_run)
     photos, _ = masked_validation_photos(learned_run)
     assert len(photos) >= 100
-    x, _, problems = prepare_inputs(RunDir(learned_run).preprocessing(cfg), photos["path"].tolist())
-    assert not problems
+    x = framed(learned_run, cfg, photos)
     inside = []
     for start in range(0, len(x), 64):
         cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=["layer4"])
@@ -133,7 +140,7 @@ def test_cams_change_when_the_trunk_is_randomized(learned_run):
     trunk must not agree (mean Spearman rank correlation below 0.5)."""
     cfg, model = fold0(learned_run)
     photos, _ = masked_validation_photos(learned_run)
-    x, _, _ = prepare_inputs(RunDir(learned_run).preprocessing(cfg), photos["path"].tolist()[:24])
+    x = framed(learned_run, cfg, photos.iloc[:24])
     random_model = copy.deepcopy(model)
     torch.manual_seed(0)
     for m in random_model.trunk.modules():

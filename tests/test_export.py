@@ -32,7 +32,7 @@ def network_batch(run: Path, paths) -> np.ndarray:
     """The photos as the run's validation transform makes them: what preprocessing.json describes."""
     cfg = load_config(base=run / "config.yaml")
     pre = Preprocessing.from_config(cfg)
-    return torch.stack([pre.eval()(image=pre.prepare(Path(p)))["image"] for p in paths]).numpy()
+    return torch.stack([pre.eval()(image=pre.framing(Path(p)))["image"] for p in paths]).numpy()
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 
 from multitask.config import load_config
-from multitask.data.dataset import cache_key, preprocessing
+from multitask.data.dataset import cache_key
+from multitask.data.photoset import preprocessing_for
 from multitask.data import faces as faces_module
 from multitask.data.faces import COLUMNS, find_faces
 from multitask.data.synth import generate
-from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, Prepare, widen
+from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, FaceFraming, widen
 from multitask.io import atomic_write_text
 from multitask.run import RunDir
 
@@ -99,12 +100,12 @@ def test_prepare_uses_the_box_and_falls_back_to_the_centre_crop(anywhere_root, t
     cfg = load_config([f"data.cache_dir={tmp_path}", "data.face_crop=detector", "data.crop=[120,96]",
                        "data.size=[64,64]"])
     paths = [str(p) for p in sorted(anywhere_root.rglob("normal.jpg"))]
-    detected, found = preprocessing(cfg, paths, log=lambda s: None)
+    detected, found = preprocessing_for(cfg, paths, log=lambda s: None)
     assert found is not None and found.any() and len(found) == len(paths)
     i = int(np.argmax(found))
     center = load_config([f"data.cache_dir={tmp_path}", "data.crop=[120,96]", "data.size=[64,64]"])
-    centred, none_found = preprocessing(center, paths, log=lambda s: None)
-    prepare, center_prepare = detected.prepare, centred.prepare
+    centred, none_found = preprocessing_for(center, paths, log=lambda s: None)
+    prepare, center_prepare = detected.framing, centred.framing
     assert none_found is None
     assert prepare(paths[i]).shape == center_prepare(paths[i]).shape
     assert not np.array_equal(prepare(paths[i]), center_prepare(paths[i]))
@@ -123,7 +124,7 @@ def face_table(found_boxes, missed_sizes) -> pd.DataFrame:
 
 def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
     found = [(100 + i, 150 - i, 280 + 2 * i, 360) for i in range(TYPICAL_BOX_MIN_PHOTOS)]
-    prepare = Prepare(None, (64, 64), "detector").with_boxes(face_table(found, [(384, 512), (200, 200)]))
+    prepare = FaceFraming(None, (64, 64), "detector").with_boxes(face_table(found, [(384, 512), (200, 200)]))
     region = lambda path, w, h: prepare.face_box(path, np.zeros((h, w, 3), np.uint8))  # noqa: E731
     typical = np.median(np.array(found, dtype=float), axis=0)
     assert np.allclose(region("missed0.jpg", 384, 512), widen(typical, prepare.face_margin, 1.0))
@@ -131,13 +132,13 @@ def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
     assert prepare.face_region("found3.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "detected"
     assert region("missed1.jpg", 200, 200) is None  # no face found in a photo of its size: the centre crop
     assert np.allclose(region("found3.jpg", 384, 512), widen(found[3], prepare.face_margin, 1.0))
-    too_few = Prepare(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))
+    too_few = FaceFraming(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))
     assert too_few.face_box("missed0.jpg", np.zeros((512, 384, 3), np.uint8)) is None
 
 
 def test_other_face_boxes_give_another_image_cache(tmp_path):
     paths = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
-    prepare = Prepare(None, (64, 64), "detector")
+    prepare = FaceFraming(None, (64, 64), "detector")
     one = prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)]).assign(path=paths))
     other = prepare.with_boxes(face_table([(0, 0, 12, 10)], [(384, 512)]).assign(path=paths))
     assert cache_key(paths, one) != cache_key(paths, other)
@@ -151,9 +152,9 @@ def test_a_run_crops_a_photo_without_a_face_with_the_typical_box_it_recorded(tmp
     cfg = load_config(["data.face_crop=detector", "data.size=[64,64]"])
     pre = RunDir(tmp_path).preprocessing(cfg)
     no_face = np.full((512, 384, 3), 128, np.uint8)
-    assert np.allclose(pre.prepare.face_box(no_face, no_face), widen([100, 150, 280, 360], cfg.data.face_margin, 1.0))
+    assert np.allclose(pre.framing.face_box(no_face, no_face), widen([100, 150, 280, 360], cfg.data.face_margin, 1.0))
     other_size = np.full((300, 300, 3), 128, np.uint8)
-    assert pre.prepare.face_box(other_size, other_size) is None
+    assert pre.framing.face_box(other_size, other_size) is None
 
 
 @pytest.mark.slow
@@ -169,8 +170,8 @@ def test_training_and_prediction_with_the_detector_crop(tmp_path):
     data = pd.read_csv(run / "data.csv")
     assert data["face_found"].dtype == bool and len(data) == 28
     assert "face_found" in pd.read_csv(run / "fold0" / "oof.csv")
-    found_here, _ = preprocessing(cfg, data["path"].tolist(), log=lambda s: None)
-    assert RunDir(run).typical_face_boxes() == {size: tuple(box) for size, box in found_here.prepare.typical.items()}
+    found_here, _ = preprocessing_for(cfg, data["path"].tolist(), log=lambda s: None)
+    assert RunDir(run).typical_face_boxes() == {size: tuple(box) for size, box in found_here.framing.typical.items()}
     preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
     assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28
 

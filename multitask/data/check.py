@@ -15,9 +15,9 @@ from multitask.cli import guarded
 
 def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[int, list]:
     """(number of photos, problems)."""
-    from multitask.data.dataset import prepare_all
+    from multitask.data.dataset import frame_all
     from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source
-    from multitask.data.transforms import Prepare
+    from multitask.data.transforms import FaceFraming
 
     if source is not None and source not in SOURCES:
         return 0, [Problem(f"--source {source}", f"unknown source; one of {', '.join(SOURCES)}")]
@@ -37,7 +37,7 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
     if table.empty and not problems:
         return 0, [Problem(str(root), "no photo found: not the competition layout (train.csv + images/), a "
                                       "manifest CSV, UTKFace-style names or folders of images")]
-    problems += prepare_all(list(table["path"]), Prepare(None, (8, 8)))
+    problems += frame_all(list(table["path"]), FaceFraming(None, (8, 8)))
     return len(table), problems
 
 

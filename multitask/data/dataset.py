@@ -16,36 +16,35 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from multitask.config import Config
 from multitask.data.images import files_key
 from multitask.data.sources import Problem
-from multitask.data.transforms import Prepare, Preprocessing
+from multitask.data.transforms import FaceFraming
 from multitask.parallel import on_every_core
 
 
-def _prepare_chunk(args) -> list:
-    prepare, paths = args
+def _frame_chunk(args) -> list:
+    framing, paths = args
     out = []
     for p in paths:
         try:
-            out.append(prepare(p))
+            out.append(framing(p))
         except Exception as e:  # any decoder error is a bad file, reported with its path
             out.append(f"unreadable image ({type(e).__name__}: {e})")
     return out
 
 
-def prepare_all(paths: Sequence[str], prepare: Prepare, sink: Optional[np.ndarray] = None,
-                workers: int = 0) -> list[Problem]:
-    """Prepare every photo (in parallel), writing into ``sink`` when given; returns the unreadable ones."""
+def frame_all(paths: Sequence[str], framing: FaceFraming, sink: Optional[np.ndarray] = None,
+              workers: int = 0) -> list[Problem]:
+    """Frame every photo (in parallel), writing into ``sink`` when given; returns the unreadable ones."""
     chunk = 64
-    jobs = [(prepare, list(paths[i:i + chunk])) for i in range(0, len(paths), chunk)]
-    return _collect(on_every_core(_prepare_chunk, jobs, workers), paths, sink, chunk)
+    jobs = [(framing, list(paths[i:i + chunk])) for i in range(0, len(paths), chunk)]
+    return _collect(on_every_core(_frame_chunk, jobs, workers), paths, sink, chunk)
 
 
 def _collect(results, paths, sink, chunk) -> list[Problem]:
@@ -60,10 +59,10 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
     return problems
 
 
-def cache_key(paths: Sequence[str], prepare: Prepare) -> str:
-    boxes = None if prepare.boxes is None else [prepare.boxes.get(str(p)) for p in paths]
-    framing = (prepare.crop, prepare.size, prepare.face_crop, prepare.face_margin, boxes,
-               sorted(prepare.typical.items()))
+def cache_key(paths: Sequence[str], framing: FaceFraming) -> str:
+    boxes = None if framing.boxes is None else [framing.boxes.get(str(p)) for p in paths]
+    framing = (framing.crop, framing.size, framing.face_crop, framing.face_margin, boxes,
+               sorted(framing.typical.items()))
     return files_key(paths, repr(framing + (3,)))
 
 
@@ -111,17 +110,17 @@ class RowWriter:
         self.file.write(np.ascontiguousarray(photo, dtype=np.uint8).tobytes())
 
 
-def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
+def cached_images(paths: Sequence[str], framing: FaceFraming, cache_dir: Path,
                   log: Callable[[str], None] = print) -> tuple[CachedImages, list[Problem]]:
     """(the prepared photos, N x H x W x 3, unreadable files). Rows of unreadable files are zeros."""
     cache_dir = Path(cache_dir)
-    key = cache_key(paths, prepare)
+    key = cache_key(paths, framing)
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
     if array_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return CachedImages(array_path), [Problem(**p) for p in meta["problems"]]
     cache_dir.mkdir(parents=True, exist_ok=True)
-    h, w = prepare.size
+    h, w = framing.size
     log(f"caching {len(paths)} photos at {h}x{w} into {array_path}")
     tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     try:
@@ -129,7 +128,7 @@ def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
         offset = header.offset
         del header  # the file exists at its full size (zeros); its rows are written, not mapped
         with open(tmp, "r+b") as f:
-            problems = prepare_all(paths, prepare, RowWriter(f, offset, h * w * 3))
+            problems = frame_all(paths, framing, RowWriter(f, offset, h * w * 3))
         os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,31 +138,16 @@ def cached_images(paths: Sequence[str], prepare: Prepare, cache_dir: Path,
     return CachedImages(array_path), problems
 
 
-def preprocessing(cfg: Config, paths: Sequence[str], log: Callable[[str], None] = print,
-                  typical: Optional[Mapping[tuple[int, int], tuple]] = None
-                  ) -> tuple[Preprocessing, Optional[np.ndarray]]:
-    """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector``, whether each photo's face
-    was found (the boxes are found once and cached beside the image cache; None for the other face crops).
-    ``typical``: a trained run's typical face boxes by photo size, which take precedence over these photos'."""
-    pre = Preprocessing.from_config(cfg).with_typical(typical or {})
-    if cfg.data.face_crop != "detector":
-        return pre, None
-    from multitask.data.faces import find_faces
-
-    faces = find_faces(paths, Path(cfg.data.cache_dir), log)
-    return pre.with_boxes(faces), faces["found"].to_numpy(dtype=bool)
-
-
 class PhotoDataset(Dataset):
     """(image tensor, per-head integer targets; -1 = no label) for rows of the table.
 
     ``images`` is the cache (indexed by ``rows``); without it each photo is prepared from ``paths`` on access."""
 
-    def __init__(self, paths: Sequence[str], targets: np.ndarray, transform, prepare: Prepare,
+    def __init__(self, paths: Sequence[str], targets: np.ndarray, transform, framing: FaceFraming,
                  images: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(len(self.paths), -1))
-        self.transform, self.prepare = transform, prepare
+        self.transform, self.framing = transform, framing
         self.images, self.rows = images, rows
 
     def __len__(self) -> int:
@@ -173,7 +157,7 @@ class PhotoDataset(Dataset):
         """The prepared (not yet augmented) photo."""
         if self.images is not None:
             return self.images[self.rows[i]]
-        return self.prepare(self.paths[i])
+        return self.framing(self.paths[i])
 
     def __getitem__(self, i: int):
         return self.transform(image=self.image(i))["image"], self.targets[i]

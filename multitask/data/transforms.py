@@ -1,6 +1,6 @@
 """Preprocessing (deterministic, cacheable) and augmentation presets (albumentations).
 
-A photo goes through ``Prepare`` once (decode, crop to the face region, resize to a little more than the network
+A photo goes through ``FaceFraming`` once (decode, crop to the face region, resize to a little more than the network
 size); that result is what the cache stores. The training or evaluation transform then runs on it. All three come
 from one ``Preprocessing`` built from the run's config, so training, predict, explain and the dashboard see a
 photo the same way.
@@ -51,7 +51,7 @@ def crop_box(rgb: np.ndarray, box) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Prepare:
+class FaceFraming:
     """Photo file (or RGB array) -> H x W x 3 uint8 at ``size``: the face region, then resize.
 
     The face region (``data.face_crop``): ``center``: the centre ``crop`` when the photo is large enough;
@@ -67,10 +67,10 @@ class Prepare:
     typical: Mapping[tuple[int, int], tuple] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
-    def from_config(cls, data: DataConfig) -> "Prepare":
+    def from_config(cls, data: DataConfig) -> "FaceFraming":
         return cls(tuple(data.crop) if data.crop else None, load_size(data), data.face_crop, data.face_margin)
 
-    def with_boxes(self, faces) -> "Prepare":
+    def with_boxes(self, faces) -> "FaceFraming":
         """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table), and the typical
         box of each photo size with at least ``TYPICAL_BOX_MIN_PHOTOS`` found faces (sizes already known keep
         theirs: a trained run's, from its training photos)."""
@@ -168,23 +168,23 @@ def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, res
 @dataclass(frozen=True)
 class Preprocessing:
     """A run's preprocessing, decided once from its config (as timm's ``resolve_data_config`` then
-    ``create_transform``): ``prepare`` (cacheable), then ``train()`` or ``eval()`` on the prepared photo."""
+    ``create_transform``): ``framing`` (the cacheable step: decode, face region, resize), then ``train()`` or ``eval()`` on the framed photo."""
 
-    prepare: Prepare
+    framing: FaceFraming
     data: DataConfig = field(compare=False, repr=False)
     augment: AugmentConfig = field(compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Preprocessing":
-        return cls(Prepare.from_config(cfg.data), cfg.data, cfg.augment)
+        return cls(FaceFraming.from_config(cfg.data), cfg.data, cfg.augment)
 
     def with_boxes(self, faces) -> "Preprocessing":
         """The same preprocessing with face boxes looked up by path (a ``faces.find_faces`` table)."""
-        return replace(self, prepare=self.prepare.with_boxes(faces))
+        return replace(self, framing=self.framing.with_boxes(faces))
 
     def with_typical(self, typical: Mapping[tuple[int, int], tuple]) -> "Preprocessing":
         """The same preprocessing with these typical face boxes by photo size (width, height): a trained run's."""
-        return replace(self, prepare=replace(self.prepare, typical=dict(typical)))
+        return replace(self, framing=replace(self.framing, typical=dict(typical)))
 
     def train(self, size: Optional[Sequence[int]] = None) -> A.Compose:
         """The training transform; ``size``: at another network size than ``data.size`` (a stage's)."""
