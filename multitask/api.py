@@ -27,7 +27,7 @@ from multitask.config import Config, ConfigError, check_ranges
 from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem
 from multitask.data.transforms import Preprocessing
-from multitask.engine import Runtime, loader_workers, predict_views, resolve_device, tta_views
+from multitask.engine import Runtime, loader_workers, predict_views, resolve_device
 from multitask.model import MultiHeadNet
 from multitask.run import Member, RunDir, check_same_classes, final_heads, prediction_frame
 from multitask.tasks import joint_class_names, joint_label
@@ -245,7 +245,6 @@ def load_run(run_dirs: Union[str, Path, Sequence[Union[str, Path]]], folds: Opti
     cfgs = [with_priors(run.load_config(), priors, run) for run in runs]
     check_same_classes(runs, cfgs)
     dev = resolve_device(device or cfgs[0].train.device)
-    members = [Member(run, cfg, run.load_models(cfg, folds, dev), run.preprocessing(cfg), tta_views(cfg.predict,
-                                                                                                    tta_flip))
+    members = [Member(run, cfg, run.load_models(cfg, folds, dev), run.preprocessing(cfg), cfg.predict.views(tta_flip))
                for run, cfg in zip(runs, cfgs)]
     return Predictor(members, dev, ensemble or cfgs[0].predict.ensemble, batch_size)

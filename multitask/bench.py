@@ -61,7 +61,8 @@ from multitask.engine import (Runtime, configure_threads, loader_workers, make_l
                               precision_note, train_one_epoch)
 from multitask.explain import cam_grid  # noqa: E402
 from multitask.losses import MultiHeadLoss, batch_mixer  # noqa: E402
-from multitask.model import build_model, param_groups, stage_layers  # noqa: E402
+from multitask.model import build_model, stage_layers  # noqa: E402
+from multitask.optim import param_groups  # noqa: E402
 
 
 def cpu_facts() -> dict:

@@ -159,6 +159,12 @@ class OptimConfig:
     # and keep it instead of the raw weights (its horizon is about 1 / (1 - decay) steps: 0.99 for ~100)
     ema_decay: float = 0.0
 
+    def learning_rates(self, weights_loaded: bool) -> tuple[float, float]:
+        """(trunk, heads): the configured ones, else the defaults for a loaded or a randomly initialised trunk."""
+        trunk, heads = ((self.lr_trunk_pretrained, self.lr_heads_pretrained) if weights_loaded
+                        else (self.lr_scratch,) * 2)
+        return (trunk if self.lr_trunk is None else self.lr_trunk), (heads if self.lr_heads is None else self.lr_heads)
+
 
 @dataclass
 class LossConfig:
@@ -210,6 +216,13 @@ class PredictConfig:
     tta_flip: bool = True  # average each photo with its mirror image
     tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
     ensemble: str = "mean"  # mean of probabilities | vote
+
+    def views(self, flip: Optional[bool] = None) -> List[tuple]:
+        """(scale, flip) test-time views: the plain view, its mirror, and each extra scale (mirrored too);
+        ``flip``: instead of tta_flip."""
+        flip = self.tta_flip if flip is None else flip
+        scales = [1.0] + [s for s in self.tta_scales if s != 1.0]
+        return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -17,12 +17,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from multitask.config import Config, ConfigError, PredictConfig, TrainConfig
+from multitask.config import Config, ConfigError, TrainConfig
 from multitask.data.dataset import ArrayDataset
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss
-from multitask.model import MultiHeadNet, for_inference, param_groups
+from multitask.model import MultiHeadNet, for_inference
 
 
 class NonFiniteLoss(RuntimeError):
@@ -280,19 +280,12 @@ def head_outputs(model: MultiHeadNet, logits: torch.Tensor) -> tuple[Dict[str, n
             {k: v.numpy() for k, v in model.years(logits).items()})
 
 
-def tta_views(predict: PredictConfig, flip: Optional[bool] = None) -> List[tuple]:
-    """(scale, flip) pairs: the plain view, its mirror, and each extra scale (mirrored too)."""
-    flip = predict.tta_flip if flip is None else flip
-    scales = [1.0] + [s for s in predict.tta_scales if s != 1.0]
-    return [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-
-
 def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, views: Sequence[tuple],
                   rt: Runtime, batch_size: int, workers: int = 0, progress: bool = False,
                   desc: str = "") -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """(per head the class probabilities, per head that predicts them the years) of prepared photos
-    (N x H x W x 3 uint8), averaged over test-time views (``tta_views``): what predict gives, and what the extra
-    validation sets are scored with."""
+    (N x H x W x 3 uint8), averaged over test-time views (``PredictConfig.views``): what predict gives, and
+    what the extra validation sets are scored with."""
     fused = rt.place(for_inference(unwrap(model)))
 
     def one_view(scale: float, flip: bool):
@@ -315,39 +308,3 @@ def mean_over_views(views: Sequence[tuple], one_view: Callable[[float, bool], tu
         for name, part in view_years.items():
             years[name] = years.get(name, 0) + part / len(views)
     return probs, years
-
-
-# --- the learning rate and the optimizer ------------------------------------------------------------------
-
-
-def lr_factor(epoch: int, cfg: Config, epochs: int) -> float:
-    """The learning rate at ``epoch`` relative to the base rate: warmup, then step / cosine / constant."""
-    o = cfg.optim
-    if epoch < o.warmup_epochs:
-        return (epoch + 1) / (o.warmup_epochs + 1)
-    if o.scheduler == "step":
-        return float(o.step_gamma ** (epoch // o.step_every))
-    if o.scheduler == "cosine":
-        span = max(1, epochs - o.warmup_epochs)
-        return float(0.5 * (1 + np.cos(np.pi * (epoch - o.warmup_epochs) / span)) * 0.99 + 0.01)
-    return 1.0
-
-
-def uses_sgd(cfg: Config, epoch: int) -> bool:
-    return cfg.optim.optimizer == "sgd" or (cfg.optim.sgd_after is not None and epoch >= cfg.optim.sgd_after)
-
-
-def learning_rates_at(cfg: Config, lrs: tuple[float, float], epoch: int, epochs: int) -> tuple[float, float]:
-    """(trunk, heads) rates of an epoch: a pure function of the epoch and the config (nanoGPT's get_lr), so
-    neither an Adam -> SGD switch nor a resume can shift it."""
-    scale = lr_factor(epoch, cfg, epochs) * (cfg.optim.sgd_lr_scale if cfg.optim.sgd_after is not None
-                                              and uses_sgd(cfg, epoch) else 1.0)
-    return lrs[0] * scale, lrs[1] * scale
-
-
-def make_optimizer(cfg: Config, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
-    groups = param_groups(model, *lrs, cfg.optim.weight_decay)
-    if sgd:
-        return torch.optim.SGD(groups, momentum=cfg.optim.momentum, nesterov=True)
-    cls = torch.optim.AdamW if cfg.optim.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups)

@@ -153,12 +153,10 @@ def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> 
 @guarded
 def main(argv=None) -> int:
     a = cli().parse_args(argv)
-    from multitask.engine import tta_views
-
     run = RunDir(a.run)
     cfg = run.load_config()
     member = Member(run, cfg, run.load_models(cfg, a.folds, torch.device("cpu")), run.preprocessing(cfg),
-                    tta_views(cfg.predict))
+                    cfg.predict.views())
     path = export_member(member, a.out, a.format, a.overwrite)
     print(f"exported {member.describe()} to {path} (how to feed it: {a.out / PREPROCESSING})")
     return 0

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from multitask.config import HeadConfig, ModelConfig, OptimConfig
+from multitask.config import HeadConfig, ModelConfig
 from multitask.errors import BadInput
 from multitask.heads import kind, value_heads
 
@@ -215,16 +215,3 @@ def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> 
     chosen = sorted(last_at.values())[-4:]
     cache[tuple(image_size)] = OrderedDict((f"features.{k}", blocks[k]) for k in chosen)
     return cache[tuple(image_size)]
-
-
-def learning_rates(o: OptimConfig, weights_loaded: bool) -> tuple[float, float]:
-    """(trunk, heads): the configured ones, else the defaults for a loaded or a randomly initialised trunk."""
-    trunk, heads = (o.lr_trunk_pretrained, o.lr_heads_pretrained) if weights_loaded else (o.lr_scratch,) * 2
-    return (trunk if o.lr_trunk is None else o.lr_trunk), (heads if o.lr_heads is None else o.lr_heads)
-
-
-def param_groups(model: MultiHeadNet, lr_trunk: float, lr_heads: float, weight_decay: float) -> List[dict]:
-    return [
-        {"params": list(model.trunk.parameters()), "lr": lr_trunk, "weight_decay": weight_decay, "name": "trunk"},
-        {"params": list(model.heads.parameters()), "lr": lr_heads, "weight_decay": weight_decay, "name": "heads"},
-    ]

@@ -32,12 +32,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from multitask.config import Config, ConfigError, HeadConfig, extra_val_names  # noqa: E402
-from multitask.engine import tta_views  # noqa: E402
 from multitask.heads import kind  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, label, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
-from multitask.model import learning_rates  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
                            mean_frame, pred_column, prob_columns, read_table, subgroup_columns, true_column,
                            years_column)
@@ -356,7 +354,7 @@ def recipe(cfg: Config, run: RunDir) -> str:
     it did, else what the config implies."""
     ran = run.recorded()
     o = cfg.optim
-    lrs = (ran["lr_trunk"], ran["lr_heads"]) if ran else learning_rates(o, cfg.model.pretrained != "none")
+    lrs = (ran["lr_trunk"], ran["lr_heads"]) if ran else o.learning_rates(cfg.model.pretrained != "none")
     sgd = f", SGD after epoch {o.sgd_after}" if o.sgd_after is not None else ""
     batch = f"batch {cfg.data.batch_size}"
     if ran.get("processes", 1) > 1:
@@ -378,7 +376,7 @@ def write_report(run_dir: Path) -> dict:
     oof = collect_oof(run, heads)
     atomic_to_csv(oof, run.oof)
     s = summarize(cfg, heads, oof)
-    predict_views = len(tta_views(cfg.predict))
+    predict_views = len(cfg.predict.views())
     plots = run.plots
     confusions = write_confusions(s["pooled"], heads, plots)
     curves = []
@@ -461,7 +459,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
              f"Runs: {names}, each counting once (what `multitask predict` gives with a `--run` for "
              f"each). {len(oof)} out-of-fold photos of {oof['person_id'].nunique()} persons, the same "
              f"{len(s['folds'])} folds in every run, scored " + runs_views_sentence(
-                 [(run.root.name, oof_views(o), len(tta_views(cfg.predict))) for run, cfg, o in zip(runs, cfgs, oofs)],
+                 [(run.root.name, oof_views(o), len(cfg.predict.views())) for run, cfg, o in zip(runs, cfgs, oofs)],
                  "the average is what predict gives"), "",
              "## Macro-F1 (mean ± std over folds)", "",
              "| | " + " | ".join(label(k, heads) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -475,7 +473,7 @@ def write_ensemble_report(run_dirs: Sequence[Path], out: Path) -> dict:
         run_sets = extra_val_frames(run, cfg)
         for name, frames in run_sets.items():
             sets.setdefault(name, {})[run.root.name] = by_path(mean_frame(list(frames.values()), heads))
-        views.append((run.root.name, views_used(run_sets), len(tta_views(cfg.predict))))
+        views.append((run.root.name, views_used(run_sets), len(cfg.predict.views())))
     sets = {name: members for name, members in sets.items() if len(members) == len(runs)}  # the sets all scored
     extra = extra_val_scores(sets, heads)
     if extra:

@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask import allocator
-from multitask.config import (Config, ConfigError, HeadConfig, StageConfig, enabled_stages, extra_val_names, final_stage,
+from multitask.config import (Config, ConfigError, HeadConfig, enabled_stages, extra_val_names, final_stage,
                               save_config, stage)
 from multitask.data.dataset import PhotoDataset
 from multitask.data.photoset import photo_set
@@ -34,15 +34,15 @@ from multitask.data.table import (apply_policy, eval_targets, labeled_source, lo
                                   training_targets, with_found_classes)
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
-from multitask.engine import (Runtime, head_outputs, learning_rates_at, loader_workers, make_loader,
-                              make_optimizer, mean_over_views, predict_logits, predict_views, train_one_epoch,
-                              precision_note, resolve_device, tta_views, uses_sgd, weight_average)
+from multitask.engine import (Runtime, head_outputs, loader_workers, make_loader, mean_over_views, predict_logits,
+                              predict_views, precision_note, resolve_device, train_one_epoch, weight_average)
 from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
 from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
 from multitask.metrics import score, selection_score
-from multitask.model import MultiHeadNet, build_model, learning_rates, load_checkpoint
+from multitask.model import MultiHeadNet, build_model, load_checkpoint
+from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
 from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
 
 Log = Callable[[str], None]
@@ -85,6 +85,69 @@ class Clock:
         return f"~{max(self.planned - self.done, 0) * pace / 60:.1f} min left"
 
 
+@dataclass
+class StageData:
+    """What one stage of one fold trains and validates on, and its loss."""
+
+    heads: List[HeadConfig]  # the heads the stage trains
+    train_rows: pd.DataFrame
+    y_train: np.ndarray
+    val_rows: pd.DataFrame
+    y_val: np.ndarray
+    weights: Dict[str, torch.Tensor]  # class weights of its ce heads
+    loss_fn: MultiHeadLoss
+    train_tf: object  # the stage's augmentation (reseeded every epoch)
+    workers: int
+    val_loader: DataLoader
+
+
+def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
+    cfg, stage = ctx.cfg, ctx.cfg.stages[stage_no - 1]
+    active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
+    train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
+    if train_rows.empty or val_rows.empty:
+        raise DataError([Problem(str(ctx.run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training "
+                                                    f"and {len(val_rows)} validation photos; need both")])
+    y_train = training_targets(cfg, train_rows)
+    weights = class_weights(cfg, active, y_train, draw_weights(train_rows["person_id"].to_numpy(),
+                                                               stage.photos_per_person))
+    loss_fn = stage_loss(cfg, active, weights).to(ctx.rt.device)
+    train_tf = ctx.pre.train(stage.size)
+    y_val = eval_targets(cfg, val_rows)
+    workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, ctx.world)
+    val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size), workers)
+    return StageData(active, train_rows, y_train, val_rows, y_val, weights, loss_fn, train_tf, workers, val_loader)
+
+
+@dataclass
+class StageCheckpoints:
+    """The files of one stage of one fold: best.pt (the weights validated best, in ``dtype``), last.pt (all a
+    resume needs, rewritten every epoch) and metrics.csv (one row per epoch)."""
+
+    run: RunDir
+    fold: int
+    stage_no: int
+    dtype: str
+    config: dict  # the run's config as it started: a resume checks it
+
+    def resume(self) -> Optional[dict]:
+        last = self.run.last(self.fold, self.stage_no)
+        return load_checkpoint(last) if last.exists() else None
+
+    def history(self, epochs: int) -> List[dict]:
+        return read_table(self.run.metrics(self.fold, self.stage_no), ["epoch"]).to_dict("records")[:epochs]
+
+    def save(self, state: dict, history: List[dict], best: Optional[nn.Module]) -> None:
+        """``state``: the epoch's model, ema, optimizer, epoch, best_score and best_epoch; ``best``: the weights to
+        keep when the epoch scored best."""
+        if best is not None:
+            atomic_torch_save({"model": saved_weights(best, self.dtype), "epoch": state["epoch"],
+                               "score": state["best_score"]}, self.run.best(self.fold, self.stage_no))
+        atomic_to_csv(pd.DataFrame(history), self.run.metrics(self.fold, self.stage_no))
+        atomic_torch_save({**state, "config": self.config, "rng": torch.get_rng_state()},
+                          self.run.last(self.fold, self.stage_no))
+
+
 def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: tuple[float, float],
               writer: Optional[SummaryWriter]) -> MultiHeadNet:
     """Train one stage of one fold (resuming from its last.pt if there is one); returns the best model.
@@ -92,97 +155,90 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     Under torchrun every process trains its share of each epoch's batches (DistributedDataParallel) and
     validates its share of the photos; the predictions are gathered so every process sees the same scores and
     keeps the same best epoch, and rank 0 alone writes."""
-    cfg, world = ctx.cfg, ctx.world
-    stage: StageConfig = cfg.stages[stage_no - 1]
-    run = ctx.run
-    active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
-    if run.stage_done(fold, stage_no).exists():
-        model.load_state_dict(load_checkpoint(run.best(fold, stage_no))["model"])
+    cfg, world, stage = ctx.cfg, ctx.world, ctx.cfg.stages[stage_no - 1]
+    name = f"fold {fold} stage {stage_no}"
+    if ctx.run.stage_done(fold, stage_no).exists():
+        model.load_state_dict(load_checkpoint(ctx.run.best(fold, stage_no))["model"])
         return model.to(ctx.rt.device)
-
-    train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
-    if train_rows.empty or val_rows.empty:
-        raise DataError([Problem(str(run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training and "
-                                                   f"{len(val_rows)} validation photos; need both")])
-    y_train = training_targets(cfg, train_rows)
-    persons = train_rows["person_id"].to_numpy()
-    weights = class_weights(cfg, active, y_train, draw_weights(persons, stage.photos_per_person))
-    loss_fn = stage_loss(cfg, active, weights).to(ctx.rt.device)
-    train_tf = ctx.pre.train(stage.size)
-    y_val = eval_targets(cfg, val_rows)
-    workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, world)
-    val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size), workers)
-
+    data = stage_data(ctx, fold, stage_no)
+    # fp16 only for the final stage's model, the one a run keeps: an earlier one seeds the next unrounded
+    saver = StageCheckpoints(ctx.run, fold, stage_no, cfg.train.weights_dtype if stage_no == final_stage(cfg)
+                             else "fp32", fold_config(cfg))
     model = ctx.rt.place(model)
     start, best_score, best_epoch, history = 0, -1.0, -1, []
-    last = run.last(fold, stage_no)
-    ckpt = load_checkpoint(last) if last.exists() else None
+    ckpt = saver.resume()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["rng"])
-        history = read_table(run.metrics(fold, stage_no), ["epoch"]).to_dict("records")[:start]
-        ctx.log(f"fold {fold} stage {stage_no}: resuming at epoch {start + 1}/{stage.epochs}")
-    model.keep_class_weights(weights)  # after a resume too: a last.pt of an older version has none
+        history = saver.history(start)
+        ctx.log(f"{name}: resuming at epoch {start + 1}/{stage.epochs}")
+    model.keep_class_weights(data.weights)
     ema = weight_average(model, cfg.optim.ema_decay)
     if ema is not None and ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-        ema.module.keep_class_weights(weights)
+        ema.module.keep_class_weights(data.weights)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
-    optimizer = make_optimizer(cfg, model, lrs, uses_sgd(cfg, start))
-    if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg, start):
+    optimizer = make_optimizer(cfg.optim, model, lrs, uses_sgd(cfg.optim, start))
+    if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg.optim, start):
         optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
 
     for epoch in range(start, stage.epochs):
-        if uses_sgd(cfg, epoch) and not isinstance(optimizer, torch.optim.SGD):
-            optimizer = make_optimizer(cfg, model, lrs, True)
-            ctx.log(f"fold {fold} stage {stage_no}: switching to SGD at epoch {epoch + 1}")
-        epoch_lrs = learning_rates_at(cfg, lrs, epoch, stage.epochs)
-        for group, lr in zip(optimizer.param_groups, epoch_lrs):
-            group["lr"] = lr
-        seed = epoch_seed(cfg, fold, stage_no, epoch)
-        drawn = draw_per_person(persons, stage.photos_per_person, seed)
-        train_ds = dataset(ctx, train_rows.iloc[drawn], y_train[drawn], train_tf)
-        loader = epoch_loader(ctx, train_ds, train_tf, seed, workers)
+        was_sgd = isinstance(optimizer, torch.optim.SGD)
+        optimizer, rates = optimizer_for_epoch(cfg.optim, model, optimizer, lrs, epoch, stage.epochs)
+        if isinstance(optimizer, torch.optim.SGD) and not was_sgd:
+            ctx.log(f"{name}: switching to SGD at epoch {epoch + 1}")
         tick = time.perf_counter()
-        stats = train_one_epoch(net, loader, loss_fn, optimizer, ctx.rt, epoch + 1,
-                                batch_mixer(cfg.augment, seed + world.rank), scaler,
-                                cfg.train.progress and world.main,
-                                desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}", ema=ema)
-        probs, _ = validate(ctx, kept, val_loader)
-        targets = {h.name: y_val[:, i] for i, h in enumerate(cfg.heads)}
-        scores = score(active, targets, probs)
-        value = selection_score(scores)
-        stats["images_per_s"] *= world.size  # every process trained as many photos
-        row = {"epoch": epoch + 1, "lr_trunk": epoch_lrs[0], "lr_heads": epoch_lrs[1], **stats,
-               **{f"val_f1_{k}": v["f1_macro"] for k, v in scores.items()},
-               **{f"val_acc_{k}": v["accuracy"] for k, v in scores.items()},
-               "seconds": time.perf_counter() - tick}
+        stats, photos = train_epoch(ctx, data, fold, stage_no, epoch, net, optimizer, scaler, ema)
+        scores = score(data.heads, {h.name: data.y_val[:, i] for i, h in enumerate(cfg.heads)},
+                       validate(ctx, kept, data.val_loader)[0])
+        row = epoch_row(epoch, rates, stats, scores, time.perf_counter() - tick)
         history.append(row)
-        improved = value > best_score
+        improved = selection_score(scores) > best_score
         if improved:
-            best_score, best_epoch = value, epoch + 1
+            best_score, best_epoch = selection_score(scores), epoch + 1
         if world.main:
-            if improved:
-                # fp16 only for the final stage's model, the one a run keeps: stage 1's seeds stage 2 unrounded
-                dtype = cfg.train.weights_dtype if stage_no == final_stage(cfg) else "fp32"
-                atomic_torch_save({"model": saved_weights(kept, dtype), "epoch": epoch, "score": value},
-                                  run.best(fold, stage_no))
-            atomic_to_csv(pd.DataFrame(history), run.metrics(fold, stage_no))
-            atomic_torch_save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
-                               "optimizer": optimizer.state_dict(),
-                               "sgd": isinstance(optimizer, torch.optim.SGD), "epoch": epoch,
-                               "config": fold_config(cfg), "best_score": best_score, "best_epoch": best_epoch,
-                               "rng": torch.get_rng_state()}, last)
+            saver.save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
+                        "optimizer": optimizer.state_dict(), "sgd": isinstance(optimizer, torch.optim.SGD),
+                        "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch},
+                       history, kept if improved else None)
             log_scalars(writer, f"fold{fold}/stage{stage_no}", row)
-        f1s = "  ".join(f"{k} {v['f1_macro']:.3f}" for k, v in scores.items())
-        left = ctx.clock.tick(len(train_ds) + len(val_rows))
-        ctx.log(f"fold {fold} stage {stage_no} epoch {epoch + 1}/{stage.epochs}  loss {stats['loss']:.3f}  "
-                f"val F1 {f1s}  lr {epoch_lrs[1]:.1e}  {stats['images_per_s']:.0f} img/s  {row['seconds']:.0f}s"
-                + ("  *" if improved else "") + f"  ({left})")
-    return finish_stage(ctx, fold, stage_no, model, val_rows, y_val, workers, best_epoch, best_score)
+        ctx.log(f"{name} epoch {epoch + 1}/{stage.epochs}  " + epoch_line(row, scores, improved)
+                + f"  ({ctx.clock.tick(photos + len(data.val_rows))})")
+    return finish_stage(ctx, fold, stage_no, model, data.val_rows, data.y_val, data.workers, best_epoch, best_score)
+
+
+def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: int, net: nn.Module, optimizer,
+                scaler, ema) -> tuple[dict, int]:
+    """(the epoch's training statistics, photos trained): the persons' photos drawn for the epoch, in the order
+    and with the augmentation of the epoch's seed."""
+    cfg = ctx.cfg
+    seed = epoch_seed(cfg, fold, stage_no, epoch)
+    drawn = draw_per_person(data.train_rows["person_id"].to_numpy(), cfg.stages[stage_no - 1].photos_per_person,
+                            seed)
+    train_ds = dataset(ctx, data.train_rows.iloc[drawn], data.y_train[drawn], data.train_tf)
+    loader = epoch_loader(ctx, train_ds, data.train_tf, seed, data.workers)
+    stats = train_one_epoch(net, loader, data.loss_fn, optimizer, ctx.rt, epoch + 1,
+                            batch_mixer(cfg.augment, seed + ctx.world.rank), scaler,
+                            cfg.train.progress and ctx.world.main,
+                            desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}", ema=ema)
+    stats["images_per_s"] *= ctx.world.size  # every process trained as many photos
+    return stats, len(train_ds)
+
+
+def epoch_row(epoch: int, rates: tuple[float, float], stats: dict, scores: dict, seconds: float) -> dict:
+    """The epoch's row of metrics.csv."""
+    return {"epoch": epoch + 1, "lr_trunk": rates[0], "lr_heads": rates[1], **stats,
+            **{f"val_f1_{k}": v["f1_macro"] for k, v in scores.items()},
+            **{f"val_acc_{k}": v["accuracy"] for k, v in scores.items()}, "seconds": seconds}
+
+
+def epoch_line(row: dict, scores: dict, improved: bool) -> str:
+    f1s = "  ".join(f"{k} {v['f1_macro']:.3f}" for k, v in scores.items())
+    return (f"loss {row['loss']:.3f}  val F1 {f1s}  lr {row['lr_heads']:.1e}  {row['images_per_s']:.0f} img/s  "
+            f"{row['seconds']:.0f}s" + ("  *" if improved else ""))
 
 
 def class_weights(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, drawn: np.ndarray
@@ -249,7 +305,7 @@ def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, va
     if stage_no == final_stage(ctx.cfg):
         # From the weights as saved and with predict's test-time views, so that predict reproduces oof.csv and
         # the report scores what predict gives (the epochs above are compared on the plain photo only).
-        views = tta_views(ctx.cfg.predict)
+        views = ctx.cfg.predict.views()
         probs, years = mean_over_views(views, lambda scale, flip: validate(
             ctx, model, validation_loader(ctx, val_rows, y_val, ctx.pre.eval(scale, flip), workers)))
         if world.main:
@@ -321,7 +377,7 @@ def score_extra_val(ctx: Context, fold: int, model: MultiHeadNet, sets) -> None:
     run's test-time views (predict.tta_flip, tta_scales; their number in ``views``), so the report's ensemble row
     is what predict gives."""
     cfg = ctx.cfg
-    views = tta_views(cfg.predict)
+    views = cfg.predict.views()
     for name, (table, images) in sets.items():
         targets = eval_targets(cfg, table)
         probs, years = predict_views(model, images, ctx.pre, views, ctx.rt, cfg.data.batch_size * 2)
@@ -464,7 +520,7 @@ def train_fold(ctx: Context, fold: int, extra_val, writer: Optional[SummaryWrite
     cfg, world = ctx.cfg, ctx.world
     torch.manual_seed(cfg.train.seed + fold)
     model, loaded = build_model(cfg.model, cfg.heads)
-    lrs = learning_rates(cfg.optim, loaded)
+    lrs = cfg.optim.learning_rates(loaded)
     if cfg.train.lr_scaling == "linear":
         lrs = (lrs[0] * world.size, lrs[1] * world.size)
     if world.main and not ctx.run.recorded_file.exists():

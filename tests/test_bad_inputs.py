@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from multitask.config import load_config
-from multitask.engine import learning_rates_at
+from multitask.optim import learning_rates_at
 from multitask.trainer import run_cv
 
 from conftest import tiny_overrides
@@ -18,7 +18,7 @@ BASE = (1e-3, 2e-3)
 
 def rates(*overrides, epochs=8):
     cfg = load_config(list(overrides))
-    return [learning_rates_at(cfg, BASE, e, epochs) for e in range(epochs)]
+    return [learning_rates_at(cfg.optim, BASE, e, epochs) for e in range(epochs)]
 
 
 def test_step_schedule_halves_every_step():

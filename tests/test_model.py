@@ -9,8 +9,7 @@ import torch
 import torchvision
 
 from multitask.config import HeadConfig, ModelConfig, load_config
-from multitask.model import (MultiHeadNet, WeightsError, build_model, for_inference, learning_rates,
-                             stage_layers)
+from multitask.model import MultiHeadNet, WeightsError, build_model, for_inference, stage_layers
 
 HEADS = load_config().heads
 
@@ -36,10 +35,10 @@ def test_a_state_dict_file_is_loaded_into_the_trunk_and_sets_the_learning_rates(
     assert loaded
     assert torch.equal(model.trunk.conv1.weight, reference.conv1.weight)
     cfg = load_config()
-    assert learning_rates(cfg.optim, weights_loaded=True) == (1e-4, 6e-4)  # a trained trunk moves 6x slower
-    assert learning_rates(cfg.optim, weights_loaded=False) == (1e-3, 1e-3)  # from random init the trunk learns as fast
+    assert cfg.optim.learning_rates(weights_loaded=True) == (1e-4, 6e-4)  # a trained trunk moves 6x slower
+    assert cfg.optim.learning_rates(weights_loaded=False) == (1e-3, 1e-3)  # from random init the trunk learns as fast
     cfg.optim.lr_heads = 2e-3
-    assert learning_rates(cfg.optim, weights_loaded=True) == (1e-4, 2e-3)
+    assert cfg.optim.learning_rates(weights_loaded=True) == (1e-4, 2e-3)
 
 
 def test_mobilenet_features_without_classifier_load(tmp_path):
