@@ -43,7 +43,7 @@ from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
 def collect_oof(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
-    columns = ["path", "person_id", "fold"] + [c for h in heads for c in (true_column(h), *prob_columns(h))]
+    columns = ["path", "person_id", "fold", "views"] + [c for h in heads for c in (true_column(h), *prob_columns(h))]
     parts = [read_table(p, columns) for p in run.fold_oofs().values()]
     if not parts:
         raise ConfigError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
@@ -161,7 +161,7 @@ def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
 def extra_val_frames(run: RunDir, cfg: Config) -> Dict[str, Dict[int, pd.DataFrame]]:
     """Extra validation set -> fold -> that fold model's predictions on it."""
     sets = {name: run.extra_vals(name) for name in extra_val_names(cfg.data)}
-    return {name: {k: read_table(p, ["path"]) for k, p in paths.items()} for name, paths in sets.items() if paths}
+    return {name: {k: read_table(p, ["path", "views"]) for k, p in paths.items()} for name, paths in sets.items() if paths}
 
 
 def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequence[HeadConfig]) -> dict:
@@ -181,19 +181,17 @@ def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequenc
 
 
 def views_used(sets: Dict[str, Dict[object, pd.DataFrame]]) -> set:
-    """The test-time views per photo the folds scored the sets with; None where not recorded (runs scored before
-    the count was recorded: 1 view before the mirror view came in, 2 after, as predict's defaults)."""
-    return {int(f["views"].iloc[0]) if "views" in f else None for frames in sets.values() for f in frames.values()}
+    """The test-time views per photo the folds scored the sets with."""
+    return {int(f["views"].iloc[0]) for frames in sets.values() for f in frames.values()}
 
 
 def views_text(used: set) -> str:
-    return " or ".join([str(v) for v in sorted(v for v in used if v is not None)] + ["unrecorded"] * (None in used))
+    return " or ".join(str(v) for v in sorted(used))
 
 
 def oof_views(oof: pd.DataFrame) -> set:
-    """The test-time views per photo of out-of-fold predictions (runs before the count was recorded scored their
-    out-of-fold photos with the plain view only)."""
-    return set(oof["views"].fillna(1).astype(int)) if "views" in oof else {1}
+    """The test-time views per photo of out-of-fold predictions."""
+    return set(oof["views"].astype(int))
 
 
 def views_sentence(used: set, predict_views: int, so: str) -> str:

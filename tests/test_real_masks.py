@@ -97,16 +97,16 @@ def test_every_fold_and_the_ensemble_are_scored_on_the_extra_validation_set(trai
 
 
 @pytest.mark.slow
-def test_a_run_scored_before_the_views_were_recorded_says_so(trained_run, tmp_path):
+def test_a_run_without_its_views_count_is_named_not_guessed(trained_run, tmp_path, capsys):
+    from multitask.report import main as report_main
+    from test_bad_inputs import no_traceback, run_main
+
     run = Path(shutil.copytree(trained_run, tmp_path / "old", ignore=shutil.ignore_patterns("lock")))
-    for csv in [*run.glob("fold*/extra_val/*.csv"), *run.glob("fold*/oof.csv")]:
-        pd.read_csv(csv).drop(columns="views").to_csv(csv, index=False)
-    write_report(run)
-    text = (run / "report.md").read_text()
-    assert "with test-time views per photo: unrecorded, where predict uses 2" in text  # the extra sets
-    # out-of-fold photos were scored with the plain view only before the count was recorded
-    assert "held-out persons (best epoch by 18-class macro-F1 on the plain photo), scored with test-time views " \
-           "per photo: 1, where predict uses 2" in text
+    oof = run / "fold0" / "oof.csv"
+    pd.read_csv(oof).drop(columns="views").to_csv(oof, index=False)
+    out = run_main(report_main, capsys, run)
+    no_traceback(out)
+    assert out.returncode == 2 and f"{oof}: missing column(s) ['views']" in out.stderr, out.stderr
 
 
 @pytest.mark.slow
