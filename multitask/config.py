@@ -9,6 +9,7 @@ the whole config, or a path to any YAML file.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,21 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
+INF = float("inf")
 PRIORS = ("balanced", "training")  # heads[].prior
+
+
+# Each setting's rule lives beside it (checked at load, so a bad value fails at once with its key, not as a
+# traceback or a silent nonsense run later); validate() keeps only the rules across settings.
+def one_of(*allowed: str):
+    """A setting that takes one of these values; the first is the default."""
+    return field(default=allowed[0], metadata={"choices": allowed})
+
+
+def within(default, low: float, high: float = INF, low_ok: bool = True):
+    """A number from ``low`` (included unless ``low_ok`` is false) to ``high``; None, where the default, is not
+    checked."""
+    return field(default=default, metadata={"range": (low, high, low_ok)})
 
 
 @dataclass
@@ -36,7 +51,7 @@ class HeadConfig:
     name: str  # what reports, predictions (p_<name>_<class>) and --target call the head
     column: str  # column of the data table holding the integer label
     classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
-    loss_weight: float = 1.0  # the head's share of the summed loss
+    loss_weight: float = within(1.0, 0)  # the head's share of the summed loss
     # The head's kind, how it learns (heads.py): ce | ordinal (ordered classes) | dldl | regression (the value of
     # value_column, cut into the classes at thresholds)
     loss: str = "ce"
@@ -48,7 +63,7 @@ class HeadConfig:
     # loss.class_weights, a head treats its classes as equally common (balanced: good for macro-F1 on photos like
     # the training ones); training takes the weights back out when predicting, so the classes are as common as in
     # the training photos (the competition layout: 5 masks worn of 7 photos) and rare classes are called less.
-    prior: str = "balanced"
+    prior: str = one_of(*PRIORS)
 
 
 def face_heads() -> List[HeadConfig]:
@@ -65,39 +80,42 @@ def face_heads() -> List[HeadConfig]:
 class DataConfig:
     source: str = "synthetic"  # synthetic, or a layout in data/sources.py: competition, manifest, utkface, ...
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = 100  # persons drawn (7 photos each) for data.source=synthetic
+    synthetic_people: int = within(100, 1)  # persons drawn (7 photos each) for data.source=synthetic
     synthetic_size: List[int] = field(default_factory=lambda: [512, 384])  # H x W of generated portraits
-    synthetic_seed: int = 0  # the generator's seed: the same seed draws the same faces
+    synthetic_seed: int = within(0, 0, 4294967295)  # the generator's seed: the same seed draws the same faces
     synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
     # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
     # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
-    synthetic_unmasked: int = 360
+    synthetic_unmasked: int = within(360, 0)
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
     # People added to stage 1 training only: UTKFace-style folders (one unmasked photo each), or any labeled face
     # set, e.g. their masks painted by `paint-masks` (stage1.only and stage1.photos_per_person pick the photos).
     extra_unmasked: List[str] = field(default_factory=list)
-    extra_unmasked_people: int = 0  # at most this many of them, drawn evenly by gender x age (0: all)
+    extra_unmasked_people: int = within(0, 0)  # at most this many of them, drawn evenly by gender x age (0: all)
     # Labeled sets (competition layout, manifest) added to the training side of every fold, both stages, never
     # validated: e.g. masks painted on extra people by `multitask data paint-masks`.
     extra_train: List[str] = field(default_factory=list)
-    extra_train_people: int = 0  # at most this many persons of them, drawn evenly by gender x age (0: all)
+    extra_train_people: int = within(0, 0)  # at most this many persons of them, drawn evenly by gender x age (0: all)
     # Labeled sets scored at the end of every fold (fold model) and in the report (ensemble), never trained on:
     # a folder per mask class (worn_correctly/, worn_incorrectly/, not_worn/), a manifest or the competition layout.
     # This is where domain shift shows, e.g. real masks when training on painted ones.
     extra_val: List[str] = field(default_factory=list)
-    on_bad_file: str = "error"  # error: stop and list every problem | skip: leave them out, list in skipped.csv
+    # error: stop and list every problem | skip: leave them out, list in skipped.csv
+    on_bad_file: str = one_of("error", "skip")
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
     # The face region: center (the centre crop above) | none (whole photo) | detector (a face detector's box,
     # widened by face_margin of its size on each side; found once and cached; where no face is found, the typical
     # box of photos of that size, else the centre crop; flagged face_found=False in data.csv and predictions.csv)
-    face_crop: str = "center"
-    face_margin: float = 0.25  # face_crop=detector: the box is widened by this much of its size on each side
+    face_crop: str = one_of("center", "none", "detector")
+    # face_crop=detector: the box is widened by this much of its size on each side
+    face_margin: float = within(0.25, 0, 2)
     size: List[int] = field(default_factory=lambda: [72, 56])  # H x W fed to the network (competition preset: 128x96)
-    load_margin: float = 0.125  # photos are prepared this much larger than `size`; training crops at random
+    # photos are prepared this much larger than `size`; training crops at random
+    load_margin: float = within(0.125, 0, 1)
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
     cache_dir: str = ".cache/multitask"  # the image cache, the face boxes and generated synthetic faces
-    batch_size: int = 64  # photos per step (per process under torchrun)
-    workers: int = -1  # -1: chosen for the machine
+    batch_size: int = within(64, 2)  # photos per step (per process under torchrun)
+    workers: int = within(-1, -1, 256)  # -1: chosen for the machine
 
 
 def extra_val_names(data: DataConfig) -> List[str]:
@@ -113,13 +131,13 @@ def extra_val_names(data: DataConfig) -> List[str]:
 class ModelConfig:
     arch: str = "resnet18"  # any torchvision classifier: resnet18/34/50/101, mobilenet_v2/v3_*, efficientnet_b0..
     pretrained: str = "none"  # none | imagenet (torchvision weights, hub cache offline) | path to a state_dict
-    dropout: float = 0.0  # before each head
+    dropout: float = within(0.0, 0, 1)  # before each head
 
 
 @dataclass
 class StageConfig:
     enabled: bool = True  # false: the stage is skipped (one of the stages must train)
-    epochs: int = 6  # passes over the stage's photos
+    epochs: int = within(6, 1)  # passes over the stage's photos
     heads: List[str] = field(default_factory=list)  # empty: all heads
     only: Dict[str, str] = field(default_factory=dict)  # keep rows whose column has this class, e.g. mask: not_worn
     # H x W this stage trains and validates at; null: data.size. Progressive resizing: a smaller stage 1 (e.g.
@@ -128,7 +146,7 @@ class StageConfig:
     size: Optional[List[int]] = None
     # Each epoch trains on this many photos of every person, drawn afresh (0: every photo). With only: {} and 1,
     # stage 1 sees every person once per epoch, masked or not, at the cost of the unmasked stage 1.
-    photos_per_person: int = 0
+    photos_per_person: int = within(0, 0)
 
 
 def default_stages() -> List[StageConfig]:
@@ -138,26 +156,28 @@ def default_stages() -> List[StageConfig]:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"  # adam | adamw | sgd
+    optimizer: str = one_of("adam", "adamw", "sgd")  # sgd: with Nesterov momentum (optim.momentum)
     # The trunk's learning rate; null: lr_trunk_pretrained when weights were loaded (model.pretrained imagenet or a
     # file), else lr_scratch
-    lr_trunk: Optional[float] = None
-    lr_heads: Optional[float] = None  # the heads' learning rate; null: lr_heads_pretrained or lr_scratch, as above
+    lr_trunk: Optional[float] = within(None, 0, INF, low_ok=False)
+    # the heads' learning rate; null: lr_heads_pretrained or lr_scratch, as above
+    lr_heads: Optional[float] = within(None, 0, INF, low_ok=False)
     # A loaded trunk learns slower than its new heads, but faces are far from ImageNet: not much slower
-    lr_trunk_pretrained: float = 1e-4
-    lr_heads_pretrained: float = 6e-4  # the heads' rate over a loaded trunk
-    lr_scratch: float = 1e-3  # trunk and heads from random init: the trunk must learn as fast as the heads
-    weight_decay: float = 3e-5  # L2 penalty of every weight
-    momentum: float = 0.9  # SGD only
-    scheduler: str = "cosine"  # cosine | step | none
-    step_every: int = 4  # scheduler=step: epochs between steps
-    step_gamma: float = 0.5  # scheduler=step: the rate is multiplied by this at each step
-    warmup_epochs: int = 0  # epochs of linearly rising rate before the schedule
-    sgd_after: Optional[int] = None  # switch Adam -> SGD after this many epochs of a stage
-    sgd_lr_scale: float = 1.0  # SGD learning rates relative to the Adam ones
+    lr_trunk_pretrained: float = within(1e-4, 0, INF, low_ok=False)
+    lr_heads_pretrained: float = within(6e-4, 0, INF, low_ok=False)  # the heads' rate over a loaded trunk
+    # trunk and heads from random init: the trunk must learn as fast as the heads
+    lr_scratch: float = within(1e-3, 0, INF, low_ok=False)
+    weight_decay: float = within(3e-5, 0, 1)  # L2 penalty of every weight
+    momentum: float = within(0.9, 0, 1)  # SGD only
+    scheduler: str = one_of("cosine", "step", "none")  # the learning rate over a stage's epochs
+    step_every: int = within(4, 1)  # scheduler=step: epochs between steps
+    step_gamma: float = within(0.5, 0, 1, low_ok=False)  # scheduler=step: the rate is multiplied by this at each step
+    warmup_epochs: int = within(0, 0)  # epochs of linearly rising rate before the schedule
+    sgd_after: Optional[int] = within(None, 0)  # switch Adam -> SGD after this many epochs of a stage
+    sgd_lr_scale: float = within(1.0, 0, INF, low_ok=False)  # SGD learning rates relative to the Adam ones
     # > 0: keep an exponential moving average of the weights, updated every step with this decay, and validate
     # and keep it instead of the raw weights (its horizon is about 1 / (1 - decay) steps: 0.99 for ~100)
-    ema_decay: float = 0.0
+    ema_decay: float = within(0.0, 0, 0.9999)
 
     def learning_rates(self, weights_loaded: bool) -> tuple[float, float]:
         """(trunk, heads): the configured ones, else the defaults for a loaded or a randomly initialised trunk."""
@@ -168,46 +188,51 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    label_smoothing: float = 0.1  # ce heads: this much of the target spread over the other classes
+    label_smoothing: float = within(0.1, 0, 1)  # ce heads: this much of the target spread over the other classes
     class_weights: bool = True  # per head, inverse class frequency of the training fold
-    focal_gamma: float = 0.0  # 0: plain cross-entropy
+    focal_gamma: float = within(0.0, 0, 10)  # 0: plain cross-entropy
 
 
 @dataclass
 class AugmentConfig:
-    hflip: float = 0.5  # probability of a mirrored photo
-    brightness_contrast: float = 0.5  # probability of a random brightness and contrast change
-    coarse_dropout: float = 0.0  # probability of 1-4 small rectangles blanked out
+    hflip: float = within(0.5, 0, 1)  # probability of a mirrored photo
+    brightness_contrast: float = within(0.5, 0, 1)  # probability of a random brightness and contrast change
+    coarse_dropout: float = within(0.0, 0, 1)  # probability of 1-4 small rectangles blanked out
     # Aimed at the gap between clean painted training photos and real ones (probabilities per photo; how they were
     # chosen on real masked photos: docs/real-masks.md):
-    degrade: float = 0.7  # low resolution, blur, JPEG, sensor noise, low light: real crops are small and rough
-    color: float = 0.4  # hue, saturation, colour cast, grey photos
-    affine: float = 0.6  # tilt, zoom (up to 1.3x: real crops are often tighter) and shift: real faces are not aligned
-    mix: str = "none"  # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
-    mix_alpha: float = 1.0  # the Beta(alpha, alpha) the mixing share is drawn from
-    mix_prob: float = 0.5  # share of the batches that are mixed
+    # low resolution, blur, JPEG, sensor noise, low light: real crops are small and rough
+    degrade: float = within(0.7, 0, 1)
+    color: float = within(0.4, 0, 1)  # hue, saturation, colour cast, grey photos
+    # tilt, zoom (up to 1.3x: real crops are often tighter) and shift: real faces are not aligned
+    affine: float = within(0.6, 0, 1)
+    # none | mixup | cutmix | cutmix_vertical (left/right halves of two photos)
+    mix: str = one_of("none", "mixup", "cutmix", "cutmix_vertical")
+    mix_alpha: float = within(1.0, 0, INF, low_ok=False)  # the Beta(alpha, alpha) the mixing share is drawn from
+    mix_prob: float = within(0.5, 0, 1)  # share of the batches that are mixed
 
 
 @dataclass
 class CVConfig:
-    folds: int = 5  # cross-validation folds, grouped by person (stratified on gender x age)
+    folds: int = within(5, 2)  # cross-validation folds, grouped by person (stratified on gender x age)
     run_folds: List[int] = field(default_factory=list)  # empty: all folds
-    seed: int = 42  # which persons go to which fold
+    seed: int = within(42, 0, 4294967295)  # which persons go to which fold
 
 
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (each torchrun process its local rank's GPU) | cuda:N (one process)
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = one_of("auto", "fp32", "bf16", "fp16")  # auto: on CPU bf16 where a step of this model is faster in it; GPU: bf16, else fp16
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
-    threads: int = 0  # torch intra-op threads; 0: this process's share of the cores (OMP_NUM_THREADS if set)
+    # torch intra-op threads; 0: this process's share of the cores (OMP_NUM_THREADS if set)
+    threads: int = within(0, 0, 4096)
     # Data parallel (torchrun): data.batch_size is per process, the effective batch is batch_size x processes;
     # linear: learning rates x processes (the usual rule for large batches), none: the rates as configured.
-    lr_scaling: str = "none"
+    lr_scaling: str = one_of("none", "linear")
     sync_bn: bool = False  # BatchNorm statistics over all processes (GPUs; small per-GPU batches)
     compile: bool = False  # torch.compile the model for training
-    weights_dtype: str = "fp16"  # fp16 | fp32: the fold model kept (final stage's best.pt; fp16: half the disk)
-    seed: int = 42  # weights, order of photos, augmentation
+    # fp16 | fp32: the fold model kept (final stage's best.pt; fp16: half the disk)
+    weights_dtype: str = one_of("fp16", "fp32")
+    seed: int = within(42, 0, 4294967295)  # weights, order of photos, augmentation
     progress: bool = True  # progress bars on a terminal
 
 
@@ -215,7 +240,7 @@ class TrainConfig:
 class PredictConfig:
     tta_flip: bool = True  # average each photo with its mirror image
     tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
-    ensemble: str = "mean"  # mean of probabilities | vote
+    ensemble: str = one_of("mean", "vote")  # mean of probabilities | vote
 
     def views(self, flip: Optional[bool] = None) -> List[tuple]:
         """(scale, flip) test-time views: the plain view, its mirror, and each extra scale (mirrored too);
@@ -266,17 +291,6 @@ def final_stage(cfg: Config) -> int:
     return enabled_stages(cfg)[-1]
 
 
-CHOICES = {
-    "data.on_bad_file": ("error", "skip"),
-    "data.face_crop": ("none", "center", "detector"),
-    "optim.optimizer": ("adam", "adamw", "sgd"),
-    "optim.scheduler": ("cosine", "step", "none"),
-    "augment.mix": ("none", "mixup", "cutmix", "cutmix_vertical"),
-    "train.lr_scaling": ("none", "linear"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.weights_dtype": ("fp16", "fp32"),
-    "predict.ensemble": ("mean", "vote"),
-}
 
 
 def _load_yaml(path: Path):
@@ -409,28 +423,6 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
     return config
 
 
-# Numeric fields and their ranges: (low, high, low included). Checked at load so a bad value fails at once with
-# its key, not as a traceback (or a silent nonsense run) later.
-INF = float("inf")
-RANGES = {
-    "data.synthetic_people": (1, INF, True), "data.synthetic_unmasked": (0, INF, True),
-    "data.extra_unmasked_people": (0, INF, True), "data.extra_train_people": (0, INF, True),
-    # BatchNorm needs two photos in a training step
-    "data.load_margin": (0, 1, True), "data.face_margin": (0, 2, True), "data.batch_size": (2, INF, True),
-    "data.workers": (-1, 256, True), "model.dropout": (0, 1, True),
-    "optim.lr_trunk": (0, INF, False), "optim.lr_heads": (0, INF, False), "optim.lr_trunk_pretrained": (0, INF, False),
-    "optim.lr_heads_pretrained": (0, INF, False), "optim.lr_scratch": (0, INF, False),
-    "optim.weight_decay": (0, 1, True), "optim.momentum": (0, 1, True), "optim.step_every": (1, INF, True),
-    "optim.step_gamma": (0, 1, False), "optim.warmup_epochs": (0, INF, True), "optim.sgd_after": (0, INF, True),
-    "optim.sgd_lr_scale": (0, INF, False), "optim.ema_decay": (0, 0.9999, True),
-    "loss.label_smoothing": (0, 1, True), "loss.focal_gamma": (0, 10, True),
-    "augment.hflip": (0, 1, True), "augment.brightness_contrast": (0, 1, True), "augment.coarse_dropout": (0, 1, True),
-    "augment.degrade": (0, 1, True), "augment.color": (0, 1, True), "augment.affine": (0, 1, True),
-    "augment.mix_alpha": (0, INF, False), "augment.mix_prob": (0, 1, True), "cv.folds": (2, INF, True),
-    "train.threads": (0, 4096, True), "train.seed": (0, 2**32 - 1, True), "cv.seed": (0, 2**32 - 1, True),
-    "data.synthetic_seed": (0, 2**32 - 1, True),
-}
-STAGE_RANGES = {"epochs": (1, INF, True), "photos_per_person": (0, INF, True)}  # per entry of stages
 MAX_SIZE = 4096  # pixels per side of data.size, data.crop and stage sizes: beyond it a step no longer fits memory
 
 
@@ -440,13 +432,23 @@ def check_range(dotted: str, value, low, high, low_ok) -> None:
         raise ConfigError(f"{dotted}={value!r}: must be {bound}")
 
 
+def sections(cfg: Config) -> List[tuple[str, object]]:
+    """(key prefix, section) of every part of the config whose settings may carry a rule."""
+    return ([(f"{f.name}.", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+             if dataclasses.is_dataclass(getattr(cfg, f.name))]
+            + [(f"heads.{i}.", h) for i, h in enumerate(cfg.heads)]
+            + [(f"stage{n}.", s) for n, s in enumerate(cfg.stages, 1)])
+
+
 def check_ranges(cfg: Config) -> None:
-    for dotted, bounds in RANGES.items():
-        section, key = dotted.split(".")
-        check_range(dotted, getattr(getattr(cfg, section), key), *bounds)
-    for n, s in enumerate(cfg.stages, 1):
-        for key, bounds in STAGE_RANGES.items():
-            check_range(f"stage{n}.{key}", getattr(s, key), *bounds)
+    """Every setting against the rule beside its field (``one_of``, ``within``), then the sizes and scales."""
+    for prefix, section in sections(cfg):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if "choices" in f.metadata and value not in f.metadata["choices"]:
+                raise ConfigError(f"{prefix}{f.name}={value!r}: must be one of {', '.join(f.metadata['choices'])}")
+            if "range" in f.metadata:
+                check_range(prefix + f.name, value, *f.metadata["range"])
     sizes = {f"data.{name}": getattr(cfg.data, name) for name in ("size", "crop", "synthetic_size")}
     sizes.update({f"stage{n}.size": s.size for n, s in enumerate(cfg.stages, 1)})
     for key, dims in sizes.items():
@@ -456,11 +458,6 @@ def check_ranges(cfg: Config) -> None:
     if bad_scales:
         raise ConfigError(f"predict.tta_scales={list(cfg.predict.tta_scales)}: scales between 0.25 and 4 (1: the "
                           f"photo as it is), not {bad_scales}")
-    for i, h in enumerate(cfg.heads):
-        if h.loss_weight < 0:
-            raise ConfigError(f"heads.{i}.loss_weight={h.loss_weight}: must be >= 0")
-        if h.prior not in PRIORS:
-            raise ConfigError(f"heads.{i}.prior={h.prior!r}: must be one of {', '.join(PRIORS)}")
 
 
 def check_stage_size(cfg: Config, stage_name: str, size: List[int]) -> None:
@@ -481,11 +478,6 @@ def validate(cfg: Config) -> None:
     sources = ["synthetic"] + [name for name, s in SOURCES.items() if s.trains]
     if cfg.data.source not in sources:
         raise ConfigError(f"data.source={cfg.data.source!r}: must be one of {', '.join(sources)}")
-    for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r}: must be one of {', '.join(allowed)}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.train.device):
         raise ConfigError(f"train.device={cfg.train.device!r}: must be auto, cpu, cuda or cuda:N")
     names = [h.name for h in cfg.heads]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from multitask import config as config_module
-from multitask.config import CHOICES, INF, PRIORS, RANGES, STAGE_RANGES, Config, HeadConfig, StageConfig
+from multitask.config import INF, Config, HeadConfig, StageConfig
 from multitask.heads import KINDS
 
 
@@ -39,16 +39,13 @@ def field_comments() -> Dict[str, Dict[str, str]]:
     return out
 
 
-HEAD_CHOICES = {"heads.N.loss": tuple(KINDS), "heads.N.prior": PRIORS}  # checked per head at load
-
-
-def rule(key: str) -> str:
-    choices = CHOICES.get(key) or HEAD_CHOICES.get(key)
+def rule(key: str, metadata) -> str:
+    """The rule beside a field (config.one_of, config.within), or the head kinds for heads.N.loss."""
+    choices = tuple(KINDS) if key == "heads.N.loss" else metadata.get("choices")
     if choices:
         return " \\| ".join(f"`{c}`" for c in choices)
-    bounds = RANGES.get(key) or STAGE_RANGES.get(key.removeprefix("stageN."))
-    if bounds:
-        low, high, low_ok = bounds
+    if "range" in metadata:
+        low, high, low_ok = metadata["range"]
         return f"{'≥' if low_ok else '>'} {low:n}" + (f", ≤ {high:n}" if high != INF else "")
     return ""
 
@@ -65,7 +62,7 @@ def escape(text: str) -> str:
 
 
 def section_rows(prefix: str, obj, comments: Dict[str, str]) -> List[str]:
-    return [f"| `{prefix}{f.name}` | {value(getattr(obj, f.name))} | {rule(prefix + f.name)} | "
+    return [f"| `{prefix}{f.name}` | {value(getattr(obj, f.name))} | {rule(prefix + f.name, f.metadata)} | "
             f"{escape(comments.get(f.name, ''))} |" for f in dataclasses.fields(obj)]
 
 
