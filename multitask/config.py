@@ -221,7 +221,8 @@ class CVConfig:
 @dataclass
 class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda (each torchrun process its local rank's GPU) | cuda:N (one process)
-    precision: str = one_of("auto", "fp32", "bf16", "fp16")  # auto: on CPU bf16 where a step of this model is faster in it; GPU: bf16, else fp16
+    # auto: on a CPU bf16 where a step of this model is measurably faster in it, else fp32; on a GPU bf16, else fp16
+    precision: str = one_of("auto", "fp32", "bf16", "fp16")
     channels_last: bool = True  # NHWC memory format (faster convolutions on CPU and GPU)
     # torch intra-op threads; 0: this process's share of the cores (OMP_NUM_THREADS if set)
     threads: int = within(0, 0, 4096)
