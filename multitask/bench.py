@@ -308,8 +308,8 @@ def allocator_effect(overrides, size: str, batch: int, steps: int) -> dict:
 def allocator_worker(a) -> int:
     """One setting of allocator_effect: the allocator as MULTITASK_MALLOC says (set by main's guard)."""
     h, w = (int(v) for v in a.sizes.split(",")[0].split("x"))
-    cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
-                                     f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
+    cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic.unmasked=0",
+                                     f"data.synthetic.people={max(40, a.batch * a.steps // 7 + 1)}"])
     configure_threads(cfg.train)
     photos = photo_set(cfg, load_table(cfg)[0], log=lambda s: None, cache=True)
     table, images = photos.table, photos.images
@@ -340,7 +340,7 @@ def training_memory(overrides, size: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for people in MEMORY_PEOPLE:
             cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]",
-                   f"data.synthetic_people={people}", "data.synthetic_unmasked=0", f"data.size=[{h},{w}]",
+                   f"data.synthetic.people={people}", "data.synthetic.unmasked=0", f"data.size=[{h},{w}]",
                    f"data.cache_dir={tmp}/cache", f"out_dir={tmp}/runs", "train.progress=false", *overrides]
             with open(f"{tmp}/stderr-{people}.txt", "w+") as err:  # a file, not a pipe: a full pipe would block
                 proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
@@ -501,8 +501,8 @@ def main(argv=None) -> int:
               f"{'1 CAM':>6} | {'ratio':>5}")
         for size in a.sizes.split(","):
             h, w = (int(v) for v in size.split("x"))
-            cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic_unmasked=0",
-                                             f"data.synthetic_people={max(40, a.batch * a.steps // 7 + 1)}"])
+            cfg = load_config(a.overrides + [f"data.size=[{h},{w}]", "data.synthetic.unmasked=0",
+                                             f"data.synthetic.people={max(40, a.batch * a.steps // 7 + 1)}"])
             photos = photo_set(cfg, load_table(cfg)[0], log=lambda s: None, cache=True)
             table, images = photos.table, photos.images
             rt = Runtime.on(device, cfg)

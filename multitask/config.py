@@ -77,16 +77,21 @@ def face_heads() -> List[HeadConfig]:
 
 
 @dataclass
+class SyntheticConfig:
+    people: int = within(100, 1)  # persons drawn (7 photos each) for data.source=synthetic
+    size: List[int] = field(default_factory=lambda: [512, 384])  # H x W of generated portraits
+    seed: int = within(0, 0, 4294967295)  # the generator's seed: the same seed draws the same faces
+    anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
+    # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
+    # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
+    unmasked: int = within(360, 0)
+
+
+@dataclass
 class DataConfig:
     source: str = "synthetic"  # synthetic, or a layout in data/sources.py: competition, manifest, utkface, ...
     root: Optional[str] = None  # folder (or manifest CSV); synthetic: generated under cache_dir when null
-    synthetic_people: int = within(100, 1)  # persons drawn (7 photos each) for data.source=synthetic
-    synthetic_size: List[int] = field(default_factory=lambda: [512, 384])  # H x W of generated portraits
-    synthetic_seed: int = within(0, 0, 4294967295)  # the generator's seed: the same seed draws the same faces
-    synthetic_anywhere: bool = False  # faces of any size anywhere in the frame (for data.face_crop=detector)
-    # Extra synthetic unmasked persons (one photo each) for stage 1, like data.extra_unmasked for real data: the
-    # main set has one unmasked photo per person, too few for stage 1 to learn from in a demo.
-    synthetic_unmasked: int = within(360, 0)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the faces drawn for data.source=synthetic
     drop_train_ages: List[int] = field(default_factory=list)  # ages left out of training (not of evaluation)
     # People added to stage 1 training only: UTKFace-style folders (one unmasked photo each), or any labeled face
     # set, e.g. their masks painted by `paint-masks` (stage1.only and stage1.photos_per_person pick the photos).
@@ -437,6 +442,7 @@ def sections(cfg: Config) -> List[tuple[str, object]]:
     """(key prefix, section) of every part of the config whose settings may carry a rule."""
     return ([(f"{f.name}.", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
              if dataclasses.is_dataclass(getattr(cfg, f.name))]
+            + [("data.synthetic.", cfg.data.synthetic)]
             + [(f"heads.{i}.", h) for i, h in enumerate(cfg.heads)]
             + [(f"stage{n}.", s) for n, s in enumerate(cfg.stages, 1)])
 
@@ -450,7 +456,7 @@ def check_ranges(cfg: Config) -> None:
                 raise ConfigError(f"{prefix}{f.name}={value!r}: must be one of {', '.join(f.metadata['choices'])}")
             if "range" in f.metadata:
                 check_range(prefix + f.name, value, *f.metadata["range"])
-    sizes = {f"data.{name}": getattr(cfg.data, name) for name in ("size", "crop", "synthetic_size")}
+    sizes = {"data.size": cfg.data.size, "data.crop": cfg.data.crop, "data.synthetic.size": cfg.data.synthetic.size}
     sizes.update({f"stage{n}.size": s.size for n, s in enumerate(cfg.stages, 1)})
     for key, dims in sizes.items():
         if dims is not None and (len(dims) != 2 or min(dims) < 8 or max(dims) > MAX_SIZE):

@@ -61,9 +61,17 @@ def escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def section_rows(prefix: str, obj, comments: Dict[str, str]) -> List[str]:
-    return [f"| `{prefix}{f.name}` | {value(getattr(obj, f.name))} | {rule(prefix + f.name, f.metadata)} | "
-            f"{escape(comments.get(f.name, ''))} |" for f in dataclasses.fields(obj)]
+def section_rows(prefix: str, obj, comments: Dict[str, Dict[str, str]]) -> List[str]:
+    """A row per setting of a section, a sub-section's settings in its place (``data.synthetic.people``)."""
+    rows = []
+    for f in dataclasses.fields(obj):
+        sub = getattr(obj, f.name)
+        if dataclasses.is_dataclass(sub):
+            rows += section_rows(f"{prefix}{f.name}.", sub, comments)
+        else:
+            rows.append(f"| `{prefix}{f.name}` | {value(sub)} | {rule(prefix + f.name, f.metadata)} | "
+                        f"{escape(comments[type(obj).__name__].get(f.name, ''))} |")
+    return rows
 
 
 def reference() -> str:
@@ -76,7 +84,7 @@ def reference() -> str:
              "`model=NAME` or `experiment=NAME` (`configs/<group>/NAME.yaml`), or give a YAML file. "
              "`multitask train --show-config` prints the resolved config.", "",
              "## Run", "", *header,
-             *[row for row in section_rows("", cfg, comments["Config"]) if row.split("`")[1] in ("name", "out_dir")]]
+             *[row for row in section_rows("", cfg, comments) if row.split("`")[1] in ("name", "out_dir")]]
     for f in dataclasses.fields(cfg):
         sub = getattr(cfg, f.name)
         if f.name == "heads":
@@ -84,7 +92,7 @@ def reference() -> str:
                       "(the competition's 18-class code is `6 * mask + 3 * gender + age`):", ""]
             lines += [f"- `heads.{i}`: {h.name} (column `{h.column}`, classes {', '.join(h.classes)})"
                       for i, h in enumerate(sub)]
-            lines += ["", *header, *section_rows("heads.N.", HeadConfig("NAME", "COLUMN"), comments["HeadConfig"])]
+            lines += ["", *header, *section_rows("heads.N.", HeadConfig("NAME", "COLUMN"), comments)]
             lines += ["", "Head kinds (`heads.N.loss`, `multitask/heads.py`):", "", "| kind | what the head learns |",
                       "|---|---|", *[f"| `{name}` | {k.doc} |" for name, k in KINDS.items()]]
         elif f.name == "stages":
@@ -93,9 +101,9 @@ def reference() -> str:
                       + (f"heads {', '.join(s.heads)}" if s.heads else "every head")
                       + (f", photos whose {', '.join(f'{k} is {v}' for k, v in s.only.items())}" if s.only else "")
                       for n, s in enumerate(sub, 1)]
-            lines += ["", *header, *section_rows("stageN.", StageConfig(), comments["StageConfig"])]
+            lines += ["", *header, *section_rows("stageN.", StageConfig(), comments)]
         elif dataclasses.is_dataclass(sub):
-            lines += ["", f"## {f.name}", "", *header, *section_rows(f"{f.name}.", sub, comments[type(sub).__name__])]
+            lines += ["", f"## {f.name}", "", *header, *section_rows(f"{f.name}.", sub, comments)]
     return "\n".join(lines) + "\n"
 
 

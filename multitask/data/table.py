@@ -27,8 +27,8 @@ def with_found_classes(cfg: Config) -> Config:
 
 
 def synthetic_wh(cfg: Config) -> tuple[int, int]:
-    """The generator's portrait size (width, height) from data.synthetic_size (height x width, like data.size)."""
-    h, w = cfg.data.synthetic_size
+    """The generator's portrait size (width, height) from data.synthetic.size (height x width, like data.size)."""
+    h, w = cfg.data.synthetic.size
     return w, h
 
 
@@ -36,8 +36,8 @@ def resolve_root(cfg: Config) -> Path:
     if cfg.data.source == "synthetic":
         if cfg.data.root:
             return Path(cfg.data.root)
-        return ensure_synthetic(cfg.data.cache_dir, cfg.data.synthetic_people, synthetic_wh(cfg),
-                                cfg.data.synthetic_seed, cfg.data.synthetic_anywhere)
+        return ensure_synthetic(cfg.data.cache_dir, cfg.data.synthetic.people, synthetic_wh(cfg),
+                                cfg.data.synthetic.seed, cfg.data.synthetic.anywhere)
     if not cfg.data.root:
         raise ConfigError(f"data.root is required for data.source={cfg.data.source}")
     if not Path(cfg.data.root).exists():
@@ -60,9 +60,9 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
     # extra: never validated (no fold); stage1_only: unmasked extras, kept out of the all-heads stage
     table = table.assign(extra=False, stage1_only=False)
     unmasked = list(cfg.data.extra_unmasked)
-    if cfg.data.source == "synthetic" and not cfg.data.root and cfg.data.synthetic_unmasked > 0:
-        unmasked.append(ensure_synthetic_unmasked(cfg.data.cache_dir, cfg.data.synthetic_unmasked,
-                                                  synthetic_wh(cfg), cfg.data.synthetic_seed))
+    if cfg.data.source == "synthetic" and not cfg.data.root and cfg.data.synthetic.unmasked > 0:
+        unmasked.append(ensure_synthetic_unmasked(cfg.data.cache_dir, cfg.data.synthetic.unmasked,
+                                                  synthetic_wh(cfg), cfg.data.synthetic.seed))
     extras = [(f, load_labeled, cfg.data.extra_unmasked_people, True) for f in unmasked]
     extras += [(f, load_labeled, cfg.data.extra_train_people, False) for f in cfg.data.extra_train]
     for i, (folder, load, people, stage1_only) in enumerate(extras):
