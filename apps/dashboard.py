@@ -204,67 +204,65 @@ def face_box_view(pre: Preprocessing, photo: np.ndarray) -> tuple[np.ndarray, st
                    else "no face found: the run's typical face region for photos of this size")
 
 
+def class_filters(table: pd.DataFrame, true: str, pred: str, names: list[str], what: str, cols, key: str
+                  ) -> pd.DataFrame:
+    """The rows whose true and predicted class (columns ``true`` and ``pred``, indices into ``names``) are among
+    the ones picked, and only the misclassified ones when asked."""
+    wanted = [cols[0].multiselect(f"true {what}", names, key=f"{key}_true"),
+              cols[1].multiselect(f"predicted {what}", names, key=f"{key}_pred")]
+    for column, classes in zip((true, pred), wanted):
+        if classes:
+            table = table[table[column].isin([names.index(c) for c in classes])]
+    if cols[2].checkbox("only misclassified", key=f"{key}_wrong"):
+        table = table[table[true] != table[pred]]
+    return table
+
+
+def chosen_photo(run: Path, cfg, table: pd.DataFrame, key: str) -> tuple[np.ndarray, str] | None:
+    """(the photo, its path) the user picks among the rows of ``table``."""
+    if table.empty:
+        st.warning("No photo matches these filters.")
+        return None
+    path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(),
+                        format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key=f"{key}_pick")
+    rgb = open_photo(run, cfg, path)
+    return None if rgb is None else (rgb, path)
+
+
 def extra_val_picker(run: Path, cfg, name: str, folds: tuple, key: str) -> tuple[np.ndarray, str] | None:
-    """A photo of an extra validation set (data.extra_val), filtered by its true and predicted mask class."""
+    """A photo of an extra validation set (data.extra_val), filtered by its true and predicted class of the head
+    it is about (the one with an absent class: the mask)."""
     frames = [csv(RunDir(run).extra_val(k, name)) for k in folds]
     frames = [f for f in frames if f is not None]
     if not frames:
         st.info(f"{name} is scored when a fold finishes; no scores for the chosen model yet.")
         return None
     table = frames[0].copy()
-    mask = next((h for h in cfg.heads if h.absent is not None), None)  # what an extra set is about: the mask
-    if mask is not None and true_column(mask) in table:
-        t, p = true_column(mask), pred_column(mask)
-        table[p] = np.mean([f[prob_columns(mask)].to_numpy() for f in frames], axis=0).argmax(1)
-        c = st.columns(3)
-        true = c[0].multiselect("true mask", mask.classes, key=f"{key}_xt")
-        pred = c[1].multiselect("predicted mask", mask.classes, key=f"{key}_xp")
-        if true:
-            table = table[table[t].isin([mask.classes.index(x) for x in true])]
-        if pred:
-            table = table[table[p].isin([mask.classes.index(x) for x in pred])]
-        if c[2].checkbox("only misclassified", key=f"{key}_xw"):
-            table = table[table[t] != table[p]]
-    if table.empty:
-        st.warning("No photo matches these filters.")
-        return None
-    path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(),
-                        format_func=lambda p: f"{Path(p).parent.name}/{Path(p).name}", key=f"{key}_xpick")
-    rgb = open_photo(run, cfg, path)
-    return None if rgb is None else (rgb, path)
+    head = next((h for h in cfg.heads if h.absent is not None), None)
+    if head is not None and true_column(head) in table:
+        table[pred_column(head)] = np.mean([f[prob_columns(head)].to_numpy() for f in frames], axis=0).argmax(1)
+        table = class_filters(table, true_column(head), pred_column(head), list(head.classes), head.name,
+                              st.columns(3), key)
+    return chosen_photo(run, cfg, table, key)
 
 
 def photo_picker(run: Path, cfg, key: str) -> tuple[np.ndarray, str] | None:
+    """A photo of the run, filtered by fold and by its true and predicted joint class (out-of-fold)."""
     oof = csv(RunDir(run).oof)
     data = csv(RunDir(run).data)
     table = oof if oof is not None else data
     if table is None:
         st.info("This run has no photos listed yet (data.csv / oof.csv appear as training goes).")
         return None
-    names = joint_class_names(cfg.heads)
     if oof is not None and all(true_column(h) in oof for h in cfg.heads):
         table = oof.assign(true_class=joint_label(cfg.heads, {h.name: oof[true_column(h)] for h in cfg.heads}),
                            pred_class=joint_label(cfg.heads, {h.name: oof[pred_column(h)] for h in cfg.heads}))
         c = st.columns(4)
-        folds = c[0].multiselect("fold", sorted(table["fold"].unique()), key=f"{key}_ff")
-        true = c[1].multiselect("true class", names, key=f"{key}_tc")
-        pred = c[2].multiselect("predicted class", names, key=f"{key}_pc")
-        wrong = c[3].checkbox("only misclassified", key=f"{key}_wrong")
+        folds = c[0].multiselect("fold", sorted(table["fold"].unique()), key=f"{key}_folds")
         if folds:
             table = table[table["fold"].isin(folds)]
-        if true:
-            table = table[table["true_class"].isin([names.index(t) for t in true])]
-        if pred:
-            table = table[table["pred_class"].isin([names.index(t) for t in pred])]
-        if wrong:
-            table = table[table["true_class"] != table["pred_class"]]
-    if table.empty:
-        st.warning("No photo matches these filters.")
-        return None
-    label = lambda p: f"{Path(p).parent.name}/{Path(p).name}"  # noqa: E731
-    path = st.selectbox(f"photo ({len(table)} match)", table["path"].tolist(), format_func=label, key=f"{key}_pick")
-    rgb = open_photo(run, cfg, path)
-    return None if rgb is None else (rgb, path)
+        table = class_filters(table, "true_class", "pred_class", joint_class_names(cfg.heads), "class", c[1:], key)
+    return chosen_photo(run, cfg, table, key)
 
 
 def report_page(run: Path) -> None:

@@ -129,9 +129,9 @@ def test_a_mistake_is_explained_by_its_own_fold(app):
 def test_photos_of_an_extra_validation_set_can_be_picked(app):
     app.radio[0].set_value("extra validation: masked").run()
     assert not app.exception, app.exception
-    app.multiselect(key="extra_xt").set_value(["not_worn"]).run()
+    app.multiselect(key="extra_true").set_value(["not_worn"]).run()
     assert not app.exception, app.exception
-    assert "/without_mask/" in app.selectbox(key="extra_xpick").value and "Grad-CAM grid" in all_text(app)
+    assert "/without_mask/" in app.selectbox(key="extra_pick").value and "Grad-CAM grid" in all_text(app)
 
 
 def moved_run(trained_run: Path, tmp_path: Path, where) -> Path:
