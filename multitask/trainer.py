@@ -173,16 +173,9 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         torch.set_rng_state(ckpt["rng"])
         history = saver.history(start)
         ctx.log(f"{name}: resuming at epoch {start + 1}/{stage.epochs}")
-    model.keep_class_weights(data.weights)
-    ema = weight_average(model, cfg.optim.ema_decay)
-    if ema is not None and ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-        ema.module.keep_class_weights(data.weights)
+    ema, optimizer = training_state(cfg, model, data.weights, lrs, start, ckpt)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
-    optimizer = make_optimizer(cfg.optim, model, lrs, uses_sgd(cfg.optim, start))
-    if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg.optim, start):
-        optimizer.load_state_dict(ckpt["optimizer"])
     scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
 
     for epoch in range(start, stage.epochs):
@@ -208,6 +201,21 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         ctx.log(f"{name} epoch {epoch + 1}/{stage.epochs}  " + epoch_line(row, scores, improved)
                 + f"  ({ctx.clock.tick(photos + len(data.val_rows))})")
     return finish_stage(ctx, fold, stage_no, model, data.val_rows, data.y_val, data.workers, best_epoch, best_score)
+
+
+def training_state(cfg: Config, model: MultiHeadNet, weights: Dict[str, torch.Tensor], lrs: tuple[float, float],
+                   start: int, ckpt: Optional[dict]):
+    """(the weight average or None, the optimizer) for a stage starting at epoch ``start``, from last.pt
+    (``ckpt``) on a resume; the model and its average keep the stage's class weights."""
+    model.keep_class_weights(weights)
+    ema = weight_average(model, cfg.optim.ema_decay)
+    if ema is not None and ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+        ema.module.keep_class_weights(weights)
+    optimizer = make_optimizer(cfg.optim, model, lrs, uses_sgd(cfg.optim, start))
+    if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg.optim, start):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return ema, optimizer
 
 
 def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: int, net: nn.Module, optimizer,
