@@ -196,6 +196,11 @@ class LossConfig:
     label_smoothing: float = within(0.1, 0, 1)  # ce heads: this much of the target spread over the other classes
     class_weights: bool = True  # per head, inverse class frequency of the training fold
     focal_gamma: float = within(0.0, 0, 10)  # 0: plain cross-entropy
+    # > 0: a person's heads that are the same on all their photos (gender, age) also learn, on each of the
+    # person's other photos (masked), the previous stage's prediction on the person's photos of the absent class
+    # (unmasked): a KL term of this weight, from the second stage trained on
+    person_consistency: float = within(0.0, 0)
+    consistency_temperature: float = within(2.0, 0, low_ok=False)  # softens both sides of the KL term
 
 
 @dataclass
@@ -517,6 +522,12 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][\w.+-]*", cfg.name):
         raise ConfigError(f"name={cfg.name!r}: letters, digits, '.', '_', '+' and '-' only, not starting with '.' "
                           "(it names a folder inside out_dir)")
+    if cfg.loss.person_consistency > 0 and not any(h.absent for h in cfg.heads):
+        raise ConfigError("loss.person_consistency: needs a head with an absent class (heads.N.absent, the mask's "
+                          "not_worn), whose photos are the ones the other photos learn from")
+    if cfg.loss.person_consistency > 0 and cfg.augment.mix != "none":
+        raise ConfigError(f"loss.person_consistency with augment.mix={cfg.augment.mix}: a mixed photo has no one "
+                          "person to be consistent with; use one or the other")
     bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
     if bad_folds:
         raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")

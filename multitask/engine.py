@@ -230,12 +230,12 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
     totals: Dict[str, torch.Tensor] = {}
     seen, start, checked = 0, time.perf_counter(), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for batch, (x, y) in enumerate(bar):
+    for batch, (x, y, *person) in enumerate(bar):
         x, y = rt.input(x), y.to(rt.device)
         x, y, y_b, lam = mix(x, y) if mix is not None else (x, y, None, 1.0)
         with rt.autocast():
             logits = unwrap(model).split(model(x))
-        loss, parts = loss_fn(logits, y, y_b, lam)
+        loss, parts = loss_fn(logits, y, y_b, lam, person[0].to(rt.device) if person else None)
         n = len(x)
         seen += n
         for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():
@@ -268,7 +268,7 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, rt: Runtime, progres
     """Concatenated logits for every sample, in loader order."""
     model.eval()
     out = []
-    for x, _ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for x, *_ in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
         with rt.autocast():
             out.append(model(rt.input(x)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, sum(unwrap(model).head_sizes))

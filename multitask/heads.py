@@ -45,6 +45,7 @@ class HeadKind:
     value: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     value_range: Optional[Tuple[int, int]] = None  # the values the kind can predict; thresholds fall inside
     cam_on_logit: bool = False  # CAM explains the class's logit (a softmax's usual target), else its probability
+    softmax_outputs: bool = False  # the raw outputs are the logits of one distribution (loss.person_consistency)
     # Extra scores the report adds for heads of this kind (report.HEAD_METRICS), where the head declares what
     # they need (``absent`` for on_accuracy, ``value_column`` for value_mae)
     metrics: Tuple[str, ...] = ()
@@ -119,12 +120,13 @@ def regression_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 KINDS = {
     "ce": HeadKind("softmax over the classes", outputs=lambda n: n, probabilities=softmax, cam_on_logit=True,
-                   metrics=("on_accuracy",)),
+                   softmax_outputs=True, metrics=("on_accuracy",)),
     "ordinal": HeadKind("cumulative logits P(class > k): the classes' order built in", outputs=lambda n: n - 1,
                         probabilities=ordinal_probabilities, loss=ordinal_loss),
     "dldl": HeadKind("a distribution over the value 0..99 (value_column), cut at the thresholds",
                      outputs=lambda n: YEARS, probabilities=distribution_probabilities, loss=distribution_loss,
-                     value=distribution_value, value_range=(0, YEARS - 1), metrics=("value_mae",)),
+                     value=distribution_value, value_range=(0, YEARS - 1), softmax_outputs=True,
+                     metrics=("value_mae",)),
     "regression": HeadKind("the value itself (value_column), cut at the thresholds", outputs=lambda n: 1,
                            probabilities=regression_probabilities, loss=regression_loss, value=regression_value,
                            value_range=(0, YEARS - 1), metrics=("value_mae",)),

@@ -1,10 +1,12 @@
-"""Per-head losses (label smoothing, class weights, focal) and mixup / CutMix on batches."""
+"""Per-head losses (label smoothing, class weights, focal), the person-consistency term, and mixup / CutMix on
+batches."""
 from __future__ import annotations
 
 import functools
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,13 +32,14 @@ class MultiHeadLoss(nn.Module):
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
                  class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
-                 column: Optional[Dict[str, int]] = None):
+                 column: Optional[Dict[str, int]] = None, consistency: Optional["PersonConsistency"] = None):
         """``column``: each head's column in the target matrix (default: the order of ``heads``)."""
         super().__init__()
         self.heads, self.loss_weights = list(heads), list(loss_weights)
         self.column = dict(column) if column is not None else {h: i for i, h in enumerate(self.heads)}
         self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
+        self.consistency = consistency
         for name, w in (class_weights or {}).items():
             self.register_buffer(f"w_{name}", w)
 
@@ -57,8 +60,10 @@ class MultiHeadLoss(nn.Module):
         return ce.sum() / norm.clamp_min(1e-12)
 
     def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor,
-                targets_b: Optional[torch.Tensor] = None, lam: float = 1.0):
-        """(total loss, per-head losses); with mixing, lam * loss(targets) + (1 - lam) * loss(targets_b)."""
+                targets_b: Optional[torch.Tensor] = None, lam: float = 1.0,
+                person: Optional[torch.Tensor] = None):
+        """(total loss, per-head losses); with mixing, lam * loss(targets) + (1 - lam) * loss(targets_b); with
+        ``person`` (the rows' person targets, ``person_targets``) and a ``consistency``, its KL term too."""
         parts = {}
         for name in self.heads:
             t = targets[:, self.column[name]]
@@ -67,7 +72,39 @@ class MultiHeadLoss(nn.Module):
                 loss = lam * loss + (1 - lam) * self._head_loss(name, logits[name], targets_b[:, self.column[name]])
             parts[name] = loss
         total = sum(w * parts[n] for n, w in zip(self.heads, self.loss_weights))
+        if person is not None and self.consistency is not None:
+            parts["consistency"] = self.consistency(logits, person)
+            total = total + self.consistency.weight * parts["consistency"]
         return total, parts
+
+
+class PersonConsistency(nn.Module):
+    """KL(person's target || photo's prediction) at temperature T (scaled by T^2, so that its gradients keep their
+    size as T changes), summed over the heads; ``columns``: each head's columns in the person target matrix,
+    whose rows are NaN where a photo has no target."""
+
+    def __init__(self, columns: Dict[str, slice], weight: float, temperature: float):
+        super().__init__()
+        self.columns, self.weight, self.temperature = dict(columns), weight, temperature
+
+    def forward(self, logits: Dict[str, torch.Tensor], person: torch.Tensor) -> torch.Tensor:
+        valid = ~torch.isnan(person[:, 0])
+        if not valid.any():
+            return sum(logits[name].sum() * 0.0 for name in self.columns)
+        t = self.temperature
+        return sum(F.kl_div((logits[name][valid].float() / t).log_softmax(1), person[valid][:, cols],
+                            reduction="batchmean") * t * t for name, cols in self.columns.items())
+
+
+def person_targets(persons: np.ndarray, source: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Per row, the mean of ``probabilities`` (one row per ``source`` row: a person's unmasked photos) over the
+    source rows of the same person, for that person's other rows; NaN for the source rows themselves and for
+    persons without one."""
+    out = np.full((len(persons), probabilities.shape[1]), np.nan, dtype=np.float32)
+    mean = pd.DataFrame(probabilities).groupby(persons[source]).mean()
+    have = ~source & np.isin(persons, mean.index)
+    out[have] = mean.loc[persons[have]].to_numpy(dtype=np.float32)
+    return out
 
 
 def batch_mixer(aug: AugmentConfig, seed: int) -> Optional[Callable]:

@@ -68,8 +68,8 @@ import pandas as pd  # noqa: E402
 from multitask.api import Predictor, load_run  # noqa: E402
 from multitask.config import Config  # noqa: E402
 from multitask.data.images import is_image_name  # noqa: E402
-from multitask.data.sources import (DataError, Problem, age_thresholds, detect_source, image_files, load_manifest,  # noqa: E402
-                                    load_source, read_csv_or_fail)
+from multitask.data.sources import (DataError, Problem, age_thresholds, detect_source, image_files,  # noqa: E402
+                                    load_manifest, load_source, read_csv_or_fail)
 from multitask.engine import configure_threads  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text, output_folder  # noqa: E402
 from multitask.metrics import label  # noqa: E402

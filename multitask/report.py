@@ -161,7 +161,8 @@ def labeled_scores(heads: Sequence[HeadConfig], df: pd.DataFrame) -> dict:
 def extra_val_frames(run: RunDir, cfg: Config) -> Dict[str, Dict[int, pd.DataFrame]]:
     """Extra validation set -> fold -> that fold model's predictions on it."""
     sets = {name: run.extra_vals(name) for name in extra_val_names(cfg.data)}
-    return {name: {k: read_table(p, ["path", "views"]) for k, p in paths.items()} for name, paths in sets.items() if paths}
+    return {name: {k: read_table(p, ["path", "views"]) for k, p in paths.items()}
+            for name, paths in sets.items() if paths}
 
 
 def extra_val_scores(sets: Dict[str, Dict[object, pd.DataFrame]], heads: Sequence[HeadConfig]) -> dict:
@@ -279,7 +280,8 @@ MIN_GROUP_PHOTOS = 20  # the largest gap is taken over groups with at least this
 
 def subgroup_labels(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> Dict[str, pd.Series]:
     """Subgroup name -> each photo's group: the true classes of the heads in report.cross crossed (gender x age
-    group), and every subgroup column the table keeps (race, report.subgroups)."""
+    group), for a head with an absent class its photos of that class against the others (age read on unmasked
+    against masked photos), and every subgroup column the table keeps (race, report.subgroups)."""
     by_name = {h.name: h for h in heads}
     crossed = [by_name[n] for n in cfg.report.cross if n in by_name]
     out = {}
@@ -289,6 +291,11 @@ def subgroup_labels(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config)
         out[" x ".join(cfg.report.cross) + " group"] = pd.Series(
             [" ".join(h.classes[t[i]] for h, t in zip(crossed, true)) if known[i] else None for i in range(len(oof))],
             index=oof.index)
+    for h in heads:
+        if h.absent is not None:
+            true = oof[true_column(h)].to_numpy()
+            out[f"{h.name} on vs {h.absent}"] = pd.Series(
+                np.where(true < 0, None, np.where(true == h.classes.index(h.absent), h.absent, "on")), index=oof.index)
     for col in subgroup_columns(cfg):
         if col in oof and oof[col].notna().any():
             out[col] = oof[col].where(oof[col].notna()).astype("string")

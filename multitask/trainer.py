@@ -36,10 +36,12 @@ from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, loader_workers, make_loader, mean_over_views, predict_logits,
                               predict_views, precision_note, resolve_device, train_one_epoch, weight_average)
-from multitask.folds import attach_folds, draw_per_person, draw_weights, make_folds, stage_split
+from multitask.folds import (attach_folds, draw_per_person, draw_weights, make_folds, person_constant_heads,
+                             stage_split)
 from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
-from multitask.losses import MultiHeadLoss, batch_mixer, inverse_frequency_weights
+from multitask.losses import (MultiHeadLoss, PersonConsistency, batch_mixer, inverse_frequency_weights,
+                              person_targets)
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
@@ -64,9 +66,10 @@ class Context:
     world: World
 
 
-def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform) -> PhotoDataset:
+def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform,
+            person: Optional[np.ndarray] = None) -> PhotoDataset:
     return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.pre.framing, ctx.images,
-                        rows["_row"].to_numpy() if ctx.images is not None else None)
+                        rows["_row"].to_numpy() if ctx.images is not None else None, person)
 
 
 def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
@@ -99,6 +102,7 @@ class StageData:
     train_tf: object  # the stage's augmentation (reseeded every epoch)
     workers: int
     val_loader: DataLoader
+    person: Optional[np.ndarray] = None  # loss.person_consistency: the rows' person targets (person_targets)
 
 
 def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
@@ -111,7 +115,8 @@ def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
     y_train = training_targets(cfg, train_rows)
     weights = class_weights(cfg, active, y_train, draw_weights(train_rows["person_id"].to_numpy(),
                                                                stage.photos_per_person))
-    loss_fn = stage_loss(cfg, active, weights).to(ctx.rt.device)
+    consistency = person_consistency(cfg, ctx.table, active) if stage_no != enabled_stages(cfg)[0] else None
+    loss_fn = stage_loss(cfg, active, weights, consistency).to(ctx.rt.device)
     train_tf = ctx.pre.train(stage.size)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, ctx.world)
@@ -165,6 +170,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     saver = StageCheckpoints(ctx.run, fold, stage_no, cfg.train.weights_dtype if stage_no == final_stage(cfg)
                              else "fp32", fold_config(cfg))
     model = ctx.rt.place(model)
+    data.person = stage_person_targets(ctx, model, data, stage.size)  # before a resume loads this stage's weights
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     ckpt = saver.resume()
     if ckpt is not None:
@@ -226,7 +232,8 @@ def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: 
     seed = epoch_seed(cfg, fold, stage_no, epoch)
     drawn = draw_per_person(data.train_rows["person_id"].to_numpy(), cfg.stages[stage_no - 1].photos_per_person,
                             seed)
-    train_ds = dataset(ctx, data.train_rows.iloc[drawn], data.y_train[drawn], data.train_tf)
+    train_ds = dataset(ctx, data.train_rows.iloc[drawn], data.y_train[drawn], data.train_tf,
+                       None if data.person is None else data.person[drawn])
     loader = epoch_loader(ctx, train_ds, data.train_tf, seed, data.workers)
     stats = train_one_epoch(net, loader, data.loss_fn, optimizer, ctx.rt, epoch + 1,
                             batch_mixer(cfg.augment, seed + ctx.world.rank), scaler,
@@ -258,11 +265,40 @@ def class_weights(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, dr
              for h in active if kind(h).cross_entropy} if cfg.loss.class_weights else {})
 
 
-def stage_loss(cfg: Config, active: List[HeadConfig], weights: Dict[str, torch.Tensor]) -> MultiHeadLoss:
-    """The loss over the stage's heads, with ``class_weights``."""
+def stage_loss(cfg: Config, active: List[HeadConfig], weights: Dict[str, torch.Tensor],
+               consistency: Optional[PersonConsistency] = None) -> MultiHeadLoss:
+    """The loss over the stage's heads, with ``class_weights`` (and the person-consistency term)."""
     column = {h.name: i for i, h in enumerate(cfg.heads)}
     return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
-                         [h.loss for h in active], column)
+                         [h.loss for h in active], column, consistency)
+
+
+def person_consistency(cfg: Config, table: pd.DataFrame, active: List[HeadConfig]) -> Optional[PersonConsistency]:
+    """loss.person_consistency over the stage's heads that are the same on all of a person's photos and output
+    one distribution (gender; age under ce or dldl); None when off or there are none."""
+    if cfg.loss.person_consistency <= 0:
+        return None
+    constant = {h.name for h in person_constant_heads(table, cfg.heads)}
+    heads = [h for h in active if h.name in constant and kind(h).softmax_outputs]
+    widths = np.cumsum([0] + [kind(h).outputs(len(h.classes)) for h in heads])
+    columns = {h.name: slice(int(a), int(b)) for h, a, b in zip(heads, widths[:-1], widths[1:])}
+    return PersonConsistency(columns, cfg.loss.person_consistency, cfg.loss.consistency_temperature) if heads else None
+
+
+def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData, size) -> Optional[np.ndarray]:
+    """The training rows' person targets: ``model`` (the previous stage's) on each person's photos of the absent
+    class (unmasked), softened by the temperature and averaged per person (``person_targets``)."""
+    consistency = data.loss_fn.consistency
+    if consistency is None:
+        return None
+    head = next(h for h in ctx.cfg.heads if h.absent is not None)
+    rows = data.train_rows
+    source = (rows[head.column] == head.classes.index(head.absent)).to_numpy()
+    loader = validation_loader(ctx, rows[source], data.y_train[source], ctx.pre.eval(size=size), data.workers)
+    parts = model.split(gathered_logits(ctx, model, loader))
+    t = consistency.temperature
+    probs = np.concatenate([(parts[name] / t).softmax(1).numpy() for name in consistency.columns], axis=1)
+    return person_targets(rows["person_id"].to_numpy(), source, probs)
 
 
 def wrap_for_training(ctx: Context, model: MultiHeadNet) -> nn.Module:
@@ -325,13 +361,18 @@ def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, va
     return model
 
 
-def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """Class probabilities (and years, for heads that predict them) per head for a loader's photos, in order;
-    under torchrun each process predicts its share and every process gets all rows."""
+def gathered_logits(ctx: Context, model: MultiHeadNet, loader) -> torch.Tensor:
+    """The model's outputs for a loader's photos, in order; under torchrun each process predicts its share and
+    every process gets all rows."""
     logits = predict_logits(model, loader, ctx.rt)
     if ctx.world.active:
         logits = gather_rows(ctx.world, torch.as_tensor(list(loader.sampler)), logits, len(loader.dataset))
-    return head_outputs(model, logits)
+    return logits
+
+
+def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """Class probabilities (and years, for heads that predict them) per head for a loader's photos, in order."""
+    return head_outputs(model, gathered_logits(ctx, model, loader))
 
 
 def saved_weights(model: nn.Module, dtype: str) -> Dict[str, torch.Tensor]:

@@ -50,7 +50,11 @@ def test_each_group_is_scored_and_the_largest_gap_is_between_groups_big_enough()
 @pytest.mark.slow
 def test_the_trained_runs_report_and_model_card_show_the_subgroups(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
-    assert set(report["subgroups"]) == {"gender x age group", "race"}
+    assert set(report["subgroups"]) == {"gender x age group", "mask on vs not_worn", "race"}
+    oof = pd.read_csv(trained_run / "oof.csv")
+    split = report["subgroups"]["mask on vs not_worn"]["groups"]  # age read on masked against unmasked photos
+    assert {k: g["photos"] for k, g in split.items()} == {"not_worn": int((oof["true_mask"] == 2).sum()),
+                                                           "on": int((oof["true_mask"] != 2).sum())}
     races = set(load_competition(json.loads((trained_run / "run.json").read_text())["data_root"])[0]["race"])
     assert set(report["subgroups"]["race"]["groups"]) == races
     assert sum(g["photos"] for g in report["subgroups"]["race"]["groups"].values()) == len(

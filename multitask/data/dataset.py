@@ -141,14 +141,18 @@ def cached_images(paths: Sequence[str], framing: FaceFraming, cache_dir: Path,
 class PhotoDataset(Dataset):
     """(image tensor, per-head integer targets; -1 = no label) for rows of the table.
 
-    ``images`` is the cache (indexed by ``rows``); without it each photo is prepared from ``paths`` on access."""
+    ``images`` is the cache (indexed by ``rows``); without it each photo is prepared from ``paths`` on access.
+    With ``person`` (float rows: the person targets of loss.person_consistency) an item is (image, targets, its
+    person target)."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray, transform, framing: FaceFraming,
-                 images: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None):
+                 images: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
+                 person: Optional[np.ndarray] = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(len(self.paths), -1))
         self.transform, self.framing = transform, framing
         self.images, self.rows = images, rows
+        self.person = None if person is None else torch.as_tensor(np.asarray(person, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -160,7 +164,8 @@ class PhotoDataset(Dataset):
         return self.framing(self.paths[i])
 
     def __getitem__(self, i: int):
-        return self.transform(image=self.image(i))["image"], self.targets[i]
+        image = self.transform(image=self.image(i))["image"]
+        return (image, self.targets[i]) if self.person is None else (image, self.targets[i], self.person[i])
 
 
 class ArrayDataset(Dataset):

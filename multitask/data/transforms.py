@@ -168,7 +168,8 @@ def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, res
 @dataclass(frozen=True)
 class Preprocessing:
     """A run's preprocessing, decided once from its config (as timm's ``resolve_data_config`` then
-    ``create_transform``): ``framing`` (the cacheable step: decode, face region, resize), then ``train()`` or ``eval()`` on the framed photo."""
+    ``create_transform``): ``framing`` (the cacheable step: decode, face region, resize), then ``train()`` or
+    ``eval()`` on the framed photo."""
 
     framing: FaceFraming
     data: DataConfig = field(compare=False, repr=False)
