@@ -33,7 +33,7 @@ train: $(STAMP)
 	$(VENV)/bin/multitask train $(ARGS)
 
 test: $(STAMP) browser tcmalloc
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=12 $(ARGS)  # the slowest tests: what to shorten when the suite grows
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(ARGS)
