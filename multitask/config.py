@@ -119,7 +119,8 @@ class DataConfig:
     load_margin: float = within(0.125, 0, 1)
     cache: bool = True  # decode + crop + resize once into a memory-mapped array
     cache_dir: str = ".cache/multitask"  # the image cache, the face boxes and generated synthetic faces
-    batch_size: int = within(64, 2)  # photos per step (per process under torchrun)
+    # photos per step (per process under torchrun); at least 2: BatchNorm needs two photos in a training step
+    batch_size: int = within(64, 2)
     workers: int = within(-1, -1, 256)  # -1: chosen for the machine
 
 
@@ -319,6 +320,15 @@ def _reason(e: Exception) -> str:
 STAGE_KEY = re.compile(r"stage(\d+)$")  # stageN: stage N of the list, 1-based
 
 
+def stage_index(key: str, stages: int, origin: str) -> int:
+    """The list index of ``stageN``; a ConfigError when there is no stage N."""
+    n = int(STAGE_KEY.match(key)[1])
+    if not 1 <= n <= stages:
+        raise ConfigError(f"{origin}: {key}: there are {stages} stages (stage1 to stage{stages}); to add one, give "
+                          "the whole stages list, e.g. in a YAML file")
+    return n - 1
+
+
 def _merge(base, other, origin: str):
     """``other`` merged into ``base``; a mapping the config declares as a value (``stage1.only``) is replaced, not
     merged into, so a preset's or an override's ``only: {}`` clears it. A ``stageN:`` section is merged into
@@ -333,11 +343,8 @@ def _merge(base, other, origin: str):
     except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise ConfigError(f"{origin}: {_reason(e)}") from None
     for key, section in sections.items():
-        n = int(STAGE_KEY.match(key)[1])
-        if not 1 <= n <= len(merged.stages):
-            raise ConfigError(f"{origin}: {key}: there are {len(merged.stages)} stages (stage1 to "
-                              f"stage{len(merged.stages)}); to add one, give the whole stages list")
-        merged.stages[n - 1] = _merge(merged.stages[n - 1], section, f"{origin}: {key}")
+        i = stage_index(key, len(merged.stages), origin)
+        merged.stages[i] = _merge(merged.stages[i], section, f"{origin}: {key}")
     return merged
 
 
@@ -354,12 +361,9 @@ def _replace_mappings(cfg: DictConfig, other) -> None:
 
 def _set(cfg, key: str, value: str, origin: str):
     """``a.b=value``; list items by index too (``heads.2.loss=dldl``); ``stageN.key`` is ``stages.(N-1).key``."""
-    alias = re.match(r"stage(\d+)\.(.+)$", key)
+    alias = re.match(r"(stage\d+)\.(.+)$", key)
     if alias:
-        if not 1 <= int(alias[1]) <= len(cfg.stages):
-            raise ConfigError(f"{origin}: there are {len(cfg.stages)} stages (stage1 to stage{len(cfg.stages)}); to "
-                              "add one, give the whole stages list, e.g. in a YAML file")
-        key = f"stages.{int(alias[1]) - 1}.{alias[2]}"
+        key = f"stages.{stage_index(alias[1], len(cfg.stages), origin)}.{alias[2]}"
     try:
         parsed = OmegaConf.from_dotlist([f"v={value}"])["v"]
     except Exception as e:  # YAML and interpolation grammar errors alike: name the override
@@ -444,12 +448,15 @@ def check_range(dotted: str, value, low, high, low_ok) -> None:
 
 
 def sections(cfg: Config) -> List[tuple[str, object]]:
-    """(key prefix, section) of every part of the config whose settings may carry a rule."""
-    return ([(f"{f.name}.", getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-             if dataclasses.is_dataclass(getattr(cfg, f.name))]
-            + [("data.synthetic.", cfg.data.synthetic)]
-            + [(f"heads.{i}.", h) for i, h in enumerate(cfg.heads)]
-            + [(f"stage{n}.", s) for n, s in enumerate(cfg.stages, 1)])
+    """(key prefix, section) of every part of the config whose settings may carry a rule: the config, its
+    sections and sub-sections, each head and each stage."""
+    def nested(prefix: str, obj) -> List[tuple[str, object]]:
+        subs = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+        return [(prefix, obj)] + [part for name, sub in subs if dataclasses.is_dataclass(sub)
+                                  for part in nested(f"{prefix}{name}.", sub)]
+
+    return (nested("", cfg) + [part for i, h in enumerate(cfg.heads) for part in nested(f"heads.{i}.", h)]
+            + [part for n, s in enumerate(cfg.stages, 1) for part in nested(f"stage{n}.", s)])
 
 
 def check_ranges(cfg: Config) -> None:

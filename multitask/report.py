@@ -133,11 +133,17 @@ def head_on_accuracy(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Op
     return on_accuracy(true[known], df[pred_column(head)].to_numpy()[known], head.classes.index(head.absent))
 
 
-def head_value_mae(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Optional[float]:
-    if head.value_column not in df or years_column(head) not in df or df[head.value_column].isna().all():
+def value_errors(head: HeadConfig, df: pd.DataFrame) -> Optional[pd.Series]:
+    """|predicted - true value| of the rows whose value is known; None where the table lacks either column."""
+    if head.value_column not in df or years_column(head) not in df:
         return None
     known = df[head.value_column].notna()
-    return float((df.loc[known, years_column(head)] - df.loc[known, head.value_column].astype(float)).abs().mean())
+    return (df.loc[known, years_column(head)] - df.loc[known, head.value_column].astype(float)).abs()
+
+
+def head_value_mae(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Optional[float]:
+    err = value_errors(head, df)
+    return None if err is None or err.empty else float(err.mean())
 
 
 # The extra scores a head kind declares (heads.HeadKind.metrics): (head, true classes, prediction table) -> score,
@@ -255,8 +261,8 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
     lines += [f"| {b} | {v['photos']} | " + " | ".join(f"{v[c]:.2f}" for c in head.classes) + " |"
               for b, v in result["by_year"].items()]
     years_col = years_column(head)
-    if years_col in known:
-        err = (known[years_col] - known["age"].astype(float)).abs()
+    err = value_errors(head, known)
+    if err is not None:
         result["mae_years"] = {int(k): float(e.mean()) for k, e in err.groupby(known["fold"])}
         result["mae_years_pooled"] = float(err.mean())
         lines += ["", "Mean absolute error of the predicted age: " + ", ".join(

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
 
 from multitask import allocator
-from multitask.config import (Config, ConfigError, HeadConfig, enabled_stages, extra_val_names, final_stage,
-                              save_config, stage)
+from multitask.config import (Config, ConfigError, HeadConfig, StageConfig, enabled_stages, extra_val_names,
+                              final_stage, save_config, stage)
 from multitask.data.dataset import PhotoDataset
 from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem, age_thresholds
@@ -92,6 +92,7 @@ class Clock:
 class StageData:
     """What one stage of one fold trains and validates on, and its loss."""
 
+    stage: StageConfig
     heads: List[HeadConfig]  # the heads the stage trains
     train_rows: pd.DataFrame
     y_train: np.ndarray
@@ -106,22 +107,23 @@ class StageData:
 
 
 def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
-    cfg, stage = ctx.cfg, ctx.cfg.stages[stage_no - 1]
-    active = [h for h in cfg.heads if not stage.heads or h.name in stage.heads]
+    cfg, spec = ctx.cfg, stage(ctx.cfg, stage_no)
+    active = [h for h in cfg.heads if not spec.heads or h.name in spec.heads]
     train_rows, val_rows = stage_split(cfg, ctx.table, fold, stage_no)
     if train_rows.empty or val_rows.empty:
         raise DataError([Problem(str(ctx.run.root), f"fold {fold} stage {stage_no}: {len(train_rows)} training "
                                                     f"and {len(val_rows)} validation photos; need both")])
     y_train = training_targets(cfg, train_rows)
     weights = class_weights(cfg, active, y_train, draw_weights(train_rows["person_id"].to_numpy(),
-                                                               stage.photos_per_person))
+                                                               spec.photos_per_person))
     consistency = person_consistency(cfg, ctx.table, active) if stage_no != enabled_stages(cfg)[0] else None
     loss_fn = stage_loss(cfg, active, weights, consistency).to(ctx.rt.device)
-    train_tf = ctx.pre.train(stage.size)
+    train_tf = ctx.pre.train(spec.size)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, ctx.world)
-    val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=stage.size), workers)
-    return StageData(active, train_rows, y_train, val_rows, y_val, weights, loss_fn, train_tf, workers, val_loader)
+    val_loader = validation_loader(ctx, val_rows, y_val, ctx.pre.eval(size=spec.size), workers)
+    return StageData(spec, active, train_rows, y_train, val_rows, y_val, weights, loss_fn, train_tf, workers,
+                     val_loader)
 
 
 @dataclass
@@ -160,7 +162,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     Under torchrun every process trains its share of each epoch's batches (DistributedDataParallel) and
     validates its share of the photos; the predictions are gathered so every process sees the same scores and
     keeps the same best epoch, and rank 0 alone writes."""
-    cfg, world, stage = ctx.cfg, ctx.world, ctx.cfg.stages[stage_no - 1]
+    cfg, world = ctx.cfg, ctx.world
     name = f"fold {fold} stage {stage_no}"
     if ctx.run.stage_done(fold, stage_no).exists():
         model.load_state_dict(load_checkpoint(ctx.run.best(fold, stage_no))["model"])
@@ -170,7 +172,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     saver = StageCheckpoints(ctx.run, fold, stage_no, cfg.train.weights_dtype if stage_no == final_stage(cfg)
                              else "fp32", fold_config(cfg))
     model = ctx.rt.place(model)
-    data.person = stage_person_targets(ctx, model, data, stage.size)  # before a resume loads this stage's weights
+    data.person = stage_person_targets(ctx, model, data)  # before a resume loads this stage's weights
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     ckpt = saver.resume()
     if ckpt is not None:
@@ -178,15 +180,15 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         start, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], ckpt["best_epoch"]
         torch.set_rng_state(ckpt["rng"])
         history = saver.history(start)
-        ctx.log(f"{name}: resuming at epoch {start + 1}/{stage.epochs}")
+        ctx.log(f"{name}: resuming at epoch {start + 1}/{data.stage.epochs}")
     ema, optimizer = training_state(cfg, model, data.weights, lrs, start, ckpt)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
     scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
 
-    for epoch in range(start, stage.epochs):
+    for epoch in range(start, data.stage.epochs):
         was_sgd = isinstance(optimizer, torch.optim.SGD)
-        optimizer, rates = optimizer_for_epoch(cfg.optim, model, optimizer, lrs, epoch, stage.epochs)
+        optimizer, rates = optimizer_for_epoch(cfg.optim, model, optimizer, lrs, epoch, data.stage.epochs)
         if isinstance(optimizer, torch.optim.SGD) and not was_sgd:
             ctx.log(f"{name}: switching to SGD at epoch {epoch + 1}")
         tick = time.perf_counter()
@@ -195,16 +197,17 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
                        validate(ctx, kept, data.val_loader)[0])
         row = epoch_row(epoch, rates, stats, scores, time.perf_counter() - tick)
         history.append(row)
-        improved = selection_score(scores) > best_score
+        value = selection_score(scores)
+        improved = value > best_score
         if improved:
-            best_score, best_epoch = selection_score(scores), epoch + 1
+            best_score, best_epoch = value, epoch + 1
         if world.main:
             saver.save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "sgd": isinstance(optimizer, torch.optim.SGD),
                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch},
                        history, kept if improved else None)
             log_scalars(writer, f"fold{fold}/stage{stage_no}", row)
-        ctx.log(f"{name} epoch {epoch + 1}/{stage.epochs}  " + epoch_line(row, scores, improved)
+        ctx.log(f"{name} epoch {epoch + 1}/{data.stage.epochs}  " + epoch_line(row, scores, improved)
                 + f"  ({ctx.clock.tick(photos + len(data.val_rows))})")
     return finish_stage(ctx, fold, stage_no, model, data.val_rows, data.y_val, data.workers, best_epoch, best_score)
 
@@ -230,8 +233,7 @@ def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: 
     and with the augmentation of the epoch's seed."""
     cfg = ctx.cfg
     seed = epoch_seed(cfg, fold, stage_no, epoch)
-    drawn = draw_per_person(data.train_rows["person_id"].to_numpy(), cfg.stages[stage_no - 1].photos_per_person,
-                            seed)
+    drawn = draw_per_person(data.train_rows["person_id"].to_numpy(), data.stage.photos_per_person, seed)
     train_ds = dataset(ctx, data.train_rows.iloc[drawn], data.y_train[drawn], data.train_tf,
                        None if data.person is None else data.person[drawn])
     loader = epoch_loader(ctx, train_ds, data.train_tf, seed, data.workers)
@@ -285,7 +287,7 @@ def person_consistency(cfg: Config, table: pd.DataFrame, active: List[HeadConfig
     return PersonConsistency(columns, cfg.loss.person_consistency, cfg.loss.consistency_temperature) if heads else None
 
 
-def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData, size) -> Optional[np.ndarray]:
+def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData) -> Optional[np.ndarray]:
     """The training rows' person targets: ``model`` (the previous stage's) on each person's photos of the absent
     class (unmasked), softened by the temperature and averaged per person (``person_targets``)."""
     consistency = data.loss_fn.consistency
@@ -294,7 +296,8 @@ def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData, siz
     head = next(h for h in ctx.cfg.heads if h.absent is not None)
     rows = data.train_rows
     source = (rows[head.column] == head.classes.index(head.absent)).to_numpy()
-    loader = validation_loader(ctx, rows[source], data.y_train[source], ctx.pre.eval(size=size), data.workers)
+    loader = validation_loader(ctx, rows[source], data.y_train[source], ctx.pre.eval(size=data.stage.size),
+                               data.workers)
     parts = model.split(gathered_logits(ctx, model, loader))
     t = consistency.temperature
     probs = np.concatenate([(parts[name] / t).softmax(1).numpy() for name in consistency.columns], axis=1)

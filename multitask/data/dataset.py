@@ -61,9 +61,9 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 def cache_key(paths: Sequence[str], framing: FaceFraming) -> str:
     boxes = None if framing.boxes is None else [framing.boxes.get(str(p)) for p in paths]
-    framing = (framing.crop, framing.size, framing.face_crop, framing.face_margin, boxes,
-               sorted(framing.typical.items()))
-    return files_key(paths, repr(framing + (3,)))
+    settings = (framing.crop, framing.size, framing.face_crop, framing.face_margin, boxes,
+                sorted(framing.typical.items()))
+    return files_key(paths, repr(settings + (3,)))
 
 
 class CachedImages:

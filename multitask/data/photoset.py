@@ -46,7 +46,8 @@ class PhotoSet:
 
 
 def preprocessing_for(cfg: Config, paths: Sequence[str], log: Log = print,
-               typical: Optional[Mapping[tuple[int, int], tuple]] = None) -> tuple[Preprocessing, Optional[np.ndarray]]:
+                      typical: Optional[Mapping[tuple[int, int], tuple]] = None
+                      ) -> tuple[Preprocessing, Optional[np.ndarray]]:
     """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector``, whether each photo's face
     was found (None for the other face crops). ``typical``: a trained run's typical face boxes by photo size,
     which take precedence over these photos'."""
