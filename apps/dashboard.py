@@ -18,7 +18,7 @@ import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
 from multitask.config import ConfigError, extra_val_names
-from multitask.data.transforms import Preprocessing
+from multitask.data.transforms import DETECTED, Preprocessing
 from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.data.sources import DataError
@@ -123,7 +123,7 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
     target_key = tuple(sorted(targets.items()))
     rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key)
     left, right = st.columns([1, 3])
-    if cfg.data.face_crop == "detector":
+    if cfg.data.face_crop in DETECTED:
         left.image(*face_box_view(pre, photo), width="stretch")
     left.image(rgb, caption="network input", width="stretch")
     with right:
@@ -193,13 +193,12 @@ def open_photo(run: Path, cfg, path: str) -> np.ndarray | None:
 
 
 def face_box_view(pre: Preprocessing, photo: np.ndarray) -> tuple[np.ndarray, str]:
-    """The photo with the face region the network is given drawn on it (data.face_crop=detector)."""
-    box, how = pre.framing.face_region(photo, photo)
-    if box is None:
+    """The photo with the region the network is given drawn on it (data.face_crop=detector|aligned)."""
+    corners, how = pre.framing.region(photo, photo)
+    if corners is None:
         return photo, "no face found: the centre crop is used"
     shown = photo.copy()
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    cv2.rectangle(shown, (x0, y0), (x1, y1), (255, 40, 40), max(2, photo.shape[1] // 150))
+    cv2.polylines(shown, [np.round(corners).astype(np.int32)], True, (255, 40, 40), max(2, photo.shape[1] // 150))
     return shown, ("detected face region" if how == "detected"
                    else "no face found: the run's typical face region for photos of this size")
 

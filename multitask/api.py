@@ -42,7 +42,7 @@ class FramedPhotos:
 
     images: List[Optional[np.ndarray]]  # per member: N x H x W x 3 uint8 (rows of unreadable photos: zeros)
     unreadable: List[Problem]
-    face_found: Optional[np.ndarray]  # face_crop=detector: whether each photo's face was found; else None
+    face_found: Optional[np.ndarray]  # face_crop=detector|aligned: whether each photo's face was found; else None
 
 
 def with_priors(cfg: Config, priors: Sequence[tuple[str, str]], run: RunDir) -> Config:
@@ -157,7 +157,7 @@ class Predictor:
 
     def frame_files(self, paths: List[str]) -> FramedPhotos:
         """Photo files as each run prepares them, through the run's image cache (``data.cache_dir``) and, under
-        ``face_crop=detector``, its cached face boxes."""
+        ``face_crop=detector|aligned``, its cached faces."""
         images, unreadable, face_found = [], {}, None
         for m in self.members:
             photos = photo_set(m.cfg, pd.DataFrame({"path": paths}), lambda s: None, m.run.typical_face_boxes(),

@@ -109,10 +109,13 @@ class DataConfig:
     on_bad_file: str = one_of("error", "skip")
     crop: Optional[List[int]] = field(default_factory=lambda: [400, 256])  # H x W centre crop; skipped if larger
     # The face region: center (the centre crop above) | none (whole photo) | detector (a face detector's box,
-    # widened by face_margin of its size on each side; found once and cached; where no face is found, the typical
-    # box of photos of that size, else the centre crop; flagged face_found=False in data.csv and predictions.csv)
-    face_crop: str = one_of("center", "none", "detector")
-    # face_crop=detector: the box is widened by this much of its size on each side
+    # widened by face_margin of its size on each side) | aligned (the photo turned, scaled and shifted so that the
+    # detector's five landmarks sit on a fixed template: eyes level, at the same place in every photo). Faces are
+    # found once and cached; where none is found, the typical face of photos of that size, else the centre crop;
+    # flagged face_found=False in data.csv and predictions.csv
+    face_crop: str = one_of("center", "none", "detector", "aligned")
+    # detector: the box is widened by this much of its size on each side; aligned: the template's face frame
+    # leaves this much of its side around it
     face_margin: float = within(0.25, 0, 2)
     size: List[int] = field(default_factory=lambda: [72, 56])  # H x W fed to the network (competition preset: 128x96)
     # photos are prepared this much larger than `size`; training crops at random

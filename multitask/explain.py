@@ -252,7 +252,7 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
     output_folder(out, EXPLAIN_OUTPUTS, overwrite, "explain")
-    # framed as predict frames them: the run's cache, and under face_crop=detector each photo's own face
+    # framed as predict frames them: the run's cache, and under face_crop=detector|aligned each photo's own face
     photos = photo_set(cfg, pd.DataFrame({"path": [str(p) for p in paths]}), lambda s: None,
                        run.typical_face_boxes(), cache=True)
     readable, problems, rows = photos.readable(), photos.unreadable, []

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from multitask.config import ConfigError  # noqa: E402
-from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size  # noqa: E402
+from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size, template_points  # noqa: E402
 from multitask.io import atomic_write_text, output_folder  # noqa: E402
 from multitask.model import MultiHeadNet  # noqa: E402
 from multitask.run import Member, RunDir, final_heads  # noqa: E402
@@ -94,7 +94,14 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
                      "none": "the whole photo",
                      "detector": "the detected face box widened by face_margin of its size on each side, to the "
                                  "network's aspect ratio; no face: the typical box of the photo's size "
-                                 "(typical_face_boxes, key WIDTHxHEIGHT), else the centre crop"}[cfg.data.face_crop]},
+                                 "(typical_face_boxes, key WIDTHxHEIGHT), else the centre crop",
+                     "aligned": "the photo warped by the similarity (least squares) that takes the detector's five "
+                                "landmarks (left eye, right eye, nose, mouth left, mouth right, as seen) to "
+                                "template_points, straight into the resize step's size; no face: the typical face's "
+                                "landmarks (typical_face_boxes: box, then landmarks), else the centre crop"
+                     }[cfg.data.face_crop],
+             **({"template_points": template_points(load_size(cfg.data), cfg.data.face_margin).round(2).tolist()}
+                if cfg.data.face_crop == "aligned" else {})},
             {"step": "resize", "size": list(load_size(cfg.data)), "interpolation": "area when shrinking, else linear"},
             {"step": "centre crop", "size": list(cfg.data.size)},
             {"step": "normalise", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

@@ -147,14 +147,15 @@ class RunDir:
                               "it started: undo the edit, or start a new run")
 
     def typical_face_boxes(self) -> Dict[tuple, tuple]:
-        """(width, height) -> the median face box of the run's photos of that size (``face_crop=detector``): how
+        """(width, height) -> the median face of the run's photos of that size (``face_crop=detector|aligned``): how
         predict, explain and the dashboard crop a photo whose face is not found, as training did."""
         recorded = self.recorded().get("typical_face_boxes", {})
         return {tuple(int(v) for v in size.split("x")): tuple(box) for size, box in recorded.items()}
 
     @staticmethod
     def typical_face_boxes_record(typical: Dict[tuple, tuple]) -> dict:
-        """``typical_face_boxes`` as run.json stores it: {"<width>x<height>": [x0, y0, x1, y1]}."""
+        """``typical_face_boxes`` as run.json stores it: {"<width>x<height>": [x0, y0, x1, y1]}, the box followed by
+        the five landmarks (x, y) under ``aligned``."""
         return {f"{w}x{h}": list(box) for (w, h), box in typical.items()}
 
     def preprocessing(self, cfg: Config):

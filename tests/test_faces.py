@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +16,7 @@ from multitask.data.photoset import preprocessing_for
 from multitask.data import faces as faces_module
 from multitask.data.faces import COLUMNS, find_faces
 from multitask.data.synth import generate
-from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, FaceFraming, widen
+from multitask.data.transforms import TYPICAL_BOX_MIN_PHOTOS, FaceFraming, template_points, widen
 from multitask.io import atomic_write_text
 from multitask.run import RunDir
 
@@ -124,25 +125,25 @@ def face_table(found_boxes, missed_sizes) -> pd.DataFrame:
 
 def test_a_photo_without_a_face_is_cropped_like_the_found_photos_of_its_size():
     found = [(100 + i, 150 - i, 280 + 2 * i, 360) for i in range(TYPICAL_BOX_MIN_PHOTOS)]
-    prepare = FaceFraming(None, (64, 64), "detector").with_boxes(face_table(found, [(384, 512), (200, 200)]))
+    prepare = FaceFraming(None, (64, 64), "detector").with_faces(face_table(found, [(384, 512), (200, 200)]))
     region = lambda path, w, h: prepare.face_box(path, np.zeros((h, w, 3), np.uint8))  # noqa: E731
     typical = np.median(np.array(found, dtype=float), axis=0)
     assert np.allclose(region("missed0.jpg", 384, 512), widen(typical, prepare.face_margin, 1.0))
-    assert prepare.face_region("missed0.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "typical"
-    assert prepare.face_region("found3.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "detected"
+    assert prepare.region("missed0.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "typical"
+    assert prepare.region("found3.jpg", np.zeros((512, 384, 3), np.uint8))[1] == "detected"
     assert region("missed1.jpg", 200, 200) is None  # no face found in a photo of its size: the centre crop
     assert np.allclose(region("found3.jpg", 384, 512), widen(found[3], prepare.face_margin, 1.0))
-    too_few = FaceFraming(None, (64, 64), "detector").with_boxes(face_table(found[1:], [(384, 512)]))
+    too_few = FaceFraming(None, (64, 64), "detector").with_faces(face_table(found[1:], [(384, 512)]))
     assert too_few.face_box("missed0.jpg", np.zeros((512, 384, 3), np.uint8)) is None
 
 
 def test_other_face_boxes_give_another_image_cache(tmp_path):
     paths = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
     prepare = FaceFraming(None, (64, 64), "detector")
-    one = prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)]).assign(path=paths))
-    other = prepare.with_boxes(face_table([(0, 0, 12, 10)], [(384, 512)]).assign(path=paths))
+    one = prepare.with_faces(face_table([(0, 0, 10, 10)], [(384, 512)]).assign(path=paths))
+    other = prepare.with_faces(face_table([(0, 0, 12, 10)], [(384, 512)]).assign(path=paths))
     assert cache_key(paths, one) != cache_key(paths, other)
-    assert cache_key(paths, one) == cache_key(paths, prepare.with_boxes(face_table([(0, 0, 10, 10)], [(384, 512)])
+    assert cache_key(paths, one) == cache_key(paths, prepare.with_faces(face_table([(0, 0, 10, 10)], [(384, 512)])
                                                                        .assign(path=paths)))
 
 
@@ -158,20 +159,23 @@ def test_a_run_crops_a_photo_without_a_face_with_the_typical_box_it_recorded(tmp
 
 
 @pytest.mark.slow
-def test_training_and_prediction_with_the_detector_crop(tmp_path):
+@pytest.mark.parametrize("face_crop", ["detector", "aligned"])
+def test_training_and_prediction_with_a_face_crop_of_the_detector(tmp_path, face_crop):
     from multitask.trainer import run_cv
     from multitask.predict import predict
     from tests.conftest import tiny_overrides
 
     root = generate(tmp_path / "faces", people=4, size=(192, 256), seed=4, anywhere=True)
-    cfg = load_config(tiny_overrides(root, tmp_path) + ["data.face_crop=detector", "cv.folds=2", "cv.run_folds=[0]"])
-    run = tmp_path / "runs" / "detector"
+    cfg = load_config(tiny_overrides(root, tmp_path) + [f"data.face_crop={face_crop}", "cv.folds=2", "cv.run_folds=[0]"])
+    run = tmp_path / "runs" / face_crop
     run_cv(cfg, run, log=lambda s: None)
     data = pd.read_csv(run / "data.csv")
     assert data["face_found"].dtype == bool and len(data) == 28
     assert "face_found" in pd.read_csv(run / "fold0" / "oof.csv")
     found_here, _ = preprocessing_for(cfg, data["path"].tolist(), log=lambda s: None)
-    assert RunDir(run).typical_face_boxes() == {size: tuple(box) for size, box in found_here.framing.typical.items()}
+    typical = RunDir(run).typical_face_boxes()
+    assert typical == {size: tuple(box) for size, box in found_here.framing.typical.items()}
+    assert all(len(face) == (4 if face_crop == "detector" else 14) for face in typical.values())  # box (+ marks)
     preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
     assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28
 
@@ -190,3 +194,61 @@ def test_photos_detected_as_a_batch_get_the_boxes_they_get_alone(anywhere_root):
         if a is not None:
             np.testing.assert_allclose(b.box, a.box, atol=0.5)
             np.testing.assert_allclose(b.landmarks, a.landmarks, atol=0.5)
+
+
+def rotated_about(points: np.ndarray, centre, degrees: float, scale: float = 1.0) -> np.ndarray:
+    return np.c_[points, np.ones(len(points))] @ cv2.getRotationMatrix2D(centre, degrees, scale).T
+
+
+def test_aligned_framing_turns_scales_and_shifts_the_five_points_onto_the_template():
+    """A photo with five dots where the landmarks are (turned 25 degrees, 2.5x the framed size): each dot comes
+    out on its template point, and a photo of that size without a face is framed by the typical landmarks."""
+    framing = FaceFraming(None, (112, 96), "aligned", face_margin=0.3)
+    target = template_points(framing.size, framing.face_margin)
+    marks = rotated_about(target * 2.5 + [60, 90], (250, 300), 25)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
+    photo = np.zeros((600, 500, 3), np.uint8)
+    for (x, y), colour in zip(marks, colours):
+        cv2.circle(photo, (int(round(x)), int(round(y))), 6, colour, -1)
+    box = [marks[:, 0].min() - 40, marks[:, 1].min() - 60, marks[:, 0].max() + 40, marks[:, 1].max() + 20]
+    table = pd.DataFrame([dict(path=f"found{i}.png", found=True, score=0.99, width=500, height=600,
+                               **dict(zip(COLUMNS[4:8], box)), **dict(zip(COLUMNS[8:], marks.ravel())))
+                          for i in range(TYPICAL_BOX_MIN_PHOTOS)] + [dict(path="missed.png", found=False)])
+    framing = framing.with_faces(table.reindex(columns=["path"] + COLUMNS))
+    framed = framing(photo)  # an array: its face is detected on the spot (the dots are no face) -> typical
+    assert framing.region(photo, photo)[1] == "typical"
+    assert framed.shape == (112, 96, 3)
+    for (x, y), colour in zip(target, colours):
+        ys, xs = np.nonzero((np.abs(framed.astype(int) - colour).sum(axis=2) < 150))
+        assert len(xs) > 4, colour
+        assert np.hypot(xs.mean() - x, ys.mean() - y) < 1.5, (colour, (xs.mean(), ys.mean()), (x, y))
+
+
+def test_aligned_framing_puts_the_drawn_eyes_of_turned_synthetic_faces_on_the_template(tmp_path):
+    """The whole path, detector included: synthetic portraits turned by up to 20 degrees; where the detector finds
+    the face, the eyes as drawn land within a few pixels of the template's eyes (112 x 112, as face models use),
+    where the detector's box alone leaves them tilted."""
+    root = generate(tmp_path / "faces", people=12, size=(384, 512), seed=5)
+    boxes = pd.read_csv(root / "boxes.csv")
+    paths, eyes = [], []
+    for k, r in enumerate(boxes[boxes["path"].str.endswith("normal.jpg")].itertuples()):
+        turn = cv2.getRotationMatrix2D((192, 256), (-20, 10, 20)[k % 3], 1.0)
+        photo = cv2.warpAffine(np.asarray(Image.open(root / r.path)), turn, (384, 512),
+                               borderMode=cv2.BORDER_REPLICATE)
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(photo).save(paths[-1])
+        eyes.append(np.c_[[[r.left_eye_x, r.left_eye_y], [r.right_eye_x, r.right_eye_y]], [1, 1]] @ turn.T)
+    faces = find_faces(paths, tmp_path)
+    aligned = FaceFraming(None, (112, 112), "aligned").with_faces(faces)
+    detector = FaceFraming(None, (112, 112), "detector").with_faces(faces)
+    target = template_points(aligned.size, aligned.face_margin)[:2]
+    errors, box_errors = [], []
+    for path, drawn, found in zip(paths, eyes, faces["found"]):
+        if found:
+            face, _ = aligned.face(path, None)
+            errors.append(np.hypot(*(np.c_[drawn, [1, 1]] @ aligned.alignment(face).T - target).T).max())
+            x0, y0, x1, _ = detector.face_box(path, None)
+            box_errors.append(np.hypot(*((drawn - [x0, y0]) * 112 / (x1 - x0) - target).T).max())
+    assert len(errors) >= 5, f"the detector found {len(errors)} of {len(paths)} faces"
+    assert np.median(errors) < 3.5 and max(errors) < 12, errors
+    assert np.median(box_errors) > 2 * np.median(errors)  # the box crop alone leaves the eyes tilted, elsewhere

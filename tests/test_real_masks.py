@@ -15,7 +15,7 @@ from multitask.folds import make_folds
 from multitask.data.sources import load_competition, load_mask_folders
 from multitask.data.table import balanced_people, load_labeled, load_table
 from multitask.data.transforms import train_transform
-from multitask.report import on_accuracy, recipe, write_report
+from multitask.report import on_accuracy, recipe
 from multitask.run import RunDir
 
 from conftest import tiny_overrides

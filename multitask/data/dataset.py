@@ -60,8 +60,8 @@ def _collect(results, paths, sink, chunk) -> list[Problem]:
 
 
 def cache_key(paths: Sequence[str], framing: FaceFraming) -> str:
-    boxes = None if framing.boxes is None else [framing.boxes.get(str(p)) for p in paths]
-    settings = (framing.crop, framing.size, framing.face_crop, framing.face_margin, boxes,
+    faces = None if framing.faces is None else [framing.faces.get(str(p)) for p in paths]
+    settings = (framing.crop, framing.size, framing.face_crop, framing.face_margin, faces,
                 sorted(framing.typical.items()))
     return files_key(paths, repr(settings + (3,)))
 

@@ -18,7 +18,7 @@ import pandas as pd
 from multitask.config import Config
 from multitask.data.dataset import cached_images, frame_all
 from multitask.data.sources import Problem
-from multitask.data.transforms import Preprocessing
+from multitask.data.transforms import DETECTED, Preprocessing
 
 Log = Callable[[str], None]
 
@@ -48,16 +48,16 @@ class PhotoSet:
 def preprocessing_for(cfg: Config, paths: Sequence[str], log: Log = print,
                       typical: Optional[Mapping[tuple[int, int], tuple]] = None
                       ) -> tuple[Preprocessing, Optional[np.ndarray]]:
-    """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector``, whether each photo's face
+    """The run's ``Preprocessing`` for these photos and, under ``face_crop=detector|aligned``, whether each photo's face
     was found (None for the other face crops). ``typical``: a trained run's typical face boxes by photo size,
     which take precedence over these photos'."""
     pre = Preprocessing.from_config(cfg).with_typical(typical or {})
-    if cfg.data.face_crop != "detector":
+    if cfg.data.face_crop not in DETECTED:
         return pre, None
     from multitask.data import faces
 
     found = faces.find_faces(paths, Path(cfg.data.cache_dir), log)
-    return pre.with_boxes(found), found["found"].to_numpy(dtype=bool)
+    return pre.with_faces(found), found["found"].to_numpy(dtype=bool)
 
 
 def photo_set(cfg: Config, table: pd.DataFrame, log: Log = print,

@@ -50,60 +50,133 @@ def crop_box(rgb: np.ndarray, box) -> np.ndarray:
     return rgb[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
 
 
+# Where an aligned face's five landmarks (faces.LANDMARKS order) go, as fractions of a square face frame: ArcFace's
+# template for its 112 x 112 crops, the one most face models are trained on.
+ALIGN_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                           [41.5493, 92.3655], [70.7299, 92.2041]]) / 112
+DETECTED = ("detector", "aligned")  # the face crops that need the face detector
+
+
+def template_points(size: Sequence[int], margin: float) -> np.ndarray:
+    """The five template points in a framed photo of ``size`` (H, W): the face frame is a square, centred, its side
+    the photo's shorter side shrunk by ``margin`` of itself on each side (as ``widen`` grows a box)."""
+    h, w = size
+    side = min(h, w) / (1 + 2 * margin)
+    return (ALIGN_TEMPLATE - 0.5) * side + [w / 2, h / 2]
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 2 x 3 similarity (rotation, one scale, shift) taking points ``src`` closest to ``dst``: least squares
+    over all points, so one misplaced landmark (a mouth corner guessed under a mask) moves it a little, not all."""
+    x, y = src[:, 0], src[:, 1]
+    one, zero = np.ones_like(x), np.zeros_like(x)
+    a = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
+    (c, s, tx, ty), *_ = np.linalg.lstsq(a, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)
+    return np.array([[c, -s, tx], [s, c, ty]])
+
+
+def warp(rgb: np.ndarray, matrix: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``rgb`` through the similarity ``matrix`` into ``size`` (H, W). A photo that shrinks is first resized to
+    the face's final scale by area averaging (as ``FaceFraming`` resizes a crop), then rotated and shifted."""
+    scale = float(np.hypot(*matrix[:, 0]))
+    if scale < 1:
+        h, w = rgb.shape[:2]
+        small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        matrix = np.hstack([matrix[:, :2] * [[w / small.shape[1], h / small.shape[0]]], matrix[:, 2:]])
+        rgb = small
+    return cv2.warpAffine(rgb, matrix, (size[1], size[0]), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 @dataclass(frozen=True)
 class FaceFraming:
     """Photo file (or RGB array) -> H x W x 3 uint8 at ``size``: the face region, then resize.
 
     The face region (``data.face_crop``): ``center``: the centre ``crop`` when the photo is large enough;
-    ``none``: the whole photo; ``detector``: the detected face box widened by ``face_margin`` (boxes looked up in
-    ``boxes``, found once by ``faces.find_faces``; other photos are detected on the spot); where no face is found,
-    the ``typical`` box of photos of that size (``with_boxes``), else the centre crop."""
+    ``none``: the whole photo; ``detector``: the detected face box widened by ``face_margin``; ``aligned``: the
+    photo turned, scaled and shifted so that the face's five landmarks sit closest to the template's
+    (``template_points``). Faces are looked up in ``faces``, found once by ``faces.find_faces``; other photos are
+    detected on the spot. Where no face is found: the ``typical`` face of photos of that size (``with_faces``),
+    else the centre crop."""
 
     crop: Optional[tuple[int, int]]
     size: tuple[int, int]
     face_crop: str = "center"
     face_margin: float = 0.25
-    boxes: Optional[Mapping[str, Optional[tuple]]] = field(default=None, compare=False, hash=False, repr=False)
+    # path -> its face: box (x0, y0, x1, y1), then under ``aligned`` the landmarks (x, y) x 5; None: not found
+    faces: Optional[Mapping[str, Optional[tuple]]] = field(default=None, compare=False, hash=False, repr=False)
     typical: Mapping[tuple[int, int], tuple] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_config(cls, data: DataConfig) -> "FaceFraming":
         return cls(tuple(data.crop) if data.crop else None, load_size(data), data.face_crop, data.face_margin)
 
-    def with_boxes(self, faces) -> "FaceFraming":
-        """The same preparation with face boxes looked up by path (a ``faces.find_faces`` table), and the typical
-        box of each photo size with at least ``TYPICAL_BOX_MIN_PHOTOS`` found faces (sizes already known keep
-        theirs: a trained run's, from its training photos)."""
-        found = faces[faces["found"].astype(bool)]
-        typical = {(int(w), int(h)): tuple(float(v) for v in group[["x0", "y0", "x1", "y1"]].median())
-                   for (w, h), group in found.groupby(["width", "height"]) if len(group) >= TYPICAL_BOX_MIN_PHOTOS}
-        boxes = {r.path: (r.x0, r.y0, r.x1, r.y1) if r.found else None for r in faces.itertuples()}
-        return replace(self, boxes=boxes, typical={**typical, **self.typical})
+    @property
+    def face_columns(self) -> list[str]:
+        """The columns of a ``faces.find_faces`` table this framing reads."""
+        from multitask.data.faces import LANDMARKS
 
-    def face_region(self, image, rgb: np.ndarray) -> tuple[Optional[np.ndarray], str]:
-        """(the region cropped for this photo under ``face_crop=detector``, where it comes from): its face box
-        ("detected"), else the typical box of its size ("typical"), else (None, "centre")."""
-        if self.boxes is not None and not isinstance(image, np.ndarray) and str(image) in self.boxes:
-            box = self.boxes[str(image)]
+        box = ["x0", "y0", "x1", "y1"]
+        return box + [f"{n}_{a}" for n in LANDMARKS for a in "xy"] if self.face_crop == "aligned" else box
+
+    def with_faces(self, faces) -> "FaceFraming":
+        """The same framing with faces looked up by path (a ``faces.find_faces`` table), and the typical face
+        (the median of each column) of each photo size with at least ``TYPICAL_BOX_MIN_PHOTOS`` found faces
+        (sizes already known keep theirs: a trained run's, from its training photos)."""
+        cols = self.face_columns
+        found = faces[faces["found"].astype(bool)]
+        typical = {(int(w), int(h)): tuple(float(v) for v in group[cols].median())
+                   for (w, h), group in found.groupby(["width", "height"]) if len(group) >= TYPICAL_BOX_MIN_PHOTOS}
+        known = {path: tuple(row) if ok else None
+                 for path, ok, row in zip(faces["path"], faces["found"], faces[cols].itertuples(index=False))}
+        return replace(self, faces=known, typical={**typical, **self.typical})
+
+    def face(self, image, rgb: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+        """(this photo's face as ``faces`` holds it, where it comes from): found ("detected"), else the typical
+        face of its size ("typical"), else (None, "centre")."""
+        if self.faces is not None and not isinstance(image, np.ndarray) and str(image) in self.faces:
+            face = self.faces[str(image)]
         else:
             from multitask.data.faces import detect
 
-            face = detect(rgb)
-            box = None if face is None else face.box
+            found = detect(rgb)
+            face = None if found is None else np.concatenate([found.box, found.landmarks.ravel()])
         how = "detected"
-        if box is None:
-            # Portraits of one size are framed alike: a missed (often masked) face is cropped like the found ones,
+        if face is None:
+            # Portraits of one size are framed alike: a missed (often masked) face is framed like the found ones,
             # so that the framing is no mask cue.
-            box, how = self.typical.get((rgb.shape[1], rgb.shape[0])), "typical"
-        if box is None:
+            face, how = self.typical.get((rgb.shape[1], rgb.shape[0])), "typical"
+        if face is None:
             return None, "centre"
-        return widen(box, self.face_margin, self.size[0] / self.size[1]), how
+        return np.asarray(face, dtype=np.float64)[:len(self.face_columns)], how
+
+    def alignment(self, face: np.ndarray) -> np.ndarray:
+        """The 2 x 3 similarity from the photo's pixels to the framed photo's (``aligned``), for this face."""
+        return similarity(face[4:].reshape(5, 2), template_points(self.size, self.face_margin))
 
     def face_box(self, image, rgb: np.ndarray) -> Optional[np.ndarray]:
-        return self.face_region(image, rgb)[0]
+        """The region cropped under ``detector``: the face box widened, or None (centre crop)."""
+        face, _ = self.face(image, rgb)
+        return None if face is None else widen(face[:4], self.face_margin, self.size[0] / self.size[1])
+
+    def region(self, image, rgb: np.ndarray) -> tuple[Optional[np.ndarray], str]:
+        """(the corners (4 x 2) in the photo of what the network is given, where its face comes from), for
+        ``detector`` and ``aligned``; (None, "centre") where the centre crop is used."""
+        face, how = self.face(image, rgb)
+        if face is None:
+            return None, how
+        h, w = self.size
+        if self.face_crop == "aligned":
+            back = cv2.invertAffineTransform(self.alignment(face))
+            return np.array([[0, 0, 1], [w, 0, 1], [w, h, 1], [0, h, 1]], float) @ back.T, how
+        x0, y0, x1, y1 = widen(face[:4], self.face_margin, h / w)
+        return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), how
 
     def __call__(self, image) -> np.ndarray:
         rgb = read_rgb(image) if not isinstance(image, np.ndarray) else image
+        if self.face_crop == "aligned":
+            face, _ = self.face(image, rgb)
+            if face is not None:
+                return np.ascontiguousarray(warp(rgb, self.alignment(face), self.size))
         box = self.face_box(image, rgb) if self.face_crop == "detector" else None
         if box is not None:
             rgb = crop_box(rgb, box)
@@ -179,12 +252,12 @@ class Preprocessing:
     def from_config(cls, cfg: Config) -> "Preprocessing":
         return cls(FaceFraming.from_config(cfg.data), cfg.data, cfg.augment)
 
-    def with_boxes(self, faces) -> "Preprocessing":
-        """The same preprocessing with face boxes looked up by path (a ``faces.find_faces`` table)."""
-        return replace(self, framing=self.framing.with_boxes(faces))
+    def with_faces(self, faces) -> "Preprocessing":
+        """The same preprocessing with faces looked up by path (a ``faces.find_faces`` table)."""
+        return replace(self, framing=self.framing.with_faces(faces))
 
     def with_typical(self, typical: Mapping[tuple[int, int], tuple]) -> "Preprocessing":
-        """The same preprocessing with these typical face boxes by photo size (width, height): a trained run's."""
+        """The same preprocessing with these typical faces by photo size (width, height): a trained run's."""
         return replace(self, framing=replace(self.framing, typical=dict(typical)))
 
     def train(self, size: Optional[Sequence[int]] = None) -> A.Compose:
