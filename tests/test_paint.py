@@ -36,19 +36,47 @@ def test_a_worn_mask_covers_the_drawn_nose_and_mouth(shape):
         assert changed[alpha > 0.5].mean() > 0.95 and not changed[: int(marks[:2, 1].min()) - 10].any()
 
 
-@pytest.mark.parametrize("wear", ["nose_out", "chin"])
-def test_an_incorrectly_worn_mask_leaves_the_nose_out(wear):
+@pytest.mark.parametrize("wear", ["nose_out", "mouth_out", "chin"])
+def test_a_mask_pulled_down_leaves_the_nose_out_and_the_mouth_only_under_the_nose(wear):
     for seed in range(12):
         rgb, marks = unmasked_face(seed)
-        _, alpha, _ = paint_mask(rgb, marks, np.random.default_rng(seed), wear)
+        _, alpha, info = paint_mask(rgb, marks, np.random.default_rng(seed), wear)
         mouth = (marks[3] + marks[4]) / 2
         assert not covered(alpha, marks[2]), (wear, seed)
-        assert alpha.sum() > 0  # something was painted, below the nose
         ys = np.nonzero(alpha > 0.5)[0]
-        assert ys.min() > marks[2, 1]
-        assert covered(alpha, mouth) == (wear == "nose_out")
+        assert len(ys) and ys.min() > marks[2, 1]  # something was painted, below the nose
+        assert covered(alpha, mouth) == (wear == "nose_out"), (wear, seed)
+        assert covered(alpha, mouth + (0, 0.45 * (mouth[1] - marks[2, 1]) + 12))  # the chin below the lip
+        assert info["wear"] == wear
 
 
+def test_a_mask_pulled_down_to_the_chin_sits_lower_than_one_under_the_lip():
+    tops = {wear: [] for wear in ("mouth_out", "chin")}
+    for seed in range(12):
+        rgb, marks = unmasked_face(seed)
+        for wear in tops:
+            _, alpha, _ = paint_mask(rgb, marks, np.random.default_rng(seed), wear, "surgical")
+            tops[wear].append(np.nonzero(alpha > 0.5)[0].min())
+    assert np.mean(np.array(tops["chin"]) > np.array(tops["mouth_out"])) > 0.9
+
+
+def test_a_mask_hanging_from_one_ear_covers_neither_nose_nor_mouth_and_hangs_beside_the_face():
+    sides = set()
+    for seed in range(12):
+        rgb, marks = unmasked_face(seed)
+        painted, alpha, info = paint_mask(rgb, marks, np.random.default_rng(seed), "one_ear")
+        mouth = (marks[3] + marks[4]) / 2
+        assert not covered(alpha, marks[2]) and not covered(alpha, mouth), seed
+        assert not covered(alpha, marks[0]) and not covered(alpha, marks[1])
+        ys, xs = np.nonzero(alpha > 0.5)
+        worn = paint_mask(rgb, marks, np.random.default_rng(seed), "worn")[1]
+        assert len(xs) > 0.25 * (worn > 0.5).sum(), seed  # much of it is in the photo
+        eye_gap = marks[1, 0] - marks[0, 0]
+        beside = (xs.mean() - mouth[0]) / eye_gap  # its middle is off to one side, below the ear
+        assert abs(beside) > 0.5 and ys.mean() > marks[2, 1], (seed, beside)
+        sides.add(np.sign(beside))
+        assert not info["valve"]
+    assert sides == {-1, 1}  # either ear
 def test_masks_follow_a_tilted_head():
     rgb, marks = unmasked_face(3)
     center = marks.mean(0)
@@ -91,7 +119,7 @@ def test_paint_masks_writes_a_competition_set_that_data_check_accepts(tmp_path):
         Image.fromarray(rgb).save(src / f"{25 + 5 * i}_{i % 2}_0_2017010{i}.jpg.chip.jpg")
     Image.new("RGB", (192, 256), (120, 120, 120)).save(src / "40_1_0_20170109.jpg.chip.jpg")  # no face at all
     out = tmp_path / "painted"
-    assert data_main(["paint-masks", str(src), str(out), "--workers", "1"]) == 0
+    assert data_main(["paint-masks", str(src), str(out), "--workers", "1", "--incorrect", "one_ear,chin"]) == 0
     no_face = pd.read_csv(out / "no_face.csv")
     assert any(p.endswith("40_1_0_20170109.jpg.chip.jpg") for p in no_face["path"])
     people = pd.read_csv(out / "train.csv")
@@ -101,6 +129,15 @@ def test_paint_masks_writes_a_competition_set_that_data_check_accepts(tmp_path):
     labels = pd.read_csv(out / "labels.csv")
     assert labels["mask"].value_counts().to_dict() == {"worn": 5 * len(people), "incorrect": len(people),
                                                       "not_worn": len(people)}
-    assert set(labels.loc[labels["mask"] == "incorrect", "wear"]) <= {"nose_out", "chin"}
+    assert set(labels.loc[labels["mask"] == "incorrect", "wear"]) <= {"one_ear", "chin"}  # the wears asked for
     # Never over existing data.
     assert data_main(["paint-masks", str(src), str(out), "--workers", "1"]) == 2
+
+
+def test_paint_masks_names_an_unknown_wear_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        data_main(["paint-masks", str(tmp_path), str(tmp_path / "out"), "--incorrect", "nose_out,sideways"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "'nose_out,sideways': a comma-separated list of nose_out, mouth_out, chin, one_ear" in err[-1]
+    assert not (tmp_path / "out").exists()

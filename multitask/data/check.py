@@ -41,7 +41,7 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
     return len(table), problems
 
 
-def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> int:
+def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int, incorrect: tuple[str, ...]) -> int:
     from multitask.data.faces import DetectorMissing
     from multitask.data.paint import paint_folder
     from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source
@@ -59,11 +59,21 @@ def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int) -> i
         if table.empty:
             raise DataError([Problem(str(src), "no unmasked photo to paint on")])
         table = balanced_people(table.drop_duplicates("person_id"), people, seed)
-        paint_folder(table, out, seed, workers)
+        paint_folder(table, out, seed, workers, incorrect=incorrect)
     except (DataError, FileExistsError, DetectorMissing) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def parse_wears(text: str) -> tuple[str, ...]:
+    from multitask.data.paint import INCORRECT_P
+
+    wears = tuple(w.strip() for w in text.split(",") if w.strip())
+    unknown = [w for w in wears if w not in INCORRECT_P]
+    if unknown or not wears:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(INCORRECT_P)}")
+    return wears
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -102,6 +112,9 @@ def main(argv=None) -> int:
                    "(default: all)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    m.add_argument("--incorrect", type=parse_wears, default="nose_out,mouth_out,chin,one_ear",
+                   help="how the incorrect photo wears its mask, drawn from these (default: all): nose_out (under "
+                   "the nose), mouth_out (under the lower lip), chin, one_ear (hanging from one ear)")
     g = sub.add_parser("synth", help="draw synthetic persons (7 portraits each, masks painted) in the competition "
                        "layout, for trying the tools without data")
     g.add_argument("out", type=Path)
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
     g.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")
     a = p.parse_args(argv)
     if a.command == "paint-masks":
-        return paint_masks(a.src, a.out, a.people, a.seed, a.workers)
+        return paint_masks(a.src, a.out, a.people, a.seed, a.workers, a.incorrect)
     if a.command == "synth":
         return synth(a.out, a.people, a.size, a.seed, a.anywhere)
     count, problems = check(a.root, a.source)

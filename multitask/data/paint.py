@@ -6,7 +6,8 @@ generator for each photo: the shape (surgical with pleats, cloth, KN95 folded, N
 whites and blues, dark and bright cloth, prints: stripes, dots, blotches, bold graphics such as a cartoon mouth),
 an exhalation valve on respirators and sport masks, pleats and folds, fabric noise, a shading that follows the
 face's own light, soft edges, ear loops and, sometimes, something in front of the mask.
-Worn incorrectly: below the nose (``nose_out``) or pulled down to the chin (``chin``).
+Worn incorrectly, as real photos show it: below the nose (``nose_out``), pulled down under the lower lip with the
+mouth showing (``mouth_out``), pulled down to the chin (``chin``), or hanging from one ear (``one_ear``).
 
 ``multitask data paint-masks SRC OUT`` turns unmasked photos into the competition layout (see
 ``paint_folder``).
@@ -17,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -39,7 +40,9 @@ PATTERN_P = (0.74, 0.06, 0.06, 0.06, 0.08)
 # real valved masks "not worn" (docs/real-masks.md).
 VALVE_P = {"surgical": 0.0, "cloth": 0.12, "kn95": 0.3, "n95": 0.45}
 VALVE_COLORS = ((235, 235, 235), (140, 140, 145), (30, 30, 32), (60, 160, 80), (230, 120, 40), (70, 110, 190))
-WEARS = ("worn", "nose_out", "chin")
+WEARS = ("worn", "nose_out", "mouth_out", "chin", "one_ear")
+# How paint-masks draws an incorrect photo's wear: under the nose is what most real incorrect masks are.
+INCORRECT_P = {"nose_out": 0.45, "mouth_out": 0.2, "chin": 0.15, "one_ear": 0.2}
 UTK_RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 
@@ -81,6 +84,12 @@ def outline(shape: str, wear: str, nose: float, mouth: float, center: float, rng
     elif wear == "nose_out":
         top = nose + rng.uniform(0.08, 0.18)  # under the nose tip, above the lip
         bottom = chin + rng.uniform(0.05, 0.2)
+    elif wear == "mouth_out":  # pulled down under the lower lip: squashed onto the chin, taller than a chin strap
+        top = mouth + rng.uniform(0.12, 0.2)
+        bottom = chin + rng.uniform(0.15, 0.3)
+    elif wear == "one_ear":  # taken off one ear: the mask as worn, then hung from the other (``hang``)
+        top = nose * rng.uniform(0.3, 0.7)
+        bottom = chin + rng.uniform(0.0, 0.15)
     else:  # chin
         top = mouth + rng.uniform(0.2, 0.32)
         bottom = chin + rng.uniform(0.25, 0.45)
@@ -101,6 +110,16 @@ def outline(shape: str, wear: str, nose: float, mouth: float, center: float, rng
     pts = np.asarray(pts, dtype=np.float64)
     pts[:, 0] += center
     return smooth_closed(pts), top, bottom
+
+
+def hang(worn: np.ndarray, side: int, swing: float) -> Callable[[np.ndarray], np.ndarray]:
+    """The turn (of points in face units) about the ear on ``side`` (-1: the photo's left) that hangs a mask worn
+    with outline ``worn`` straight below that ear, then ``swing`` degrees further."""
+    ear = np.array([side * 1.05, 0.45])
+    dx, dy = worn.mean(0) - ear
+    turn = np.pi / 2 - np.arctan2(dy, dx) + np.deg2rad(swing)
+    rot = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    return lambda points: (points - ear) @ rot.T + ear
 
 
 def texture(h: int, w: int, color: np.ndarray, pattern: str, rng: np.random.Generator, unit: float) -> np.ndarray:
@@ -168,7 +187,7 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     shape = shape or str(rng.choice(SHAPES, p=SHAPE_P))
     color = color or str(rng.choice(list(COLORS), p=COLOR_P / COLOR_P.sum()))
     pattern = str(rng.choice(PATTERNS, p=PATTERN_P)) if color not in ("white", "light_blue") else "plain"
-    valve = bool(rng.random() < VALVE_P[shape]) if valve is None else valve
+    valve = (bool(rng.random() < VALVE_P[shape]) if valve is None else valve) and wear != "one_ear"
     drawn = dict(wear=wear, shape=shape, color=color, pattern=pattern, valve=valve, occluded=False)
     h, w = rgb.shape[:2]
     origin, ax, ay, unit = face_frame(np.asarray(landmarks, dtype=np.float64))
@@ -178,6 +197,11 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
     mouth = to_face((landmarks[3] + landmarks[4]) / 2)
     center = nose[0] * 0.7  # a turned head moves the nose, and the mask with it
     poly, top, bottom = outline(shape, wear, nose[1], mouth[1], center, rng)
+    worn_poly, turn = poly, (lambda points: points)
+    hung = int(rng.choice([-1, 1])) if wear == "one_ear" else 0  # the side of the ear it hangs from
+    if hung:
+        turn = hang(poly, hung, rng.uniform(-25, 25))
+        poly = turn(poly)
 
     # Everything below works on the mask's neighbourhood only (a portrait is mostly not mask).
     pad = unit * 0.5
@@ -227,7 +251,7 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
         at = to_image(np.array([center + valve_rng.uniform(-0.35, 0.35),
                                 (top + bottom) / 2 + valve_rng.uniform(-0.05, 0.12)]))
         out = draw_valve(out, at - corner, unit * valve_rng.uniform(0.17, 0.28), shade, alpha, valve_rng)
-    occluded = bool(rng.random() < 0.12)
+    occluded = bool(rng.random() < 0.12) and not hung  # a hand is held in front of a mask on the face
     if occluded:  # a hand or a phone in front of part of the mask (it hides the mask, not uncovers the face)
         occluder = np.zeros((rh, rw), np.float32)
         c = to_image(np.array([rng.uniform(-1, 1) + center, rng.uniform(top, bottom)])) - corner
@@ -242,10 +266,10 @@ def paint_mask(rgb: np.ndarray, landmarks: np.ndarray, rng: np.random.Generator,
         loop_color = tuple(float(v) for v in np.clip(tint * 1.05, 0, 255))
         thick = max(1, int(round(unit * 0.025)))
         layer = out.copy()
-        for side in (-1, 1):
-            edge = side * np.abs(poly[:, 0] - center).max() * 0.97 + center
+        for side in (hung,) if hung else (-1, 1):  # a hanging mask keeps the loops of its ear only
+            edge = side * np.abs(worn_poly[:, 0] - center).max() * 0.97 + center
             for v_mask, v_ear in ((top + 0.1, 0.25), (bottom - 0.2, 0.65)):
-                a = to_image(np.array([edge, v_mask])) - corner
+                a = to_image(turn(np.array([edge, v_mask]))) - corner
                 b = to_image(np.array([edge + side * 0.12, v_ear])) - corner
                 cv2.line(layer, tuple(int(t) for t in a), tuple(int(t) for t in b), loop_color, thick, cv2.LINE_AA)
         out = out * 0.25 + layer * 0.75
@@ -263,7 +287,7 @@ def _paint_person(args) -> dict:
     from multitask.data.faces import detect
     from multitask.data.images import read_rgb
 
-    out, index, row, seed = args
+    out, index, row, seed, incorrect = args
     rng = np.random.default_rng([seed, index])
     try:
         rgb = read_rgb(row["path"])
@@ -279,7 +303,8 @@ def _paint_person(args) -> dict:
     target.mkdir(parents=True, exist_ok=True)
     labels = []
     photos = [("normal", None)] + [(f"mask{k}", "worn") for k in range(1, 6)]
-    photos.append(("incorrect_mask", "nose_out" if rng.random() < 0.7 else "chin"))
+    odds = np.array([INCORRECT_P[w] for w in incorrect])
+    photos.append(("incorrect_mask", str(rng.choice(incorrect, p=odds / odds.sum()))))
     shapes = rng.permutation(SHAPES).tolist() + [None]  # each person gets every shape once, then any
     for (name, wear), shape in zip(photos, [None] + shapes + [None]):
         info = {"wear": "none", "shape": "", "color": "", "pattern": "", "valve": False, "occluded": False}
@@ -297,18 +322,22 @@ def _paint_person(args) -> dict:
 
 
 def paint_folder(table: pd.DataFrame, out: Path, seed: int = 0, workers: int = 0,
-                 log: Callable[[str], None] = print) -> tuple[int, pd.DataFrame]:
+                 log: Callable[[str], None] = print, incorrect: Sequence[str] = tuple(INCORRECT_P)
+                 ) -> tuple[int, pd.DataFrame]:
     """Paint masks on one unmasked photo per row of ``table`` (path, gender, age[, race]) into ``out``:
     ``train.csv``, ``images/<id>_<gender>_<race>_<age>/{normal, mask1..5, incorrect_mask}.jpg``, ``labels.csv``
     (shape, colour, wear of each photo) and ``no_face.csv`` (photos left out, with the reason).
     Written into a temporary folder and renamed at the end: ``out`` must not exist. Returns (persons painted,
-    left out)."""
+    left out). ``incorrect``: the wears the incorrect photo is drawn from (with ``INCORRECT_P``'s odds)."""
+    unknown = sorted(set(incorrect) - set(INCORRECT_P))
+    if unknown or not incorrect:
+        raise ValueError(f"incorrect wears {', '.join(unknown) or '(none)'}: choose from {', '.join(INCORRECT_P)}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; painted data is never written over existing files")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    jobs = [(str(tmp), i, r, seed) for i, r in enumerate(table.to_dict("records"))]
+    jobs = [(str(tmp), i, r, seed, tuple(incorrect)) for i, r in enumerate(table.to_dict("records"))]
     from multitask.data.faces import one_thread  # the detector's module, loaded when painting
 
     try:
