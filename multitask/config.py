@@ -205,6 +205,9 @@ class LossConfig:
     # (unmasked): a KL term of this weight, from the second stage trained on
     person_consistency: float = within(0.0, 0)
     consistency_temperature: float = within(2.0, 0, low_ok=False)  # softens both sides of the KL term
+    # How the heads' losses add up: fixed (each head's loss_weight) | uncertainty (Kendall et al. 2018: each head's
+    # weighted loss L also learns a log-variance s, adding exp(-s) L + s: a head whose loss stays high counts less)
+    balance: str = one_of("fixed", "uncertainty")
 
 
 @dataclass

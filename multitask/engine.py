@@ -248,18 +248,29 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
             checked = batch + 1
             bar.set_postfix(loss=f"{totals['loss'].item() / seen:.3f}")
         optimizer.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        average_over_processes(loss_fn.parameters())
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         if ema is not None:
             ema.update_parameters(unwrap(model))
     out = {k: v.item() / max(seen, 1) for k, v in totals.items()}
     out["images_per_s"] = seen / max(time.perf_counter() - start, 1e-9)
     return out
+
+
+def average_over_processes(params) -> None:
+    """The gradients of parameters outside the model (the loss's own, ``loss.balance``) averaged over the
+    processes of a distributed run, as DDP averages the model's: every process then takes the same step."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= torch.distributed.get_world_size()
 
 
 @torch.inference_mode()

@@ -28,7 +28,9 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional
 
 class MultiHeadLoss(nn.Module):
     """Weighted sum of one loss per active head (cross-entropy, or its kind's own loss: heads.py); targets of -1
-    (no label) are ignored."""
+    (no label) are ignored. ``loss.balance=uncertainty``: each head's weighted loss L_h becomes
+    exp(-s_h) L_h + s_h with a learned ``log_variances`` s_h (its only parameters: the trainer gives them to the
+    optimizer and the checkpoint)."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
                  class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
@@ -40,6 +42,8 @@ class MultiHeadLoss(nn.Module):
         self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
         self.consistency = consistency
+        self.log_variances = (nn.Parameter(torch.zeros(len(self.heads))) if cfg.balance == "uncertainty"
+                              else None)
         for name, w in (class_weights or {}).items():
             self.register_buffer(f"w_{name}", w)
 
@@ -71,11 +75,22 @@ class MultiHeadLoss(nn.Module):
             if targets_b is not None and lam < 1.0:
                 loss = lam * loss + (1 - lam) * self._head_loss(name, logits[name], targets_b[:, self.column[name]])
             parts[name] = loss
-        total = sum(w * parts[n] for n, w in zip(self.heads, self.loss_weights))
+        weighted = [w * parts[n] for n, w in zip(self.heads, self.loss_weights)]
+        if self.log_variances is None:
+            total = sum(weighted)
+        else:
+            s = self.log_variances
+            total = sum(torch.exp(-s[i]) * loss + s[i] for i, loss in enumerate(weighted))
         if person is not None and self.consistency is not None:
             parts["consistency"] = self.consistency(logits, person)
             total = total + self.consistency.weight * parts["consistency"]
         return total, parts
+
+    def balance(self) -> Dict[str, float]:
+        """Each head's learned weight exp(-s_h) (``loss.balance=uncertainty``; none otherwise), for metrics.csv."""
+        if self.log_variances is None:
+            return {}
+        return {f"balance_{h}": float(torch.exp(-v)) for h, v in zip(self.heads, self.log_variances.detach())}
 
 
 class PersonConsistency(nn.Module):

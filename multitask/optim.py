@@ -5,10 +5,11 @@ Adam -> SGD switch nor a resume can shift it.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from multitask.config import OptimConfig
 from multitask.model import MultiHeadNet
@@ -36,15 +37,22 @@ def learning_rates_at(o: OptimConfig, lrs: tuple[float, float], epoch: int, epoc
     return lrs[0] * scale, lrs[1] * scale
 
 
-def param_groups(model: MultiHeadNet, lr_trunk: float, lr_heads: float, weight_decay: float) -> List[dict]:
-    return [
+def param_groups(model: MultiHeadNet, lr_trunk: float, lr_heads: float, weight_decay: float,
+                 loss: Sequence[nn.Parameter] = ()) -> List[dict]:
+    """The trunk's and the heads' groups; ``loss``: the loss's own parameters (``loss.balance``), learned at the
+    heads' rate, without weight decay (it would pull each head's weight towards 1)."""
+    groups = [
         {"params": list(model.trunk.parameters()), "lr": lr_trunk, "weight_decay": weight_decay, "name": "trunk"},
         {"params": list(model.heads.parameters()), "lr": lr_heads, "weight_decay": weight_decay, "name": "heads"},
     ]
+    if loss:
+        groups.append({"params": list(loss), "lr": lr_heads, "weight_decay": 0.0, "name": "loss"})
+    return groups
 
 
-def make_optimizer(o: OptimConfig, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool):
-    groups = param_groups(model, *lrs, o.weight_decay)
+def make_optimizer(o: OptimConfig, model: MultiHeadNet, lrs: tuple[float, float], sgd: bool,
+                   loss: Sequence[nn.Parameter] = ()):
+    groups = param_groups(model, *lrs, o.weight_decay, loss)
     if sgd:
         return torch.optim.SGD(groups, momentum=o.momentum, nesterov=True)
     cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
@@ -52,11 +60,12 @@ def make_optimizer(o: OptimConfig, model: MultiHeadNet, lrs: tuple[float, float]
 
 
 def optimizer_for_epoch(o: OptimConfig, model: MultiHeadNet, optimizer, lrs: tuple[float, float], epoch: int,
-                        epochs: int):
-    """(the optimizer for ``epoch`` with its rates set, those rates): a new SGD one the epoch Adam gives way."""
+                        epochs: int, loss: Sequence[nn.Parameter] = ()):
+    """(the optimizer for ``epoch`` with its rates set, those rates): a new SGD one the epoch Adam gives way. The
+    loss's group follows the heads' rate."""
     if uses_sgd(o, epoch) and not isinstance(optimizer, torch.optim.SGD):
-        optimizer = make_optimizer(o, model, lrs, True)
+        optimizer = make_optimizer(o, model, lrs, True, loss)
     rates = learning_rates_at(o, lrs, epoch, epochs)
-    for group, lr in zip(optimizer.param_groups, rates):
+    for group, lr in zip(optimizer.param_groups, (*rates, rates[1])):
         group["lr"] = lr
     return optimizer, rates

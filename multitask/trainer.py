@@ -181,14 +181,15 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         torch.set_rng_state(ckpt["rng"])
         history = saver.history(start)
         ctx.log(f"{name}: resuming at epoch {start + 1}/{data.stage.epochs}")
-    ema, optimizer = training_state(cfg, model, data.weights, lrs, start, ckpt)
+    ema, optimizer = training_state(cfg, model, data, lrs, start, ckpt)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
     scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
 
     for epoch in range(start, data.stage.epochs):
         was_sgd = isinstance(optimizer, torch.optim.SGD)
-        optimizer, rates = optimizer_for_epoch(cfg.optim, model, optimizer, lrs, epoch, data.stage.epochs)
+        optimizer, rates = optimizer_for_epoch(cfg.optim, model, optimizer, lrs, epoch, data.stage.epochs,
+                                               list(data.loss_fn.parameters()))
         if isinstance(optimizer, torch.optim.SGD) and not was_sgd:
             ctx.log(f"{name}: switching to SGD at epoch {epoch + 1}")
         tick = time.perf_counter()
@@ -204,7 +205,8 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         if world.main:
             saver.save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "sgd": isinstance(optimizer, torch.optim.SGD),
-                        "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch},
+                        "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                        "loss": data.loss_fn.state_dict()},
                        history, kept if improved else None)
             log_scalars(writer, f"fold{fold}/stage{stage_no}", row)
         ctx.log(f"{name} epoch {epoch + 1}/{data.stage.epochs}  " + epoch_line(row, scores, improved)
@@ -212,16 +214,19 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     return finish_stage(ctx, fold, stage_no, model, data.val_rows, data.y_val, data.workers, best_epoch, best_score)
 
 
-def training_state(cfg: Config, model: MultiHeadNet, weights: Dict[str, torch.Tensor], lrs: tuple[float, float],
-                   start: int, ckpt: Optional[dict]):
+def training_state(cfg: Config, model: MultiHeadNet, data: StageData, lrs: tuple[float, float], start: int,
+                   ckpt: Optional[dict]):
     """(the weight average or None, the optimizer) for a stage starting at epoch ``start``, from last.pt
-    (``ckpt``) on a resume; the model and its average keep the stage's class weights."""
-    model.keep_class_weights(weights)
+    (``ckpt``) on a resume, as is the loss's own state (``loss.balance``); the model and its average keep the
+    stage's class weights."""
+    model.keep_class_weights(data.weights)
     ema = weight_average(model, cfg.optim.ema_decay)
+    if ckpt is not None and data.loss_fn.log_variances is not None:
+        data.loss_fn.load_state_dict(ckpt["loss"])
     if ema is not None and ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-        ema.module.keep_class_weights(weights)
-    optimizer = make_optimizer(cfg.optim, model, lrs, uses_sgd(cfg.optim, start))
+        ema.module.keep_class_weights(data.weights)
+    optimizer = make_optimizer(cfg.optim, model, lrs, uses_sgd(cfg.optim, start), list(data.loss_fn.parameters()))
     if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg.optim, start):
         optimizer.load_state_dict(ckpt["optimizer"])
     return ema, optimizer
@@ -241,6 +246,7 @@ def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: 
                             batch_mixer(cfg.augment, seed + ctx.world.rank), scaler,
                             cfg.train.progress and ctx.world.main,
                             desc=f"fold {fold} stage {stage_no} epoch {epoch + 1}", ema=ema)
+    stats.update(data.loss_fn.balance())
     stats["images_per_s"] *= ctx.world.size  # every process trained as many photos
     return stats, len(train_ds)
 
