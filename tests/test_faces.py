@@ -216,7 +216,11 @@ def test_aligned_framing_turns_scales_and_shifts_the_five_points_onto_the_templa
                           for i in range(TYPICAL_BOX_MIN_PHOTOS)] + [dict(path="missed.png", found=False)])
     framing = framing.with_faces(table.reindex(columns=["path"] + COLUMNS))
     framed = framing(photo)  # an array: its face is detected on the spot (the dots are no face) -> typical
-    assert framing.region(photo, photo)[1] == "typical"
+    corners, how = framing.region(photo, photo)  # what the dashboard outlines: the framed photo's corners
+    assert how == "typical"
+    face, _ = framing.face(photo, photo)
+    np.testing.assert_allclose(np.c_[corners, np.ones(4)] @ framing.alignment(face).T,
+                               [[0, 0], [96, 0], [96, 112], [0, 112]], atol=1e-6)
     assert framed.shape == (112, 96, 3)
     for (x, y), colour in zip(target, colours):
         ys, xs = np.nonzero((np.abs(framed.astype(int) - colour).sum(axis=2) < 150))
