@@ -205,6 +205,8 @@ class LossConfig:
     # (unmasked): a KL term of this weight, from the second stage trained on
     person_consistency: float = within(0.0, 0)
     consistency_temperature: float = within(2.0, 0, low_ok=False)  # softens both sides of the KL term
+    # teacher=[RUN, ...]: the weight of the KL term from the teachers' class probabilities to the model's
+    teacher_weight: float = within(1.0, 0)
     # How the heads' losses add up: fixed (each head's loss_weight) | uncertainty (Kendall et al. 2018: each head's
     # weighted loss L also learns a log-variance s, adding exp(-s) L + s: a head whose loss stays high counts less)
     balance: str = one_of("fixed", "uncertainty")
@@ -293,6 +295,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    # Runs (folders) to distill: every photo of this run that a teacher predicted out of fold (by the fold model
+    # that held the photo's person out) also learns the teachers' mean class probabilities (loss.teacher_weight)
+    teacher: List[str] = field(default_factory=list)
 
 
 def stage(cfg: Config, number: int) -> StageConfig:
@@ -309,8 +314,6 @@ def final_stage(cfg: Config) -> int:
     return enabled_stages(cfg)[-1]
 
 
-
-
 def _load_yaml(path: Path):
     try:
         return OmegaConf.load(path)
@@ -320,7 +323,10 @@ def _load_yaml(path: Path):
 
 def _reason(e: Exception) -> str:
     """OmegaConf's message without its multi-line context: one line."""
-    return str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+    first = str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+    if "is not a ListConfig" in first:  # a single value for a list setting
+        return "expects a list: key=[a,b] (or key=[a] for one)"
+    return first
 
 
 STAGE_KEY = re.compile(r"stage(\d+)$")  # stageN: stage N of the list, 1-based
@@ -541,6 +547,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.person_consistency > 0 and cfg.augment.mix != "none":
         raise ConfigError(f"loss.person_consistency with augment.mix={cfg.augment.mix}: a mixed photo has no one "
                           "person to be consistent with; use one or the other")
+    if cfg.teacher and cfg.augment.mix != "none":
+        raise ConfigError(f"teacher with augment.mix={cfg.augment.mix}: a mixed photo has no one teacher "
+                          "prediction; use one or the other")
     bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
     if bad_folds:
         raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")

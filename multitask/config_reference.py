@@ -84,7 +84,8 @@ def reference() -> str:
              "`model=NAME` or `experiment=NAME` (`configs/<group>/NAME.yaml`), or give a YAML file. "
              "`multitask train --show-config` prints the resolved config.", "",
              "## Run", "", *header,
-             *[row for row in section_rows("", cfg, comments) if row.split("`")[1] in ("name", "out_dir")]]
+             *[row for row in section_rows("", cfg, comments)
+               if "." not in row.split("`")[1] and row.split("`")[1] not in ("heads", "stages")]]
     for f in dataclasses.fields(cfg):
         sub = getattr(cfg, f.name)
         if f.name == "heads":

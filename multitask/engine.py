@@ -230,12 +230,12 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, loss_fn: MultiHe
     totals: Dict[str, torch.Tensor] = {}
     seen, start, checked = 0, time.perf_counter(), 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for batch, (x, y, *person) in enumerate(bar):
+    for batch, (x, y, *soft) in enumerate(bar):
         x, y = rt.input(x), y.to(rt.device)
         x, y, y_b, lam = mix(x, y) if mix is not None else (x, y, None, 1.0)
         with rt.autocast():
             logits = unwrap(model).split(model(x))
-        loss, parts = loss_fn(logits, y, y_b, lam, person[0].to(rt.device) if person else None)
+        loss, parts = loss_fn(logits, y, y_b, lam, soft[0].to(rt.device) if soft else None)
         n = len(x)
         seen += n
         for k, v in {"loss": loss, **{f"loss_{h}": p for h, p in parts.items()}}.items():

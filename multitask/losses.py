@@ -1,5 +1,5 @@
-"""Per-head losses (label smoothing, class weights, focal), the person-consistency term, and mixup / CutMix on
-batches."""
+"""Per-head losses (label smoothing, class weights, focal), the terms on soft targets (person consistency, a
+teacher's predictions), and mixup / CutMix on batches."""
 from __future__ import annotations
 
 import functools
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multitask.config import AugmentConfig, LossConfig
-from multitask.heads import KINDS
+from multitask.config import AugmentConfig, HeadConfig, LossConfig
+from multitask.heads import KINDS, kind
 
 
 def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional[np.ndarray] = None
@@ -28,20 +28,21 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional
 
 class MultiHeadLoss(nn.Module):
     """Weighted sum of one loss per active head (cross-entropy, or its kind's own loss: heads.py); targets of -1
-    (no label) are ignored. ``loss.balance=uncertainty``: each head's weighted loss L_h becomes
+    (no label) are ignored. ``soft_terms`` (``PersonConsistency``, ``TeacherAgreement``) add their weighted terms on
+    the rows' soft targets: one matrix, each term's block after the one before, NaN rows where a term has none. ``loss.balance=uncertainty``: each head's weighted loss L_h becomes
     exp(-s_h) L_h + s_h with a learned ``log_variances`` s_h (its only parameters: the trainer gives them to the
     optimizer and the checkpoint)."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
                  class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
-                 column: Optional[Dict[str, int]] = None, consistency: Optional["PersonConsistency"] = None):
+                 column: Optional[Dict[str, int]] = None, soft_terms: Sequence[nn.Module] = ()):
         """``column``: each head's column in the target matrix (default: the order of ``heads``)."""
         super().__init__()
         self.heads, self.loss_weights = list(heads), list(loss_weights)
         self.column = dict(column) if column is not None else {h: i for i, h in enumerate(self.heads)}
         self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
-        self.consistency = consistency
+        self.soft_terms = nn.ModuleList(soft_terms)
         self.log_variances = (nn.Parameter(torch.zeros(len(self.heads))) if cfg.balance == "uncertainty"
                               else None)
         for name, w in (class_weights or {}).items():
@@ -65,9 +66,9 @@ class MultiHeadLoss(nn.Module):
 
     def forward(self, logits: Dict[str, torch.Tensor], targets: torch.Tensor,
                 targets_b: Optional[torch.Tensor] = None, lam: float = 1.0,
-                person: Optional[torch.Tensor] = None):
-        """(total loss, per-head losses); with mixing, lam * loss(targets) + (1 - lam) * loss(targets_b); with
-        ``person`` (the rows' person targets, ``person_targets``) and a ``consistency``, its KL term too."""
+                soft: Optional[torch.Tensor] = None):
+        """(total loss, per-head losses and per soft term its value); with mixing, lam * loss(targets) +
+        (1 - lam) * loss(targets_b); with ``soft`` (the rows' soft targets), the ``soft_terms``."""
         parts = {}
         for name in self.heads:
             t = targets[:, self.column[name]]
@@ -81,9 +82,11 @@ class MultiHeadLoss(nn.Module):
         else:
             s = self.log_variances
             total = sum(torch.exp(-s[i]) * loss + s[i] for i, loss in enumerate(weighted))
-        if person is not None and self.consistency is not None:
-            parts["consistency"] = self.consistency(logits, person)
-            total = total + self.consistency.weight * parts["consistency"]
+        start = 0
+        for term in self.soft_terms if soft is not None else ():
+            parts[term.name] = term(logits, soft[:, start:start + term.width])
+            total = total + term.weight * parts[term.name]
+            start += term.width
         return total, parts
 
     def balance(self) -> Dict[str, float]:
@@ -95,12 +98,15 @@ class MultiHeadLoss(nn.Module):
 
 class PersonConsistency(nn.Module):
     """KL(person's target || photo's prediction) at temperature T (scaled by T^2, so that its gradients keep their
-    size as T changes), summed over the heads; ``columns``: each head's columns in the person target matrix,
-    whose rows are NaN where a photo has no target."""
+    size as T changes), summed over the heads; ``columns``: each head's columns in the person targets
+    (``person_targets``), whose rows are NaN where a photo has no target."""
+
+    name = "consistency"
 
     def __init__(self, columns: Dict[str, slice], weight: float, temperature: float):
         super().__init__()
         self.columns, self.weight, self.temperature = dict(columns), weight, temperature
+        self.width = max(s.stop for s in self.columns.values())
 
     def forward(self, logits: Dict[str, torch.Tensor], person: torch.Tensor) -> torch.Tensor:
         valid = ~torch.isnan(person[:, 0])
@@ -109,6 +115,28 @@ class PersonConsistency(nn.Module):
         t = self.temperature
         return sum(F.kl_div((logits[name][valid].float() / t).log_softmax(1), person[valid][:, cols],
                             reduction="batchmean") * t * t for name, cols in self.columns.items())
+
+
+class TeacherAgreement(nn.Module):
+    """KL(teachers' class probabilities || the model's), summed over ``heads``, whose kinds give class
+    probabilities (heads.py: the classes cut from a value head's distribution too); ``columns``: each head's
+    columns in the teacher targets (``teacher_targets``), NaN rows where no teacher predicted the photo."""
+
+    name = "teacher"
+
+    def __init__(self, heads: Sequence[HeadConfig], weight: float):
+        super().__init__()
+        self.heads, self.weight = list(heads), weight
+        widths = np.cumsum([0] + [len(h.classes) for h in self.heads])
+        self.columns = {h.name: slice(int(a), int(b)) for h, a, b in zip(self.heads, widths[:-1], widths[1:])}
+        self.width = int(widths[-1])
+
+    def forward(self, logits: Dict[str, torch.Tensor], teacher: torch.Tensor) -> torch.Tensor:
+        valid = ~torch.isnan(teacher[:, 0])
+        if not valid.any():
+            return sum(logits[h.name].sum() * 0.0 for h in self.heads)
+        return sum(F.kl_div(kind(h).probabilities(logits[h.name][valid].float(), h.thresholds).clamp_min(1e-8).log(),
+                            teacher[valid][:, self.columns[h.name]], reduction="batchmean") for h in self.heads)
 
 
 def person_targets(persons: np.ndarray, source: np.ndarray, probabilities: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,12 +40,13 @@ from multitask.folds import (attach_folds, draw_per_person, draw_weights, make_f
                              stage_split)
 from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
-from multitask.losses import (MultiHeadLoss, PersonConsistency, batch_mixer, inverse_frequency_weights,
-                              person_targets)
+from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement, batch_mixer,
+                              inverse_frequency_weights, person_targets)
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
 from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
+from multitask.teacher import teacher_targets
 
 Log = Callable[[str], None]
 
@@ -67,9 +68,9 @@ class Context:
 
 
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform,
-            person: Optional[np.ndarray] = None) -> PhotoDataset:
+            soft: Optional[np.ndarray] = None) -> PhotoDataset:
     return PhotoDataset(rows["path"].tolist(), targets, transform, ctx.pre.framing, ctx.images,
-                        rows["_row"].to_numpy() if ctx.images is not None else None, person)
+                        rows["_row"].to_numpy() if ctx.images is not None else None, soft)
 
 
 def epoch_seed(cfg: Config, fold: int, stage: int, epoch: int) -> int:
@@ -103,7 +104,7 @@ class StageData:
     train_tf: object  # the stage's augmentation (reseeded every epoch)
     workers: int
     val_loader: DataLoader
-    person: Optional[np.ndarray] = None  # loss.person_consistency: the rows' person targets (person_targets)
+    soft: Optional[np.ndarray] = None  # the rows' soft targets, one block per term of loss_fn (stage_soft_targets)
 
 
 def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
@@ -116,8 +117,9 @@ def stage_data(ctx: Context, fold: int, stage_no: int) -> StageData:
     y_train = training_targets(cfg, train_rows)
     weights = class_weights(cfg, active, y_train, draw_weights(train_rows["person_id"].to_numpy(),
                                                                spec.photos_per_person))
-    consistency = person_consistency(cfg, ctx.table, active) if stage_no != enabled_stages(cfg)[0] else None
-    loss_fn = stage_loss(cfg, active, weights, consistency).to(ctx.rt.device)
+    terms = [person_consistency(cfg, ctx.table, active) if stage_no != enabled_stages(cfg)[0] else None,
+             teacher_agreement(cfg, active)]
+    loss_fn = stage_loss(cfg, active, weights, [t for t in terms if t is not None]).to(ctx.rt.device)
     train_tf = ctx.pre.train(spec.size)
     y_val = eval_targets(cfg, val_rows)
     workers = loader_workers(cfg.data.workers, ctx.rt.device, ctx.images is not None, ctx.world)
@@ -172,7 +174,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     saver = StageCheckpoints(ctx.run, fold, stage_no, cfg.train.weights_dtype if stage_no == final_stage(cfg)
                              else "fp32", fold_config(cfg))
     model = ctx.rt.place(model)
-    data.person = stage_person_targets(ctx, model, data)  # before a resume loads this stage's weights
+    data.soft = stage_soft_targets(ctx, model, data, name)  # before a resume loads this stage's weights
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     ckpt = saver.resume()
     if ckpt is not None:
@@ -240,7 +242,7 @@ def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: 
     seed = epoch_seed(cfg, fold, stage_no, epoch)
     drawn = draw_per_person(data.train_rows["person_id"].to_numpy(), data.stage.photos_per_person, seed)
     train_ds = dataset(ctx, data.train_rows.iloc[drawn], data.y_train[drawn], data.train_tf,
-                       None if data.person is None else data.person[drawn])
+                       None if data.soft is None else data.soft[drawn])
     loader = epoch_loader(ctx, train_ds, data.train_tf, seed, data.workers)
     stats = train_one_epoch(net, loader, data.loss_fn, optimizer, ctx.rt, epoch + 1,
                             batch_mixer(cfg.augment, seed + ctx.world.rank), scaler,
@@ -274,11 +276,11 @@ def class_weights(cfg: Config, active: List[HeadConfig], y_train: np.ndarray, dr
 
 
 def stage_loss(cfg: Config, active: List[HeadConfig], weights: Dict[str, torch.Tensor],
-               consistency: Optional[PersonConsistency] = None) -> MultiHeadLoss:
-    """The loss over the stage's heads, with ``class_weights`` (and the person-consistency term)."""
+               soft_terms: Sequence[nn.Module] = ()) -> MultiHeadLoss:
+    """The loss over the stage's heads, with ``class_weights`` and the terms on soft targets."""
     column = {h.name: i for i, h in enumerate(cfg.heads)}
     return MultiHeadLoss([h.name for h in active], [h.loss_weight for h in active], cfg.loss, weights,
-                         [h.loss for h in active], column, consistency)
+                         [h.loss for h in active], column, soft_terms)
 
 
 def person_consistency(cfg: Config, table: pd.DataFrame, active: List[HeadConfig]) -> Optional[PersonConsistency]:
@@ -293,12 +295,30 @@ def person_consistency(cfg: Config, table: pd.DataFrame, active: List[HeadConfig
     return PersonConsistency(columns, cfg.loss.person_consistency, cfg.loss.consistency_temperature) if heads else None
 
 
-def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData) -> Optional[np.ndarray]:
+def teacher_agreement(cfg: Config, active: List[HeadConfig]) -> Optional[TeacherAgreement]:
+    """The term that learns the ``teacher`` runs' predictions, over the stage's heads whose probabilities are the
+    network's own (prior balanced: a training prior shifts the teacher's after the fact); None without teachers."""
+    heads = [h for h in active if h.prior == "balanced"]
+    return TeacherAgreement(heads, cfg.loss.teacher_weight) if cfg.teacher and heads else None
+
+
+def stage_soft_targets(ctx: Context, model: MultiHeadNet, data: StageData, name: str) -> Optional[np.ndarray]:
+    """The training rows' soft targets: a block per term of the stage's loss, in its order; None without terms."""
+    blocks = []
+    for term in data.loss_fn.soft_terms:
+        if isinstance(term, PersonConsistency):
+            blocks.append(stage_person_targets(ctx, model, data, term))
+        else:
+            blocks.append(teacher_targets(ctx.cfg.teacher, data.train_rows, term.heads))
+            have = int((~np.isnan(blocks[-1][:, 0])).sum())
+            ctx.log(f"{name}: teacher predictions for {have} of {len(data.train_rows)} training photos")
+    return np.concatenate(blocks, axis=1) if blocks else None
+
+
+def stage_person_targets(ctx: Context, model: MultiHeadNet, data: StageData, consistency: PersonConsistency
+                         ) -> np.ndarray:
     """The training rows' person targets: ``model`` (the previous stage's) on each person's photos of the absent
     class (unmasked), softened by the temperature and averaged per person (``person_targets``)."""
-    consistency = data.loss_fn.consistency
-    if consistency is None:
-        return None
     head = next(h for h in ctx.cfg.heads if h.absent is not None)
     rows = data.train_rows
     source = (rows[head.column] == head.classes.index(head.absent)).to_numpy()

@@ -39,7 +39,7 @@ def test_the_term_pulls_a_masked_photos_age_towards_its_persons_unmasked_one():
     person = person_targets(np.array(["p"] * 5), np.array([True] + [False] * 4), unmasked_age)[1:]
     consistency = PersonConsistency({"age": slice(0, 3)}, weight=1.0, temperature=2.0)
     # no label loss at all (weight 0, no labels): whatever moves the age is the consistency term
-    loss_fn = MultiHeadLoss(["age"], [0.0], load_config([]).loss, consistency=consistency)
+    loss_fn = MultiHeadLoss(["age"], [0.0], load_config([]).loss, soft_terms=[consistency])
     targets = torch.full((4, 3), -1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 
@@ -51,7 +51,7 @@ def test_the_term_pulls_a_masked_photos_age_towards_its_persons_unmasked_one():
     before, kl = p_60(), []
     for _ in range(40):
         model.train()
-        total, parts = loss_fn(model.split(model(masked)), targets, person=torch.as_tensor(person))
+        total, parts = loss_fn(model.split(model(masked)), targets, soft=torch.as_tensor(person))
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

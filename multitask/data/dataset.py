@@ -142,17 +142,17 @@ class PhotoDataset(Dataset):
     """(image tensor, per-head integer targets; -1 = no label) for rows of the table.
 
     ``images`` is the cache (indexed by ``rows``); without it each photo is prepared from ``paths`` on access.
-    With ``person`` (float rows: the person targets of loss.person_consistency) an item is (image, targets, its
-    person target)."""
+    With ``soft`` (float rows: the soft targets of the loss's terms, ``MultiHeadLoss.soft_terms``) an item is
+    (image, targets, its soft targets)."""
 
     def __init__(self, paths: Sequence[str], targets: np.ndarray, transform, framing: FaceFraming,
                  images: Optional[np.ndarray] = None, rows: Optional[np.ndarray] = None,
-                 person: Optional[np.ndarray] = None):
+                 soft: Optional[np.ndarray] = None):
         self.paths = list(paths)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64).reshape(len(self.paths), -1))
         self.transform, self.framing = transform, framing
         self.images, self.rows = images, rows
-        self.person = None if person is None else torch.as_tensor(np.asarray(person, dtype=np.float32))
+        self.soft = None if soft is None else torch.as_tensor(np.asarray(soft, dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -165,7 +165,7 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = self.transform(image=self.image(i))["image"]
-        return (image, self.targets[i]) if self.person is None else (image, self.targets[i], self.person[i])
+        return (image, self.targets[i]) if self.soft is None else (image, self.targets[i], self.soft[i])
 
 
 class ArrayDataset(Dataset):
