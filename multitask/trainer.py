@@ -474,8 +474,8 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     photos = photo_set(cfg, table, log)
     if "face_found" in photos.table:
         sizes = ", ".join(f"{w}x{h}" for w, h in photos.pre.framing.typical) or "none"
-        log(f"face found in {int(photos.table['face_found'].sum())} of {len(table)} photos; the others are cropped "
-            f"with the typical box of their size (known for {sizes}), else centred")
+        log(f"face found in {int(photos.table['face_found'].sum())} of {len(table)} photos; the others are framed "
+            f"with the typical face of their size (known for {sizes}), else centred")
     problems = problems + photos.unreadable
     apply_policy(problems, cfg.data.on_bad_file, str(cfg.data.root or "synthetic data"))
     if problems:
