@@ -29,9 +29,9 @@ def inverse_frequency_weights(labels: np.ndarray, n_classes: int, rows: Optional
 class MultiHeadLoss(nn.Module):
     """Weighted sum of one loss per active head (cross-entropy, or its kind's own loss: heads.py); targets of -1
     (no label) are ignored. ``soft_terms`` (``PersonConsistency``, ``TeacherAgreement``) add their weighted terms on
-    the rows' soft targets: one matrix, each term's block after the one before, NaN rows where a term has none. ``loss.balance=uncertainty``: each head's weighted loss L_h becomes
-    exp(-s_h) L_h + s_h with a learned ``log_variances`` s_h (its only parameters: the trainer gives them to the
-    optimizer and the checkpoint)."""
+    the rows' soft targets: one matrix, each term's block after the one before, NaN rows where a term has none.
+    ``loss.balance=uncertainty``: each head's weighted loss L_h becomes exp(-s_h) L_h + s_h with a learned
+    ``log_variances`` s_h (its only parameters: the trainer gives them to the optimizer and the checkpoint)."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
                  class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,

@@ -99,7 +99,8 @@ def model_card(cfg: Config, run, heads: Sequence[HeadConfig], oof: pd.DataFrame,
         "## Subgroups", "", *_subgroup_rows(result, heads), "",
         "## Masked photos never trained on (data.extra_val)", "", *_real_mask_rows(result, heads), "",
         "## Known limitations", "",
-        "- One face per photo: with several faces, the largest (face_crop=detector|aligned) or the centre crop is read.",
+        "- One face per photo: with several faces, the largest (face_crop=detector|aligned) or the centre crop is "
+        "read.",
         "- Masks in the competition and dev sets are painted from templates; painted-mask scores flatter the model. "
         "Judge the mask head on real masked photos (the section above).",
         "- Gender is a binary label and age a label from the source data (partly estimated); both are read from "

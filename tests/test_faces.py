@@ -166,7 +166,8 @@ def test_training_and_prediction_with_a_face_crop_of_the_detector(tmp_path, face
     from tests.conftest import tiny_overrides
 
     root = generate(tmp_path / "faces", people=4, size=(192, 256), seed=4, anywhere=True)
-    cfg = load_config(tiny_overrides(root, tmp_path) + [f"data.face_crop={face_crop}", "cv.folds=2", "cv.run_folds=[0]"])
+    cfg = load_config(tiny_overrides(root, tmp_path) + [f"data.face_crop={face_crop}", "cv.folds=2",
+                                                         "cv.run_folds=[0]"])
     run = tmp_path / "runs" / face_crop
     run_cv(cfg, run, log=lambda s: None)
     data = pd.read_csv(run / "data.csv")
