@@ -84,9 +84,14 @@ class MultiHeadLoss(nn.Module):
             total = sum(torch.exp(-s[i]) * loss + s[i] for i, loss in enumerate(weighted))
         start = 0
         for term in self.soft_terms if soft is not None else ():
-            parts[term.name] = term(logits, soft[:, start:start + term.width])
-            total = total + term.weight * parts[term.name]
+            block = soft[:, start:start + term.width]
             start += term.width
+            valid = ~torch.isnan(block[:, 0])  # a row without this term's target: NaN
+            if valid.any():
+                parts[term.name] = term({name: x[valid] for name, x in logits.items()}, block[valid])
+            else:  # a zero that keeps every head in the graph (DDP expects each parameter's gradient)
+                parts[term.name] = sum(x.sum() * 0.0 for x in logits.values())
+            total = total + term.weight * parts[term.name]
         return total, parts
 
     def balance(self) -> Dict[str, float]:
@@ -99,7 +104,7 @@ class MultiHeadLoss(nn.Module):
 class PersonConsistency(nn.Module):
     """KL(person's target || photo's prediction) at temperature T (scaled by T^2, so that its gradients keep their
     size as T changes), summed over the heads; ``columns``: each head's columns in the person targets
-    (``person_targets``), whose rows are NaN where a photo has no target."""
+    (``person_targets``); ``MultiHeadLoss`` passes only the rows that have a target."""
 
     name = "consistency"
 
@@ -109,18 +114,15 @@ class PersonConsistency(nn.Module):
         self.width = max(s.stop for s in self.columns.values())
 
     def forward(self, logits: Dict[str, torch.Tensor], person: torch.Tensor) -> torch.Tensor:
-        valid = ~torch.isnan(person[:, 0])
-        if not valid.any():
-            return sum(logits[name].sum() * 0.0 for name in self.columns)
         t = self.temperature
-        return sum(F.kl_div((logits[name][valid].float() / t).log_softmax(1), person[valid][:, cols],
-                            reduction="batchmean") * t * t for name, cols in self.columns.items())
+        return sum(F.kl_div((logits[name].float() / t).log_softmax(1), person[:, cols], reduction="batchmean") * t * t
+                   for name, cols in self.columns.items())
 
 
 class TeacherAgreement(nn.Module):
     """KL(teachers' class probabilities || the model's), summed over ``heads``, whose kinds give class
     probabilities (heads.py: the classes cut from a value head's distribution too); ``columns``: each head's
-    columns in the teacher targets (``teacher_targets``), NaN rows where no teacher predicted the photo."""
+    columns in the teacher targets (``teacher_targets``); ``MultiHeadLoss`` passes only the rows a teacher predicted."""
 
     name = "teacher"
 
@@ -132,11 +134,8 @@ class TeacherAgreement(nn.Module):
         self.width = int(widths[-1])
 
     def forward(self, logits: Dict[str, torch.Tensor], teacher: torch.Tensor) -> torch.Tensor:
-        valid = ~torch.isnan(teacher[:, 0])
-        if not valid.any():
-            return sum(logits[h.name].sum() * 0.0 for h in self.heads)
-        return sum(F.kl_div(kind(h).probabilities(logits[h.name][valid].float(), h.thresholds).clamp_min(1e-8).log(),
-                            teacher[valid][:, self.columns[h.name]], reduction="batchmean") for h in self.heads)
+        return sum(F.kl_div(kind(h).probabilities(logits[h.name].float(), h.thresholds).clamp_min(1e-8).log(),
+                            teacher[:, self.columns[h.name]], reduction="batchmean") for h in self.heads)
 
 
 def person_targets(persons: np.ndarray, source: np.ndarray, probabilities: np.ndarray) -> np.ndarray:

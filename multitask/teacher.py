@@ -41,9 +41,10 @@ def teacher_predictions(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFram
         .drop_duplicates("key")
 
 
-def teacher_targets(runs: Sequence[str], rows: pd.DataFrame, heads: Sequence[HeadConfig]) -> np.ndarray:
-    """Per row of ``rows``, the mean over the teacher ``runs`` of their held-out class probabilities for its photo
-    (the ``heads``' columns, in order); NaN where no teacher predicted the photo."""
+def teacher_targets(runs: Sequence[str], rows: pd.DataFrame, heads: Sequence[HeadConfig]) -> pd.DataFrame:
+    """Per row of ``rows`` (same index), the mean over the teacher ``runs`` of their held-out class probabilities
+    for its photo, the ``heads``' probability columns; NaN where no teacher predicted the photo. Read once per run:
+    a stage takes its rows and heads from it."""
     columns = [c for h in heads for c in prob_columns(h)]
     photos = pd.DataFrame({"key": [os.path.realpath(p) for p in rows["path"]]})
     total, count = np.zeros((len(rows), len(columns))), np.zeros(len(rows))
@@ -52,5 +53,5 @@ def teacher_targets(runs: Sequence[str], rows: pd.DataFrame, heads: Sequence[Hea
         have = ~np.isnan(found).any(axis=1)
         total[have] += found[have]
         count[have] += 1
-    with np.errstate(invalid="ignore"):
-        return (total / count[:, None]).astype(np.float32)  # 0/0: NaN, no teacher has the photo
+    with np.errstate(invalid="ignore"):  # 0/0: NaN, no teacher has the photo
+        return pd.DataFrame((total / count[:, None]).astype(np.float32), index=rows.index, columns=columns)

@@ -45,7 +45,7 @@ from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
-from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
+from multitask.run import RunDir, prediction_frame, prob_columns, read_table, subgroup_columns
 from multitask.teacher import teacher_targets
 
 Log = Callable[[str], None]
@@ -65,6 +65,7 @@ class Context:
     log: Log
     clock: Clock
     world: World
+    teacher: Optional[pd.DataFrame]  # the teacher runs' targets for every row of table (teacher_targets)
 
 
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform,
@@ -309,7 +310,8 @@ def stage_soft_targets(ctx: Context, model: MultiHeadNet, data: StageData, name:
         if isinstance(term, PersonConsistency):
             blocks.append(stage_person_targets(ctx, model, data, term))
         else:
-            blocks.append(teacher_targets(ctx.cfg.teacher, data.train_rows, term.heads))
+            columns = [c for h in term.heads for c in prob_columns(h)]
+            blocks.append(ctx.teacher.loc[data.train_rows.index, columns].to_numpy())
             have = int((~np.isnan(blocks[-1][:, 0])).sum())
             ctx.log(f"{name}: teacher predictions for {have} of {len(data.train_rows)} training photos")
     return np.concatenate(blocks, axis=1) if blocks else None
@@ -561,7 +563,9 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     run = RunDir(run_dir)
     sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
     planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
-    ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world)
+    teacher = teacher_targets(cfg.teacher, table, [h for h in cfg.heads if h.prior == "balanced"]) \
+        if cfg.teacher else None
+    ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world, teacher)
     extra_val = load_extra_val(cfg, log, pre.framing.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
         f"{f' x {world.size} processes' if world.active else ''}, "

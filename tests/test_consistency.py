@@ -62,8 +62,17 @@ def test_the_term_pulls_a_masked_photos_age_towards_its_persons_unmasked_one():
 
 def test_rows_without_a_person_target_add_nothing():
     consistency = PersonConsistency({"gender": slice(0, 2)}, weight=1.0, temperature=1.0)
+    loss_fn = MultiHeadLoss(["gender"], [1.0], load_config([]).loss, soft_terms=[consistency])
     logits = {"gender": torch.randn(3, 2, requires_grad=True)}
-    assert consistency(logits, torch.full((3, 2), float("nan"))).item() == 0.0
+    targets = torch.tensor([[0], [1], [0]])
+    soft = torch.full((3, 2), float("nan"))
+    total, parts = loss_fn(logits, targets, soft=soft)
+    assert parts["consistency"].item() == 0.0 and total.item() == parts["gender"].item()
+    total.backward()  # the zero keeps the graph
+    soft[1] = torch.tensor([0.9, 0.1])  # one row with a target: the term is that row's KL alone
+    _, parts = loss_fn(logits, targets, soft=soft)
+    assert parts["consistency"].item() == pytest.approx(consistency(
+        {"gender": logits["gender"][1:2]}, soft[1:2]).item())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -38,7 +38,7 @@ def test_targets_are_the_teachers_mean_held_out_probabilities_by_photo(tmp_path)
     two = fake_teacher(tmp_path / "two", cfg, {0: probabilities([photos[0]], [0.6])})
     (tmp_path / "link").symlink_to(tmp_path)  # the same photo by another path
     rows = pd.DataFrame({"path": [str(tmp_path / "link" / "a.jpg"), photos[1], photos[2], photos[3]]})
-    got = teacher_targets([str(one), str(two)], rows, gender)
+    got = teacher_targets([str(one), str(two)], rows, gender).to_numpy()
     np.testing.assert_allclose(got[:3], [[0.6, 0.4], [0.6, 0.4], [0.4, 0.6]], rtol=1e-6)  # a: mean of two runs
     assert np.isnan(got[3]).all()  # no teacher held d out
 
@@ -65,7 +65,7 @@ def test_the_student_never_learns_a_prediction_of_a_model_that_trained_on_the_ph
     any of its fold models that trained on the person predict."""
     cfg = load_config(base=trained_run / "config.yaml")
     table, _ = load_competition(cfg.data.root)
-    targets = teacher_targets([str(trained_run)], table, cfg.heads)
+    targets = teacher_targets([str(trained_run)], table, cfg.heads).to_numpy()
     assert not np.isnan(targets).any()  # every fold ran: every photo was held out once
     held_out = table["person_id"].map(pd.read_csv(trained_run / "folds.csv", dtype={"person_id": str})
                                       .set_index("person_id")["fold"]).to_numpy()
