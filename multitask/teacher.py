@@ -19,6 +19,18 @@ from multitask.config import ConfigError, HeadConfig
 from multitask.run import RunDir, prob_columns, read_table
 
 
+def taught_heads(heads: Sequence[HeadConfig]) -> list[HeadConfig]:
+    """The heads a teacher teaches: those whose probabilities are the network's own (prior balanced; a training
+    prior shifts the teacher's after the fact, and the student's training outputs are not shifted)."""
+    return [h for h in heads if h.prior == "balanced"]
+
+
+def target_columns(heads: Sequence[HeadConfig]) -> list[str]:
+    """The teacher targets' columns: each head's class probabilities, in the heads' order (``TeacherAgreement``'s
+    layout)."""
+    return [c for h in heads for c in prob_columns(h)]
+
+
 def teacher_predictions(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
     """``key`` (the photo's real path) and the heads' class probabilities, one row per photo a fold of ``run``
     held out and predicted."""
@@ -35,7 +47,7 @@ def teacher_predictions(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFram
     folds = run.fold_oofs()
     if not folds:
         raise ConfigError(f"teacher={run.root}: no fold has finished (no fold<k>/oof.csv)")
-    columns = [c for h in heads for c in prob_columns(h)]
+    columns = target_columns(heads)
     held_out = pd.concat([read_table(path, ["path"] + columns) for path in folds.values()], ignore_index=True)
     return held_out.assign(key=[os.path.realpath(p) for p in held_out["path"]])[["key"] + columns] \
         .drop_duplicates("key")
@@ -45,7 +57,7 @@ def teacher_targets(runs: Sequence[str], rows: pd.DataFrame, heads: Sequence[Hea
     """Per row of ``rows`` (same index), the mean over the teacher ``runs`` of their held-out class probabilities
     for its photo, the ``heads``' probability columns; NaN where no teacher predicted the photo. Read once per run:
     a stage takes its rows and heads from it."""
-    columns = [c for h in heads for c in prob_columns(h)]
+    columns = target_columns(heads)
     photos = pd.DataFrame({"key": [os.path.realpath(p) for p in rows["path"]]})
     total, count = np.zeros((len(rows), len(columns))), np.zeros(len(rows))
     for run in runs:

@@ -45,8 +45,8 @@ from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement
 from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
-from multitask.run import RunDir, prediction_frame, prob_columns, read_table, subgroup_columns
-from multitask.teacher import teacher_targets
+from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
+from multitask.teacher import target_columns, taught_heads, teacher_targets
 
 Log = Callable[[str], None]
 
@@ -297,9 +297,9 @@ def person_consistency(cfg: Config, table: pd.DataFrame, active: List[HeadConfig
 
 
 def teacher_agreement(cfg: Config, active: List[HeadConfig]) -> Optional[TeacherAgreement]:
-    """The term that learns the ``teacher`` runs' predictions, over the stage's heads whose probabilities are the
-    network's own (prior balanced: a training prior shifts the teacher's after the fact); None without teachers."""
-    heads = [h for h in active if h.prior == "balanced"]
+    """The term that learns the ``teacher`` runs' predictions over the stage's ``taught_heads``; None without
+    teachers."""
+    heads = taught_heads(active)
     return TeacherAgreement(heads, cfg.loss.teacher_weight) if cfg.teacher and heads else None
 
 
@@ -310,8 +310,7 @@ def stage_soft_targets(ctx: Context, model: MultiHeadNet, data: StageData, name:
         if isinstance(term, PersonConsistency):
             blocks.append(stage_person_targets(ctx, model, data, term))
         else:
-            columns = [c for h in term.heads for c in prob_columns(h)]
-            blocks.append(ctx.teacher.loc[data.train_rows.index, columns].to_numpy())
+            blocks.append(ctx.teacher.loc[data.train_rows.index, target_columns(term.heads)].to_numpy())
             have = int((~np.isnan(blocks[-1][:, 0])).sum())
             ctx.log(f"{name}: teacher predictions for {have} of {len(data.train_rows)} training photos")
     return np.concatenate(blocks, axis=1) if blocks else None
@@ -563,8 +562,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     run = RunDir(run_dir)
     sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
     planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
-    teacher = teacher_targets(cfg.teacher, table, [h for h in cfg.heads if h.prior == "balanced"]) \
-        if cfg.teacher else None
+    teacher = teacher_targets(cfg.teacher, table, taught_heads(cfg.heads)) if cfg.teacher else None
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world, teacher)
     extra_val = load_extra_val(cfg, log, pre.framing.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
