@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from multitask.data.check import check, main as data_main
-from multitask.data.paint import SHAPES, paint_mask
+from multitask.data.paint import DEFAULT_INCORRECT, SHAPES, paint_mask
 from multitask.data.synth import draw_photo, person_traits
 
 
@@ -141,3 +141,11 @@ def test_paint_masks_names_an_unknown_wear_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "'nose_out,sideways': a comma-separated list of nose_out, mouth_out, chin, one_ear" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_commands_default_wears_are_the_painters(capsys):
+    """`--incorrect`'s default is written in the parser (--help stays free of the painter's heavy imports): it must
+    name the painter's own DEFAULT_INCORRECT."""
+    with pytest.raises(SystemExit):
+        data_main(["paint-masks", "--help"])
+    assert f"(default: {','.join(DEFAULT_INCORRECT)})" in " ".join(capsys.readouterr().out.split())

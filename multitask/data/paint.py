@@ -8,7 +8,7 @@ an exhalation valve on respirators and sport masks, pleats and folds, fabric noi
 face's own light, soft edges, ear loops and, sometimes, something in front of the mask.
 Worn incorrectly, as real photos show it: below the nose (``nose_out``), pulled down under the lower lip with the
 mouth showing (``mouth_out``), pulled down to the chin (``chin``), or hanging from one ear (``one_ear``);
-paint-masks draws the first and the third unless asked for more (``DEFAULT_INCORRECT``).
+paint-masks draws those of ``DEFAULT_INCORRECT`` unless asked for others.
 
 ``multitask data paint-masks SRC OUT`` turns unmasked photos into the competition layout (see
 ``paint_folder``).
