@@ -235,6 +235,9 @@ class CVConfig:
     folds: int = within(5, 2)  # cross-validation folds, grouped by person (stratified on gender x age)
     run_folds: List[int] = field(default_factory=list)  # empty: all folds
     seed: int = within(42, 0, 4294967295)  # which persons go to which fold
+    # This fold's people take no part (neither trained on nor validated; the other folds train as usual): the run
+    # is a teacher for a student's fold leave_out (teacher=[...]), which must never have seen that fold's people
+    leave_out: Optional[int] = within(None, 0)
 
 
 @dataclass
@@ -296,7 +299,8 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     # Runs (folders) to distill: every photo of this run that a teacher predicted out of fold (by the fold model
-    # that held the photo's person out) also learns the teachers' mean class probabilities (loss.teacher_weight)
+    # that held the photo's person out) also learns the teachers' mean class probabilities (loss.teacher_weight),
+    # from the fold models that never trained on the fold's validation people (fold k: runs with cv.leave_out=k)
     teacher: List[str] = field(default_factory=list)
 
 
@@ -553,6 +557,13 @@ def validate(cfg: Config) -> None:
     bad_folds = [f for f in cfg.cv.run_folds if not 0 <= f < cfg.cv.folds]
     if bad_folds:
         raise ConfigError(f"cv.run_folds: folds {bad_folds} outside 0..{cfg.cv.folds - 1}")
+    if cfg.cv.leave_out is not None:
+        if cfg.cv.leave_out >= cfg.cv.folds or cfg.cv.folds < 3:
+            raise ConfigError(f"cv.leave_out={cfg.cv.leave_out}: one of folds 0..{cfg.cv.folds - 1}, with at least "
+                              f"two others left to train (cv.folds={cfg.cv.folds})")
+        if cfg.cv.leave_out in cfg.cv.run_folds:
+            raise ConfigError(f"cv.run_folds={list(cfg.cv.run_folds)}: fold {cfg.cv.leave_out} is left out "
+                              "(cv.leave_out); it has no people to train or validate")
 
 
 def to_yaml(cfg: Config) -> str:

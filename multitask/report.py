@@ -402,7 +402,8 @@ def write_report(run_dir: Path) -> dict:
     lines = [f"# Report: {run.root.name}", "",
              f"{cfg.model.arch} (pretrained: {cfg.model.pretrained}), {cfg.data.size[0]}x{cfg.data.size[1]} px, "
              f"data: {cfg.data.source} {cfg.data.root or ''}; {len(oof)} out-of-fold photos of "
-             f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person). "
+             f"{oof['person_id'].nunique()} persons, {len(s['folds'])} of {cfg.cv.folds} folds (grouped by person"
+             f"{f'; fold {cfg.cv.leave_out} left out' if cfg.cv.leave_out is not None else ''}). "
              + ", ".join(f"{'Stage' if n == 1 else 'stage'} {n}: {s.epochs if s.enabled else 0} epochs"
                          for n, s in enumerate(cfg.stages, 1)) + ". Macro-F1 per fold on the fold's held-out "
              f"persons (best epoch by {label(JOINT if len(heads) > 1 else heads[0].name, heads)} macro-F1 on the "

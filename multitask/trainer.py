@@ -37,7 +37,7 @@ from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, loader_workers, make_loader, mean_over_views, predict_logits,
                               predict_views, precision_note, resolve_device, train_one_epoch, weight_average)
 from multitask.folds import (attach_folds, draw_per_person, draw_weights, make_folds, person_constant_heads,
-                             stage_split)
+                             planned_folds, stage_split)
 from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement, batch_mixer,
@@ -46,7 +46,7 @@ from multitask.metrics import score, selection_score
 from multitask.model import MultiHeadNet, build_model, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
 from multitask.run import RunDir, prediction_frame, read_table, subgroup_columns
-from multitask.teacher import target_columns, taught_heads, teacher_targets
+from multitask.teacher import load_teachers, target_columns, taught_heads, teacher_targets
 
 Log = Callable[[str], None]
 
@@ -65,7 +65,7 @@ class Context:
     log: Log
     clock: Clock
     world: World
-    teacher: Optional[pd.DataFrame]  # the teacher runs' targets for every row of table (teacher_targets)
+    teacher: Dict[int, pd.DataFrame]  # per fold to train, its training rows' teacher targets (fold_teacher_targets)
 
 
 def dataset(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform,
@@ -175,7 +175,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     saver = StageCheckpoints(ctx.run, fold, stage_no, cfg.train.weights_dtype if stage_no == final_stage(cfg)
                              else "fp32", fold_config(cfg))
     model = ctx.rt.place(model)
-    data.soft = stage_soft_targets(ctx, model, data, name)  # before a resume loads this stage's weights
+    data.soft = stage_soft_targets(ctx, fold, model, data, name)  # before a resume loads this stage's weights
     start, best_score, best_epoch, history = 0, -1.0, -1, []
     ckpt = saver.resume()
     if ckpt is not None:
@@ -303,14 +303,15 @@ def teacher_agreement(cfg: Config, active: List[HeadConfig]) -> Optional[Teacher
     return TeacherAgreement(heads, cfg.loss.teacher_weight) if cfg.teacher and heads else None
 
 
-def stage_soft_targets(ctx: Context, model: MultiHeadNet, data: StageData, name: str) -> Optional[np.ndarray]:
+def stage_soft_targets(ctx: Context, fold: int, model: MultiHeadNet, data: StageData, name: str
+                       ) -> Optional[np.ndarray]:
     """The training rows' soft targets: a block per term of the stage's loss, in its order; None without terms."""
     blocks = []
     for term in data.loss_fn.soft_terms:
         if isinstance(term, PersonConsistency):
             blocks.append(stage_person_targets(ctx, model, data, term))
         else:
-            blocks.append(ctx.teacher.loc[data.train_rows.index, target_columns(term.heads)].to_numpy())
+            blocks.append(ctx.teacher[fold].loc[data.train_rows.index, target_columns(term.heads)].to_numpy())
             have = int((~np.isnan(blocks[-1][:, 0])).sum())
             ctx.log(f"{name}: teacher predictions for {have} of {len(data.train_rows)} training photos")
     return np.concatenate(blocks, axis=1) if blocks else None
@@ -521,6 +522,7 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
             atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), run.folds)
     barrier(world)
     table = attach_folds(table, read_table(run.folds, ["person_id", "fold"]), run.folds)
+    table = table[table["fold"] != cfg.cv.leave_out] if cfg.cv.leave_out is not None else table
     if world.main and not run.data.exists():
         atomic_to_csv(table.drop(columns=["_row"]), run.data)
     return cfg, table, images, pre
@@ -548,7 +550,7 @@ def fold_lock(run: RunDir, fold: int):
 
 
 def folds_to_train(cfg: Config, run_dir: Path) -> List[int]:
-    return [k for k in (cfg.cv.run_folds or range(cfg.cv.folds)) if not RunDir(run_dir).fold_done(k).exists()]
+    return [k for k in planned_folds(cfg.cv) if not RunDir(run_dir).fold_done(k).exists()]
 
 
 def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World()) -> None:
@@ -562,7 +564,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     run = RunDir(run_dir)
     sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
     planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
-    teacher = teacher_targets(cfg.teacher, table, taught_heads(cfg.heads)) if cfg.teacher else None
+    teacher = fold_teacher_targets(cfg, table, todo)
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world, teacher)
     extra_val = load_extra_val(cfg, log, pre.framing.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
@@ -572,7 +574,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {stage(cfg, s).epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
         + stage_size_note(cfg, s) for s, n in sizes.items()) + "; the time left is shown after every epoch")
-    for fold in sorted(set(cfg.cv.run_folds or range(cfg.cv.folds)) - set(todo)):
+    for fold in sorted(set(planned_folds(cfg.cv)) - set(todo)):
         log(f"fold {fold}: done, kept")
     writer = SummaryWriter(str(run.tensorboard)) if world.main else None
     try:
@@ -582,6 +584,22 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     finally:
         if writer is not None:
             writer.close()
+
+
+def fold_teacher_targets(cfg: Config, table: pd.DataFrame, folds: List[int]) -> Dict[int, pd.DataFrame]:
+    """Each fold's teacher targets for its training rows (``teacher_targets``), read before any fold trains: a fold
+    that no teacher model can teach without having trained on its validation people is refused at the start."""
+    if not cfg.teacher:
+        return {}
+    teachers = load_teachers(cfg.teacher, taught_heads(cfg.heads))
+    targets = {}
+    for k in folds:
+        targets[k] = teacher_targets(teachers, table[table["fold"] != k], table[table["fold"] == k])
+        if targets[k].isna().all(axis=None):
+            raise ConfigError(f"teacher={list(cfg.teacher)}: no teacher model predicted fold {k}'s training photos "
+                              f"without having trained on its validation people; fold {k}'s teachers are runs made "
+                              f"with cv.leave_out={k} (same data, cv.folds and cv.seed)")
+    return targets
 
 
 def epoch_photos(cfg: Config, table: pd.DataFrame, fold: int, stage_no: int) -> int:
