@@ -10,11 +10,10 @@ ARGS ?=
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch and torchvision from this machine's disk (a wider range would pull a multi-GB CUDA build), with the
-	# project in one resolve. --no-compile: Python compiles the modules it imports on first use, instead of pip
-	# compiling all of torch's thousands of files at install (most never imported)
-	$(PY) -m pip install --quiet --no-compile torch==2.14.1 torchvision==0.29.1 -e '.[test]'
+	# project in one resolve
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[test]'
 	# The face detector (MTCNN, weights in the wheel) pins an old torch: installed without its dependencies.
-	$(PY) -m pip install --quiet --no-compile --no-deps facenet-pytorch==2.6.0
+	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 install: $(STAMP)
