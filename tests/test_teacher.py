@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from multitask.api import predict_arrays
+from multitask.cli import EXIT_BAD_INPUT
 from multitask.config import ConfigError, load_config, to_yaml
 from multitask.data.photoset import photo_set
 from multitask.data.sources import load_competition
 from multitask.run import RunDir
 from multitask.teacher import load_teachers, teacher_targets
+from multitask.train import main as train_main
 
 
 def fake_teacher(root, cfg, folds: dict, trained_on=()):
@@ -128,7 +130,8 @@ def test_the_student_never_learns_a_prediction_of_a_model_that_trained_on_the_ph
 
 
 @pytest.mark.slow
-def test_a_student_learns_in_every_stage_from_a_teacher_made_without_its_validation_people(tiny_config, tmp_path):
+def test_a_student_learns_in_every_stage_from_a_teacher_made_without_its_validation_people(
+        tiny_config, tmp_path, capsys):
     from multitask.report import write_report
     from multitask.trainer import run_cv
 
@@ -139,6 +142,8 @@ def test_a_student_learns_in_every_stage_from_a_teacher_made_without_its_validat
     assert set(used["fold"]) == {1, 2} and (folds["fold"] == 0).any()  # the split kept; fold 0's people not read
     assert sorted(RunDir(teacher).fold_oofs()) == [1, 2]
     assert "fold 0 left out" in (teacher / "report.md").read_text()
+    assert train_main(["--resume", str(teacher), "--folds", "0"]) == EXIT_BAD_INPUT
+    assert "--folds [0]: the run has folds 0..2 but 0 (cv.leave_out)" in capsys.readouterr().err
 
     logs = []  # teacher=: a folder of runs
     run_cv(tiny_config("cv.run_folds=[0]", f"teacher=[{tmp_path / 'teachers'}]"), tmp_path / "student",
