@@ -239,6 +239,14 @@ class CVConfig:
     # is a teacher for a student's fold leave_out (teacher=[...]), which must never have seen that fold's people
     leave_out: Optional[int] = within(None, 0)
 
+    def trainable(self) -> List[int]:
+        """The folds this run can train: every fold but the one left out."""
+        return [k for k in range(self.folds) if k != self.leave_out]
+
+    def planned(self) -> List[int]:
+        """The folds the run trains: ``run_folds``, else every one it can."""
+        return list(self.run_folds) or self.trainable()
+
 
 @dataclass
 class TrainConfig:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from multitask.config import Config, CVConfig, HeadConfig, StageConfig, stage
+from multitask.config import Config, HeadConfig, StageConfig, stage
 from multitask.data.sources import DataError, Problem
 
 
@@ -36,11 +36,6 @@ def make_folds(table: pd.DataFrame, heads: List[HeadConfig], n_folds: int, seed:
     folds = pd.DataFrame({"person_id": list(fold), "fold": list(fold.values())})
     extra = table.loc[table["extra"], "person_id"].unique()
     return pd.concat([folds, pd.DataFrame({"person_id": extra, "fold": -1})], ignore_index=True)
-
-
-def planned_folds(cv: CVConfig) -> List[int]:
-    """The folds a run trains: ``cv.run_folds``, else every fold but the one left out."""
-    return list(cv.run_folds) or [k for k in range(cv.folds) if k != cv.leave_out]
 
 
 def attach_folds(table: pd.DataFrame, folds: pd.DataFrame, source: Path) -> pd.DataFrame:

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             cfg, run_dir = RunDir(a.resume).load_config(), a.resume
             RunDir(a.resume).check_unedited(cfg)
             if a.folds:
-                bad = [k for k in a.folds if not 0 <= k < cfg.cv.folds or k == cfg.cv.leave_out]
+                bad = [k for k in a.folds if k not in cfg.cv.trainable()]
                 if bad:
                     raise ConfigError(f"--folds {bad}: the run has folds 0..{cfg.cv.folds - 1}"
                                       + (f" but {cfg.cv.leave_out} (cv.leave_out)" if cfg.cv.leave_out is not None

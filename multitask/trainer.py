@@ -37,7 +37,7 @@ from multitask.distributed import World, barrier, gather_rows
 from multitask.engine import (Runtime, head_outputs, loader_workers, make_loader, mean_over_views, predict_logits,
                               predict_views, precision_note, resolve_device, train_one_epoch, weight_average)
 from multitask.folds import (attach_folds, draw_per_person, draw_weights, make_folds, person_constant_heads,
-                             planned_folds, stage_split)
+                             stage_split)
 from multitask.heads import kind
 from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
 from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement, batch_mixer,
@@ -550,7 +550,7 @@ def fold_lock(run: RunDir, fold: int):
 
 
 def folds_to_train(cfg: Config, run_dir: Path) -> List[int]:
-    return [k for k in planned_folds(cfg.cv) if not RunDir(run_dir).fold_done(k).exists()]
+    return [k for k in cfg.cv.planned() if not RunDir(run_dir).fold_done(k).exists()]
 
 
 def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World()) -> None:
@@ -574,7 +574,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     log(f"{len(todo)} fold(s) to train: " + ", ".join(
         f"stage {s} {stage(cfg, s).epochs} epochs of ~{int(np.mean(n)) if n else 0} photos"
         + stage_size_note(cfg, s) for s, n in sizes.items()) + "; the time left is shown after every epoch")
-    for fold in sorted(set(planned_folds(cfg.cv)) - set(todo)):
+    for fold in sorted(set(cfg.cv.planned()) - set(todo)):
         log(f"fold {fold}: done, kept")
     writer = SummaryWriter(str(run.tensorboard)) if world.main else None
     try:
