@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Tests run in a pytest-xdist worker per core (at most 4), each with its share of the threads (tests/conftest.py):
+# much of the suite waits on subprocesses, start-up and single-threaded steps, which one process cannot overlap.
+# Tests sharing a costly model run in one worker (loadgroup), which trains it once.
+WORKERS := -n auto --maxprocesses 4 --dist loadgroup
 
 .PHONY: install browser tcmalloc train test test-fast dashboard bench gpu-check docs clean
 
@@ -33,10 +37,10 @@ train: $(STAMP)
 	$(VENV)/bin/multitask train $(ARGS)
 
 test: $(STAMP) browser tcmalloc
-	$(PY) -m pytest --durations=12 $(ARGS)  # the slowest tests: what to shorten when the suite grows
+	$(PY) -m pytest $(WORKERS) --durations=12 $(ARGS)  # the slowest tests: what to shorten when the suite grows
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest $(WORKERS) -m "not slow" $(ARGS)
 
 dashboard: $(STAMP)
 	$(VENV)/bin/multitask dashboard $(ARGS)

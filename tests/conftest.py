@@ -2,17 +2,36 @@
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import pytest
+# make test runs the suite in pytest-xdist workers: each takes its share of the cores (torch and the commands the
+# tests start read OMP_NUM_THREADS), or the workers slow each other down several times over. One process: 2 threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 
 from multitask.config import load_config  # noqa: E402
 from multitask.data.synth import generate  # noqa: E402
+
+
+# Tests that share one of these costly fixtures run in the same worker (make test's --dist loadgroup), which builds
+# it once; the other session fixtures take seconds and are built by each worker that needs them.
+SHARED_IN_ONE_WORKER = ("learned_run", "torchrun_killed_and_resumed")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in SHARED_IN_ONE_WORKER:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
 
 
 @pytest.fixture(scope="session")
