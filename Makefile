@@ -4,10 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
-# Tests run in a pytest-xdist worker per core (at most 4), each with its share of the threads (tests/conftest.py):
+# Tests run in a pytest-xdist worker per logical CPU (at most 4), each with its share of the threads (conftest.py):
 # much of the suite waits on subprocesses, start-up and single-threaded steps, which one process cannot overlap.
 # Tests sharing a costly model run in one worker (loadgroup), which trains it once.
-WORKERS := -n auto --maxprocesses 4 --dist loadgroup
+WORKERS := -n logical --maxprocesses 4 --dist loadgroup
 
 .PHONY: install browser tcmalloc train test test-fast dashboard bench gpu-check docs clean
 
