@@ -111,28 +111,29 @@ def framed(run, cfg, photos):
 
 
 def test_mask_head_looks_at_the_mask(learned_run):
-    """Sanity check (a): layer4's mask-head CAM peaks inside the mask box on >= 75% of correctly classified
+    """Sanity check (a): layer3's mask-head CAM peaks inside the mask box on >= 90% of correctly classified
     photos with a mask worn correctly.
 
-    The peak is read at the CAM's own resolution: layer4 is a 3x3 grid here, and the argmax of its bilinear
-    upsampling always lands on a cell centre, so the box is grown by half a cell (in original pixels). Most
-    peaks sit on or just below the mask's lower edge, where "worn" and "pulled down to the chin" differ. Since
-    correctly worn masks may sit lower on the nose, 79% of them land in the box (90% before; 80% was the bar)."""
+    The peak is read at the CAM's own resolution: the argmax of a bilinear upsampling lands on a cell centre, so
+    the box is grown by half a cell (in original pixels). Layer3 (16-px cells here), not layer4: layer4's grid is
+    3x3, where the grown box holds about three quarters of the cell centres, so a peak inside it says little
+    (the same recipe trained at 1 and at 2 threads put 72% and 99% there). At layer3 the grown box holds about
+    half of the cell centres, and both models put 98-100% of the peaks inside."""
     cfg, model = fold0(learned_run)
     photos, _ = masked_validation_photos(learned_run)
     assert len(photos) >= 100
     x = framed(learned_run, cfg, photos)
+    half_x, half_y = (np.subtract(to_original(cfg, 16, 16, 96, 128), to_original(cfg, 0, 0, 96, 128)) / 2)
     inside = []
     for start in range(0, len(x), 64):
-        cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=["layer4"])
-        for i, cam in enumerate(cams.cams["layer4"]["mask"]):
+        cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=["layer3"])
+        for i, cam in enumerate(cams.cams["layer3"]["mask"]):
             row = photos.iloc[start + i]
             v, u = np.unravel_index(cam.argmax(), cam.shape)
             px, py = to_original(cfg, u, v, 96, 128)
-            half_x, half_y = (np.subtract(to_original(cfg, 32, 32, 96, 128), to_original(cfg, 0, 0, 96, 128)) / 2)
             inside.append(row.mask_x0 - half_x <= px <= row.mask_x1 + half_x
                           and row.mask_y0 - half_y <= py <= row.mask_y1 + half_y)
-    assert np.mean(inside) >= 0.75, f"CAM peak inside the mask box on {np.mean(inside):.0%} of photos"
+    assert np.mean(inside) >= 0.9, f"CAM peak inside the mask box on {np.mean(inside):.0%} of photos"
 
 
 def test_cams_change_when_the_trunk_is_randomized(learned_run):
