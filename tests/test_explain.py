@@ -123,11 +123,12 @@ def test_mask_head_looks_at_the_mask(learned_run):
     photos, _ = masked_validation_photos(learned_run)
     assert len(photos) >= 100
     x = framed(learned_run, cfg, photos)
-    half_x, half_y = (np.subtract(to_original(cfg, 16, 16, 96, 128), to_original(cfg, 0, 0, 96, 128)) / 2)
+    layer, cell = "layer3", 16  # its cells in network-input pixels
+    half_x, half_y = (np.subtract(to_original(cfg, cell, cell, 96, 128), to_original(cfg, 0, 0, 96, 128)) / 2)
     inside = []
     for start in range(0, len(x), 64):
-        cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=["layer3"])
-        for i, cam in enumerate(cams.cams["layer3"]["mask"]):
+        cams = cam_grid(model, x[start:start + 64], "gradcam", heads=["mask"], layers=[layer])
+        for i, cam in enumerate(cams.cams[layer]["mask"]):
             row = photos.iloc[start + i]
             v, u = np.unravel_index(cam.argmax(), cam.shape)
             px, py = to_original(cfg, u, v, 96, 128)
