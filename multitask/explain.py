@@ -49,11 +49,12 @@ from pytorch_grad_cam.utils.image import scale_cam_image, show_cam_on_image  # n
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 from multitask.config import Config, ConfigError  # noqa: E402
+from multitask.data.images import is_image_name, not_an_image  # noqa: E402
 from multitask.data.photoset import PhotoSet, photo_set  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
 from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
 from multitask.heads import kind  # noqa: E402
-from multitask.io import atomic_to_csv, output_folder  # noqa: E402
+from multitask.io import atomic_to_csv, staged_output  # noqa: E402
 from multitask.model import MultiHeadNet, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
 
@@ -248,14 +249,25 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
     model = run.load_models(cfg, [fold], torch.device("cpu"))[fold]
     if not Path(inputs).exists():
         raise DataError([Problem(str(inputs), "does not exist")])
+    if Path(inputs).is_file() and not is_image_name(inputs):  # as predict: the same files are photos to both
+        raise DataError([Problem(str(inputs), not_an_image())])
     paths = [inputs] if Path(inputs).is_file() else list(image_files(inputs))
     if not paths:
         raise DataError([Problem(str(inputs), "no image files found")])
-    output_folder(out, EXPLAIN_OUTPUTS, overwrite, "explain")
+    with staged_output(out, EXPLAIN_OUTPUTS, overwrite, "explain") as staging:
+        return explain_into(cfg, run, model, fold, paths, inputs, staging, method, target_classes, batch_size,
+                            with_faithfulness)
+
+
+def explain_into(cfg: Config, run: RunDir, model: MultiHeadNet, fold: int, paths: List[Path], inputs: Path,
+                 out: Path, method: str, target_classes, batch_size: int, with_faithfulness: bool) -> pd.DataFrame:
+    """Every output of one explain written into the (staged) folder ``out``."""
     # framed as predict frames them: the run's cache, and under face_crop=detector|aligned each photo's own face
     photos = photo_set(cfg, pd.DataFrame({"path": [str(p) for p in paths]}), lambda s: None,
                        run.typical_face_boxes(), cache=True)
     readable, problems, rows = photos.readable(), photos.unreadable, []
+    if readable.empty:
+        raise DataError(problems, f"{inputs}: no photo could be explained")
     for start in range(0, len(readable), batch_size):
         batch = readable.iloc[start:start + batch_size]
         x, rgbs = network_inputs(photos, batch)
@@ -274,8 +286,6 @@ def explain_files(run_dir: Path, inputs: Path, out: Path, fold: Optional[int] = 
             rows.append(row)
     if problems:
         atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]), out / "skipped.csv")
-    if not rows:
-        raise DataError(problems, f"{inputs}: no photo could be explained (reasons in {out / 'skipped.csv'})")
     df = pd.DataFrame(rows)
     atomic_to_csv(df, out / "predictions.csv")
     return df

@@ -41,7 +41,7 @@ from torch import nn  # noqa: E402
 
 from multitask.config import ConfigError  # noqa: E402
 from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size, template_points  # noqa: E402
-from multitask.io import atomic_write_text, output_folder  # noqa: E402
+from multitask.io import atomic_write_text, staged_output  # noqa: E402
 from multitask.model import MultiHeadNet  # noqa: E402
 from multitask.run import Member, RunDir, final_heads  # noqa: E402
 
@@ -123,22 +123,20 @@ def export_member(member, out: Path, format: str = "onnx", overwrite: bool = Fal
     """One run's fold models (an ``api.Member``) as one graph in ``out``; returns the model file."""
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: must be one of {', '.join(FORMATS)}")
-    out = output_folder(out, [*FORMATS.values(), PREPROCESSING], overwrite, "export")
     cfg = member.cfg
     models = [copy.deepcopy(m).float().eval().requires_grad_(False) for m in member.models.values()]
     graph = HeadProbabilities(models, [h.name for h in final_heads(cfg)], any(flip for _, flip in member.views))
     example = torch.zeros(2, 3, *cfg.data.size)
-    path = out / FORMATS[format]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():  # the exporters' notes on tracing and deprecations are not the user's
-        warnings.simplefilter("ignore")
-        if format == "onnx":
-            export_onnx(graph, example, tmp)
-        else:
-            torch.jit.trace(graph, example, check_trace=False).save(str(tmp))
-    tmp.replace(path)
-    atomic_write_text(out / PREPROCESSING, json.dumps(preprocessing_record(member, graph, path.name), indent=1))
-    return path
+    with staged_output(out, [*FORMATS.values(), PREPROCESSING], overwrite, "export") as staging:
+        with warnings.catch_warnings():  # the exporters' notes on tracing and deprecations are not the user's
+            warnings.simplefilter("ignore")
+            if format == "onnx":
+                export_onnx(graph, example, staging / FORMATS[format])
+            else:
+                torch.jit.trace(graph, example, check_trace=False).save(str(staging / FORMATS[format]))
+        atomic_write_text(staging / PREPROCESSING,
+                          json.dumps(preprocessing_record(member, graph, FORMATS[format]), indent=1))
+    return Path(out) / FORMATS[format]
 
 
 def export_onnx(graph: HeadProbabilities, example: torch.Tensor, path: Path) -> None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from multitask.cli import guarded, parse_folds
+from multitask.cli import guarded, parse_folds, positive
 from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
 
 
@@ -50,16 +50,6 @@ def cli() -> argparse.ArgumentParser:
     return p
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least 1")
-    return value
-
-
 if __name__ == "__main__":
     cli().parse_args()  # --help and usage errors answer before torch, pandas and the rest are imported
 
@@ -67,11 +57,11 @@ import pandas as pd  # noqa: E402
 
 from multitask.api import Predictor, load_run  # noqa: E402
 from multitask.config import Config  # noqa: E402
-from multitask.data.images import is_image_name  # noqa: E402
+from multitask.data.images import is_image_name, not_an_image  # noqa: E402
 from multitask.data.sources import (DataError, Problem, age_thresholds, detect_source, image_files,  # noqa: E402
-                                    load_manifest, load_source, read_csv_or_fail)
+                                    inside, load_manifest, load_source, read_csv_or_fail)
 from multitask.engine import configure_threads  # noqa: E402
-from multitask.io import atomic_to_csv, atomic_write_text, output_folder  # noqa: E402
+from multitask.io import atomic_to_csv, atomic_write_text, staged_output  # noqa: E402
 from multitask.metrics import label  # noqa: E402
 from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
 from multitask.run import RunDir, true_column  # noqa: E402
@@ -92,12 +82,17 @@ def read_input(path: Path, cfg: Config) -> tuple[pd.DataFrame, str, List[Problem
         return table, "manifest", problems
     if path.is_file():
         if not is_image_name(path):
-            raise DataError([Problem(str(path), "not an image file")])
+            raise DataError([Problem(str(path), not_an_image())])
         return pd.DataFrame({"path": [os.path.abspath(path)]}), "image", []
     if (path / "info.csv").is_file():
         info = read_csv_or_fail(path / "info.csv", "missing")
         if "ImageID" not in info.columns:
             raise DataError([Problem(str(path / "info.csv"), "missing column ImageID (expected ImageID,ans)")])
+        outside = [f"line {n + 2}: ImageID {i!r}" for n, i in enumerate(info["ImageID"])
+                   if inside(path / "images", i) is None]
+        if outside:
+            raise DataError([Problem(str(path / "info.csv"), f"{where} leads outside {path / 'images'}")
+                             for where in outside])
         table = info.assign(path=[str((path / "images" / i).resolve()) for i in info["ImageID"]])
         problems = [Problem(p, "listed in info.csv but does not exist") for p in table["path"]
                     if not Path(p).is_file()]
@@ -150,19 +145,9 @@ def pace(seconds: Dict[str, float], photos: int) -> str:
     return f"{photos / max(total, 1e-9):.1f} photos/s ({steps})"
 
 
-PREDICT_OUTPUTS = ["predictions.csv", "submission.csv", "skipped.csv", "report.md", "report.json", "plots"]
-
-
-def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
-            folds: Optional[Sequence[int]] = None, how: Optional[str] = None, flip: Optional[bool] = None,
-            batch_size: int = 128, progress: bool = True, log=print,
-            priors: Sequence[tuple[str, str]] = (), overwrite: bool = False) -> pd.DataFrame:
-    """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``. ``out`` must be
-    new or empty, unless ``overwrite``: two predictions never mix their files."""
-    predictor = load_run(run_dirs, folds, ensemble=how, tta_flip=flip, priors=priors, batch_size=batch_size)
-    output_folder(out, PREDICT_OUTPUTS, overwrite, "predict")
-    for note in unweighted_priors(predictor, priors):
-        log(note)
+def predict_into(predictor: Predictor, input_path: Path, out: Path, progress: bool, log
+                 ) -> tuple[pd.DataFrame, List[Problem]]:
+    """Every output of one prediction written into the (staged) folder ``out``: (predictions, skipped photos)."""
     table, kind, problems = read_input(input_path, predictor.cfg)
     missing = {p.path for p in problems}
     todo = table[~table["path"].isin(missing)].reset_index(drop=True)
@@ -174,11 +159,11 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
         raise DataError(problems, f"{input_path} (the submission needs every image)")
     keep = ~todo["path"].isin({p.path for p in prepared.unreadable}).to_numpy()
     todo = todo[keep].reset_index(drop=True)
+    if todo.empty:
+        raise DataError(problems, f"{input_path}: no photo could be predicted")
     if problems:
         atomic_to_csv(pd.DataFrame([p.__dict__ for p in problems]).rename(columns={"message": "reason"}),
                       out / "skipped.csv")
-    if todo.empty:
-        raise DataError(problems, f"{input_path}: no photo could be predicted (reasons in {out / 'skipped.csv'})")
     df = predictor.predict_framed([images[keep] for images in prepared.images], todo, progress)
     atomic_to_csv(df, out / "predictions.csv")
     if kind == "evaluation":
@@ -187,6 +172,24 @@ def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
     if labeled:
         scores = write_labeled_report(predictor.cfg, labeled, df, out)
         log("macro-F1: " + ", ".join(f"{k} {v['f1_macro']:.4f}" for k, v in scores.items()))
+    return df, problems
+
+
+PREDICT_OUTPUTS = ["predictions.csv", "submission.csv", "skipped.csv", "report.md", "report.json", "plots"]
+
+
+def predict(run_dirs: Union[Path, Sequence[Path]], input_path: Path, out: Path,
+            folds: Optional[Sequence[int]] = None, how: Optional[str] = None, flip: Optional[bool] = None,
+            batch_size: int = 128, progress: bool = True, log=print,
+            priors: Sequence[tuple[str, str]] = (), overwrite: bool = False) -> pd.DataFrame:
+    """``priors``: (head, balanced | training) pairs that replace the runs' ``heads[i].prior``. ``out`` must be
+    new or empty, unless ``overwrite``: two predictions never mix their files, and a failed one leaves ``out`` as it
+    was (``io.staged_output``)."""
+    predictor = load_run(run_dirs, folds, ensemble=how, tta_flip=flip, priors=priors, batch_size=batch_size)
+    for note in unweighted_priors(predictor, priors):
+        log(note)
+    with staged_output(out, PREDICT_OUTPUTS, overwrite, "predict") as staging:
+        df, problems = predict_into(predictor, input_path, staging, progress, log)
     log(f"{len(df)} photos predicted ({predictor.how}) by {predictor.describe()}; {len(problems)} skipped"
         + (f" (see {out / 'skipped.csv'})" if problems else "") + f"; wrote {out}")
     log(pace(predictor.seconds, len(df)))

@@ -186,7 +186,8 @@ def test_nothing_readable_is_an_error_with_the_reasons_listed(trained_run, zoo, 
     out = run_main(main, capsys, "--run", trained_run, bad, "--out", tmp_path / "o")
     no_traceback(out)
     assert out.returncode == 2 and "no photo could be" in out.stderr
-    assert len(pd.read_csv(tmp_path / "o" / "skipped.csv")) == 2
+    assert "truncated.jpg: unreadable image" in out.stderr and "html.jpg: unreadable image" in out.stderr
+    assert not (tmp_path / "o").exists()  # a command that failed writes nothing
     single = run_main(main, capsys, "--run", trained_run, bad / "html.jpg", "--out", tmp_path / "o1")
     no_traceback(single)
     assert single.returncode == 2

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from multitask.data.images import files_key
+from multitask.io import atomic_write_text, errors_named
 from multitask.data.sources import Problem
 from multitask.data.transforms import FaceFraming
 from multitask.parallel import on_every_core
@@ -63,7 +64,7 @@ def cache_key(paths: Sequence[str], framing: FaceFraming) -> str:
     faces = None if framing.faces is None else [framing.faces.get(str(p)) for p in paths]
     settings = (framing.crop, framing.size, framing.face_crop, framing.face_margin, faces,
                 sorted(framing.typical.items()))
-    return files_key(paths, repr(settings + (3,)))
+    return files_key(paths, repr(settings + (4,)))  # 4: the unreadable files are kept by row
 
 
 class CachedImages:
@@ -118,23 +119,26 @@ def cached_images(paths: Sequence[str], framing: FaceFraming, cache_dir: Path,
     array_path, meta_path = cache_dir / f"images-{key}.npy", cache_dir / f"images-{key}.json"
     if array_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        return CachedImages(array_path), [Problem(**p) for p in meta["problems"]]
-    cache_dir.mkdir(parents=True, exist_ok=True)
+        # by row: the same files reached by another spelling (a relative path, say) share the cache, and each
+        # caller gets its problems under its own paths
+        return CachedImages(array_path), [Problem(paths[row], message) for row, message in meta["unreadable"]]
     h, w = framing.size
-    log(f"caching {len(paths)} photos at {h}x{w} into {array_path}")
     tmp = array_path.with_name(f".{array_path.name}.{os.getpid()}.tmp")
     try:
-        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
-        offset = header.offset
-        del header  # the file exists at its full size (zeros); its rows are written, not mapped
-        with open(tmp, "r+b") as f:
-            problems = frame_all(paths, framing, RowWriter(f, offset, h * w * 3))
-        os.replace(tmp, array_path)
+        with errors_named(array_path):  # a full disk or a refused folder: said for the cache file
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            log(f"caching {len(paths)} photos at {h}x{w} into {array_path}")
+            header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), h, w, 3))
+            offset = header.offset
+            del header  # the file exists at its full size (zeros); its rows are written, not mapped
+            with open(tmp, "r+b") as f:
+                problems = frame_all(paths, framing, RowWriter(f, offset, h * w * 3))
+            os.replace(tmp, array_path)
     finally:
         tmp.unlink(missing_ok=True)
-    meta_tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    meta_tmp.write_text(json.dumps({"problems": [p.__dict__ for p in problems], "count": len(paths)}))
-    os.replace(meta_tmp, meta_path)
+    rows = {str(p): i for i, p in enumerate(paths)}
+    atomic_write_text(meta_path, json.dumps({"unreadable": [[rows[str(p.path)], p.message] for p in problems],
+                                             "count": len(paths)}))
     return CachedImages(array_path), problems
 
 
