@@ -22,14 +22,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from multitask.cli import guarded
+from multitask.cli import guarded, positive
 
 
 def cli() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multitask bench", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="128x96,128x128", help="H x W training sizes to measure (e.g. add 224x224)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4, help="batches per pipeline measurement (one run)")
+    p.add_argument("--batch", type=positive, default=64)
+    p.add_argument("--steps", type=positive, default=4, help="batches per pipeline measurement (one run)")
     p.add_argument("--out", type=Path, default=Path("bench.json"))
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.precision=fp32")
     p.add_argument("--gpu-check", action="store_true", help="instead of the benchmark: the checks to run first on a "

@@ -42,7 +42,7 @@ SYSTEM_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
 def system_error_line(e: OSError) -> str:
     """One line for an OSError: what the system refused, and where."""
     what = SYSTEM_ERRORS.get(e.errno, e.strerror or type(e).__name__)
-    where = e.filename if e.filename is not None else ""
+    where = os.fsdecode(e.filename) if e.filename is not None else ""
     return f"error: {what} at {where}" if where else f"error: {what} ({e})"
 
 
@@ -78,6 +78,24 @@ def parse_folds(text: str) -> List[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected fold numbers, e.g. 0,2") from None
+
+
+def whole_number(low: int):
+    """An argparse type: a whole number of at least ``low``."""
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number of at least {low}")
+        return value
+    return parse
+
+
+positive, non_negative = whole_number(1), whole_number(0)
 
 
 def version() -> str:

@@ -60,6 +60,16 @@ def faces_copy(faces_root, tmp_path) -> Path:
     return Path(shutil.copytree(faces_root, tmp_path / "faces"))
 
 
+def manifest_csv(table: pd.DataFrame, name: str) -> Path:
+    """``table`` (absolute ``path``s) written as a manifest CSV in the photos' common folder, paths relative to it:
+    a manifest's photos must lie inside its folder. ``name``: unique for the test (the folder may be shared)."""
+    folder = Path(os.path.commonpath(list(table["path"])))
+    folder = folder.parent if folder.is_file() else folder
+    csv = folder / f"{name}.csv"
+    table.assign(path=[os.path.relpath(p, folder) for p in table["path"]]).to_csv(csv, index=False)
+    return csv
+
+
 def probs_of(df: pd.DataFrame) -> np.ndarray:
     """Every probability column of a prediction table."""
     return df[[c for c in df.columns if c.startswith("p_")]].to_numpy()

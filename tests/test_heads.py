@@ -21,7 +21,7 @@ from multitask.model import build_model
 from multitask.predict import predict
 from multitask.report import write_report
 
-from conftest import tiny_overrides
+from conftest import manifest_csv, tiny_overrides
 
 THRESHOLDS = [30, 60]
 
@@ -127,8 +127,8 @@ def test_each_age_loss_trains_and_the_report_shows_age_by_year(faces_root, tmp_p
         expected = (oof["years_age"] - oof["age"]).abs().mean()
         assert report["age"]["mae_years"][0] == pytest.approx(expected)
         assert (run / "plots" / "age_predicted_vs_true.png").exists()
-        oof[["path"]].to_csv(tmp_path / "photos.csv", index=False)  # predict gives the same years
-        again = predict(run, tmp_path / "photos.csv", tmp_path / "p", progress=False, log=lambda s: None)
+        photos = manifest_csv(oof[["path"]], f"photos-{tmp_path.name}")  # predict gives the same years
+        again = predict(run, photos, tmp_path / "p", progress=False, log=lambda s: None)
         np.testing.assert_allclose(again["years_age"], oof["years_age"], atol=0.05)
     else:
         assert "mae_years" not in report["age"]
@@ -144,18 +144,18 @@ def test_a_head_on_a_manifest_column_of_values_gets_its_classes_cut_and_learns_t
     manifest = table[["path", "person_id", "gender", "age", "mask"]].assign(
         gender=table["gender"].map({0: "male", 1: "female"}), mask=table["mask"].map(dict(enumerate(MASK_CLASSES))),
         head_pose=pose)
-    manifest.to_csv(tmp_path / "m.csv", index=False)
+    csv = manifest_csv(manifest, f"m-{tmp_path.name}")
     heads_yaml = tmp_path / "heads.yaml"
     heads_yaml.write_text(
         "heads:\n  - {name: mask, column: mask, classes: [worn, incorrect, not_worn], absent: not_worn}\n"
         "  - {name: pose, column: pose, classes: [left, frontal, right], value_column: head_pose,\n"
         "     thresholds: [40, 60], loss: regression}\n"
         "stage1:\n  heads: [pose]\n")
-    cfg = load_config([f"data.root={tmp_path / 'm.csv'}", "data.source=manifest", str(heads_yaml)])
+    cfg = load_config([f"data.root={csv}", "data.source=manifest", str(heads_yaml)])
     loaded, _ = load_table(cfg)
     values = pd.to_numeric(pd.Series(pose).replace("", None))
     assert loaded["pose"].tolist() == [-1] + np.digitize(values[1:], [40, 60]).tolist()
     assert training_targets(cfg, loaded)[:, 1].tolist() == [-1] + values[1:].astype(int).tolist()
-    manifest.assign(head_pose=["left"] + list(pose[1:])).to_csv(tmp_path / "m.csv", index=False)
+    manifest_csv(manifest.assign(head_pose=["left"] + list(pose[1:])), f"m-{tmp_path.name}")
     with pytest.raises(DataError, match=re.escape("column head_pose: values ['left'] are not numbers")):
         load_table(cfg)

@@ -18,7 +18,7 @@ from multitask.data.sources import DataError
 from multitask.api import ensemble
 from multitask.predict import main, predict
 
-from conftest import probs_of
+from conftest import manifest_csv, probs_of
 
 pytestmark = pytest.mark.slow
 QUIET = dict(progress=False, log=lambda s: None)
@@ -44,11 +44,11 @@ def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weig
     oof = pd.read_csv(run.fold_oof(0))
     assert (oof["views"] == 2).all()
     assert "scored with the test-time views predict uses (2 per photo" in run.report_md.read_text()
-    oof[["path"]].to_csv(tmp_path / "fold0.csv", index=False)
-    again = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "p", folds=[0], **QUIET)
+    photos = manifest_csv(oof[["path"]], f"fold0-{tmp_path.name}")
+    again = predict(trained_run, photos, tmp_path / "p", folds=[0], **QUIET)
     cols = [c for c in oof.columns if c.startswith("p_")]
     np.testing.assert_allclose(again[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)
-    plain = predict(trained_run, tmp_path / "fold0.csv", tmp_path / "plain", folds=[0], flip=False, **QUIET)
+    plain = predict(trained_run, photos, tmp_path / "plain", folds=[0], flip=False, **QUIET)
     assert not np.allclose(plain[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)  # the mirror is in oof.csv
 
 

@@ -12,7 +12,7 @@ from multitask.data.sources import load_competition
 from multitask.data.table import load_table
 from multitask.report import MIN_GROUP_PHOTOS, subgroup_results
 
-from conftest import tiny_overrides
+from conftest import manifest_csv, tiny_overrides
 
 
 def oof_of(true: dict, pred: dict, **columns) -> pd.DataFrame:
@@ -72,8 +72,8 @@ def test_a_manifest_names_its_own_subgroup_columns(faces_root, tmp_path):
     table, _ = load_competition(faces_root)
     manifest = table[["path", "person_id", "gender", "age", "mask"]].assign(
         camera=np.where(np.arange(len(table)) % 2, "phone", "webcam"))
-    manifest.to_csv(tmp_path / "photos.csv", index=False)
-    base = tiny_overrides(faces_root, tmp_path)[2:] + ["data.source=manifest", f"data.root={tmp_path / 'photos.csv'}"]
+    csv = manifest_csv(manifest, f"photos-{tmp_path.name}")
+    base = tiny_overrides(faces_root, tmp_path)[2:] + ["data.source=manifest", f"data.root={csv}"]
     table, _ = load_table(load_config(base + ["report.subgroups=[camera]"]))
     assert set(table["camera"]) == {"phone", "webcam"}
     with pytest.raises(ConfigError, match=r"report.subgroups: column\(s\) \['lens'\] are not in the data"):

@@ -27,7 +27,7 @@ from multitask.train import main as train_main
 from multitask.tasks import encode_joint
 from multitask.trainer import run_cv
 
-from conftest import tiny_overrides
+from conftest import manifest_csv, tiny_overrides
 
 
 def test_folds_never_put_a_person_in_train_and_validation(faces_root):
@@ -272,10 +272,10 @@ def test_a_fourth_head_is_a_config_entry_and_a_manifest_column(faces_root, tmp_p
     joint label with no code change."""
     table, _ = load_competition(faces_root)
     wears = {p: ["no", "yes"][i % 2] for i, p in enumerate(sorted(table["person_id"].unique()))}
-    table.assign(glasses=table["person_id"].map(wears))[["path", "person_id", "gender", "age", "mask", "glasses"]] \
-        .to_csv(tmp_path / "faces.csv", index=False)
+    csv = manifest_csv(table.assign(glasses=table["person_id"].map(wears))[
+        ["path", "person_id", "gender", "age", "mask", "glasses"]], f"faces-{tmp_path.name}")
     cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
-        "data.source=manifest", f"data.root={tmp_path / 'faces.csv'}", "cv.run_folds=[0]"])
+        "data.source=manifest", f"data.root={csv}", "cv.run_folds=[0]"])
     cfg.heads.append(HeadConfig("glasses", "glasses", ["no", "yes"]))
     run_cv(cfg, tmp_path / "run", log=lambda s: None)
     report = write_report(tmp_path / "run")

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from multitask.cli import guarded
+from multitask.cli import guarded, non_negative, positive
 
 # Data modules (pandas, torch, opencv) are imported where used: --help and usage errors answer at once.
 
@@ -26,9 +26,11 @@ def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[i
         return 0, [Problem(str(root), "does not exist")]
     if root.is_file() and root.suffix.lower() != ".csv":
         return 0, [Problem(str(root), "not a data set: give its folder, or a manifest CSV")]
-    if source is None and root.is_dir() and (root / "images").is_dir() and not (root / "train.csv").exists():
-        return 0, [Problem(str(root / "train.csv"), "missing: ROOT/images/ is the competition layout, which "
-                                                    "needs ROOT/train.csv (id,gender,race,age,path)")]
+    table_csv = root / "train.csv"
+    if source is None and root.is_dir() and (root / "images").is_dir() and not table_csv.is_file():
+        what = "not a file" if table_csv.exists() else "missing"
+        return 0, [Problem(str(table_csv), f"{what}: ROOT/images/ is the competition layout, which needs the CSV "
+                                           "ROOT/train.csv (id,gender,race,age,path)")]
     source = source or detect_source(root)
     try:
         table, problems, _ = load_source(source, Path(root), thresholds)
@@ -76,11 +78,17 @@ def parse_wears(text: str) -> tuple[str, ...]:
     return wears
 
 
+SYNTH_SIDES = (8, 4096)  # pixels: a face needs a few to be drawn; the config's sizes stop at the same 4096
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected WxH, e.g. 384x512") from None
+    low, high = SYNTH_SIDES
+    if not (low <= w <= high and low <= h <= high):
+        raise argparse.ArgumentTypeError(f"size {text!r}: each side {low} to {high} pixels")
     return w, h
 
 
@@ -108,17 +116,17 @@ def main(argv=None) -> int:
                        "manifest, or the competition layout's normal photos) -> OUT in the competition layout")
     m.add_argument("src", type=Path)
     m.add_argument("out", type=Path)
-    m.add_argument("--people", type=int, default=0, help="at most this many persons, balanced by gender x age "
+    m.add_argument("--people", type=non_negative, default=0, help="at most this many persons, balanced by gender x age "
                    "(default: all)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    m.add_argument("--workers", type=non_negative, default=0, help="processes (default: one per core)")
     m.add_argument("--incorrect", type=parse_wears, default="nose_out,chin",
                    help="how the incorrect photo wears its mask, drawn from these (default: nose_out,chin): nose_out "
                    "(under the nose), mouth_out (under the lower lip), chin, one_ear (hanging from one ear)")
     g = sub.add_parser("synth", help="draw synthetic persons (7 portraits each, masks painted) in the competition "
                        "layout, for trying the tools without data")
     g.add_argument("out", type=Path)
-    g.add_argument("--people", type=int, default=100)
+    g.add_argument("--people", type=positive, default=100)
     g.add_argument("--size", type=parse_size, default=(384, 512), help="W x H, default 384x512")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")

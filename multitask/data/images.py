@@ -44,6 +44,11 @@ def is_image_name(path: Path | str) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def not_an_image() -> str:
+    """Why a file is not taken as a photo (predict, explain, the data layouts): its name."""
+    return f"not an image file (photos end in {', '.join(sorted(IMAGE_EXTENSIONS))})"
+
+
 def to_rgb(img: Image.Image) -> np.ndarray:
     """An RGB uint8 array from any PIL image: EXIF rotation applied, alpha composited on white,
     16/32-bit channels scaled (not clipped) to 8 bits."""

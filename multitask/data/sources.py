@@ -9,15 +9,16 @@ caller applies the bad-file policy (see ``apply_policy``).
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from multitask.data.images import is_image_name
+from multitask.data.images import is_image_name, not_an_image
 from multitask.errors import BadInput
 from multitask.tasks import (AGE_CLASSES, FACE_AGE_THRESHOLDS, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, cut,
                              encode_joint)
@@ -125,6 +126,14 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     return table
 
 
+def inside(root: Path, rel: str) -> Optional[Path]:
+    """``root / rel`` when it stays inside ``root`` (as written: links inside ``root`` may lead anywhere, an
+    absolute path or ``..`` may not), else None: a data file's path column never sends a tool elsewhere."""
+    root = Path(os.path.normpath(os.path.abspath(root)))
+    path = Path(os.path.normpath(root / rel))
+    return path if path == root or root in path.parents else None
+
+
 def read_csv_or_fail(path: Path, missing: str) -> pd.DataFrame:
     """A CSV as strings (empty cells stay ""), or a DataError naming the file."""
     if not path.is_file():
@@ -160,7 +169,7 @@ def load_competition(root: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS
             listed.add(person["path"])
             continue  # two people sharing an id would share folds: neither is used
         line = i + 2  # header is line 1
-        folder = images_dir / person["path"]
+        folder = inside(images_dir, person["path"])
         listed.add(person["path"])
         gender = parse_label(person["gender"], GENDER_ALIASES, 2)
         age = parse_age(person["age"])
@@ -171,6 +180,8 @@ def load_competition(root: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLDS
             bad.append(age_problem(person["age"]))
         if not person["path"]:
             bad.append("empty path")
+        elif folder is None or folder == inside(images_dir, "."):
+            bad.append(f"path {person['path']!r} is not a folder inside {images_dir}")
         if bad:
             problems.append(Problem(str(csv_path), f"line {line}: " + "; ".join(bad)))
             continue
@@ -224,7 +235,12 @@ def load_manifest(csv_path: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLD
     labeled = all(c in df.columns for c in ("gender", "mask")) and ("age" in df or "age_group" in df)
     for i, r in df.iterrows():
         line = i + 2
-        path = (csv_path.parent / r["path"]).resolve()
+        path = inside(csv_path.parent, r["path"])
+        if path is None:
+            problems.append(Problem(str(csv_path), f"line {line}: path {r['path']!r} leads outside the CSV's folder "
+                                                   f"{csv_path.parent.absolute()}, where its photos must be"))
+            continue
+        path = path.resolve()
         row = dict(r)
         row.update(path=str(path), person_id=str(r.get("person_id") or r["path"]))
         bad = []
@@ -251,7 +267,29 @@ def load_manifest(csv_path: Path, thresholds: Sequence[int] = FACE_AGE_THRESHOLD
         rows.append(row)
     if not labeled:
         return pd.DataFrame(rows, columns=list(df.columns)), problems
-    return finish_face_table(rows, thresholds), problems
+    table = finish_face_table(rows, thresholds)
+    mixed = people_of_two_minds(table)
+    problems += [Problem(str(csv_path), f"person {pid!r}: {why}") for pid, why in mixed.items()]
+    return table[~table["person_id"].isin(mixed)].reset_index(drop=True), problems
+
+
+MAX_AGE_SPREAD = 10  # years between one person's photos in a manifest; more is two people under one id
+
+
+def people_of_two_minds(table: pd.DataFrame) -> Dict[str, str]:
+    """person_id -> why, for persons whose rows disagree on who they are: two genders, or ages more than
+    MAX_AGE_SPREAD years apart. A person is one group of the folds: such rows are two people, or a labeling
+    mistake, and are left out."""
+    out = {}
+    for pid, rows in table.groupby("person_id"):
+        genders = sorted(GENDER_CLASSES[g] for g in rows["gender"].unique())
+        ages = rows["age"].dropna()
+        if len(genders) > 1:
+            out[pid] = f"rows give two genders ({', '.join(genders)})"
+        elif len(ages) and ages.max() - ages.min() > MAX_AGE_SPREAD:
+            out[pid] = (f"rows give ages {ages.min()} and {ages.max()}, more than {MAX_AGE_SPREAD} years apart "
+                        "(multitask.data.sources.MAX_AGE_SPREAD)")
+    return out
 
 
 # --- UTKFace-style folders --------------------------------------------------------------------------------
@@ -315,7 +353,7 @@ def load_imagefolder(root: Path) -> Tuple[pd.DataFrame, List[Problem], List[str]
                 continue
             for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")):
                 if not is_image_name(f):
-                    problems.append(Problem(str(f), "not an image file"))
+                    problems.append(Problem(str(f), not_an_image()))
                     continue
                 rel = f.relative_to(root).as_posix()
                 rows.append({"path": str(f.resolve()), "person_id": rel, "class": class_dirs.index(d.name),
@@ -333,6 +371,9 @@ def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
     """A folder per mask class: mask labels only (gender and age -1), each image its own person."""
     problems, rows = [], []
     for d in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if label_key(d.name) not in MASK_ALIASES:
+            problems.append(Problem(str(d), "not a mask class folder; names understood: " + ", ".join(MASK_ALIASES)))
+            continue
         for f in image_files(d):
             rows.append(dict(path=str(f.resolve()), person_id=f.relative_to(root).as_posix(),
                              mask=MASK_ALIASES[label_key(d.name)]))
