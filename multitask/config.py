@@ -10,13 +10,14 @@ the whole config, or a path to any YAML file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from multitask.errors import ConfigError
 from multitask.tasks import FACE_AGE_THRESHOLDS, FACE_CLASSES
@@ -328,9 +329,13 @@ def final_stage(cfg: Config) -> int:
 
 def _load_yaml(path: Path):
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError and OSError alike: name the file
         raise ConfigError(f"{path}: cannot read config file: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config file maps settings to values (key: value); its top level is a "
+                          f"{'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
+    return loaded
 
 
 def _reason(e: Exception) -> str:
@@ -397,6 +402,10 @@ def _set(cfg, key: str, value: str, origin: str):
     parts = key.split(".")
     for n, part in enumerate(parts):
         node = OmegaConf.select(cfg, ".".join(parts[:n]), default=None) if n else cfg
+        if isinstance(node, ListConfig) and not part.isdigit():
+            name = ".".join(parts[:n])
+            raise ConfigError(f"{origin}: {name} is a list: {name}.{part} needs an entry number, {name}.0 to "
+                              f"{name}.{len(node) - 1}")
         if part.isdigit() and isinstance(node, ListConfig) and int(part) >= len(node):
             name = ".".join(parts[:n])
             raise ConfigError(f"{origin}: {name} has {len(node)} entries ({name}.0 to {name}.{len(node) - 1}); to "
@@ -457,7 +466,11 @@ def load_config(overrides: List[str] = (), base: Optional[Path] = None) -> Confi
         else:
             cfg = _set(cfg, key, value, f"override {item!r}")
             earlier[key] = item
-    config: Config = OmegaConf.to_object(cfg)
+    try:
+        config: Config = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:  # a required setting left out, e.g. a head without its name
+        key = re.sub(r"\[(\d+)\]", r".\1", str(e.full_key))  # heads[0].name -> heads.0.name, as overrides spell it
+        raise ConfigError(f"{key}: missing; this setting has no default, give it a value") from None
     validate(config)
     return config
 
@@ -488,6 +501,9 @@ def check_ranges(cfg: Config) -> None:
     for prefix, section in sections(cfg):
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
+            numbers = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"{prefix}{f.name}={value!r}: must be a finite number")
             if "choices" in f.metadata and value not in f.metadata["choices"]:
                 raise ConfigError(f"{prefix}{f.name}={value!r}: must be one of {', '.join(f.metadata['choices'])}")
             if "range" in f.metadata:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,12 +78,17 @@ def load_teacher(run: RunDir, heads: Sequence[HeadConfig]) -> Teacher:
                    dict(zip(real_paths(used["path"]), used["fold"].astype(int))))
 
 
-def load_teachers(runs: Sequence[str], heads: Sequence[HeadConfig]) -> List[Teacher]:
-    """Every teacher run: each entry is a run directory or a folder of them (an ``out_dir``)."""
+def load_teachers(runs: Sequence[str], heads: Sequence[HeadConfig], student: Optional[Path] = None) -> List[Teacher]:
+    """Every teacher run: each entry is a run directory or a folder of them (an ``out_dir``, which may hold the
+    ``student`` run itself: never its own teacher)."""
+    own = Path(student).resolve() if student is not None else None
     found = []
     for entry in map(RunDir, runs):
+        if entry.root.resolve() == own:
+            raise ConfigError(f"teacher={entry.root}: the run itself; a run cannot teach itself")
         inside = [] if entry.is_run() or not entry.root.is_dir() else \
-            [RunDir(p) for p in sorted(entry.root.iterdir()) if RunDir(p).is_run()]
+            [RunDir(p) for p in sorted(entry.root.iterdir())
+             if RunDir(p).is_run() and p.resolve() != own]
         found += inside or [entry]
     return [load_teacher(run, heads) for run in found]
 

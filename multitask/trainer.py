@@ -39,7 +39,7 @@ from multitask.engine import (Runtime, head_outputs, loader_workers, make_loader
 from multitask.folds import (attach_folds, draw_per_person, draw_weights, make_folds, person_constant_heads,
                              stage_split)
 from multitask.heads import kind
-from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text
+from multitask.io import atomic_to_csv, atomic_torch_save, atomic_write_text, writable_folder
 from multitask.losses import (MultiHeadLoss, PersonConsistency, TeacherAgreement, batch_mixer,
                               inverse_frequency_weights, person_targets)
 from multitask.metrics import score, selection_score
@@ -487,13 +487,16 @@ def prepare_data(cfg: Config, run_dir: Path, log: Log, main: bool = True
     return photos.readable(), photos.images, photos.pre
 
 
-def preflight(cfg: Config, world: World) -> None:
+def preflight(cfg: Config, run_dir: Path, world: World) -> None:
     """The start-up checks that need more than the config, made before a new run's folder is written, so that a
-    start that fails leaves nothing behind: the device, the model and its weights, the extra validation sets."""
+    start that fails leaves nothing behind: the device, the model and its weights, the extra validation sets, the
+    teacher runs."""
     resolve_device(cfg.train.device, world)
     build_model(cfg.model, cfg.heads)
     for root in cfg.data.extra_val:
         labeled_source(Path(root))
+    if cfg.teacher:
+        load_teachers(cfg.teacher, taught_heads(cfg.heads), run_dir)
 
 
 def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
@@ -505,7 +508,7 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
     run = RunDir(run_dir)
     if world.main:
         if not run.is_run():
-            preflight(cfg, world)
+            preflight(cfg, run_dir, world)
         run.root.mkdir(parents=True, exist_ok=True)
         table, images, pre = prepare_data(cfg, run.root, log)  # rank 0 first: it builds the caches
         persons = table.loc[~table["extra"], "person_id"].nunique()
@@ -516,16 +519,24 @@ def open_run(cfg: Config, run_dir: Path, log: Log, world: World = World()
     if not world.main:
         table, images, pre = prepare_data(cfg, run.root, lambda s: None, main=False)
     if world.main:
-        if not run.config.exists():
+        folds = read_table(run.folds, ["person_id", "fold"]) if run.folds.exists() else \
+            make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed)
+        if not run.config.exists():  # a new run: whether its teachers can teach each fold, before it is a run
+            fold_teacher_targets(cfg, run.root, with_folds(cfg, table, folds, run.folds), cfg.cv.planned())
             save_config(cfg, run.config)
         if not run.folds.exists():
-            atomic_to_csv(make_folds(table, cfg.heads, cfg.cv.folds, cfg.cv.seed), run.folds)
+            atomic_to_csv(folds, run.folds)
     barrier(world)
-    table = attach_folds(table, read_table(run.folds, ["person_id", "fold"]), run.folds)
-    table = table[table["fold"] != cfg.cv.leave_out] if cfg.cv.leave_out is not None else table
+    table = with_folds(cfg, table, read_table(run.folds, ["person_id", "fold"]), run.folds)
     if world.main and not run.data.exists():
         atomic_to_csv(table.drop(columns=["_row"]), run.data)
     return cfg, table, images, pre
+
+
+def with_folds(cfg: Config, table: pd.DataFrame, folds: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """The table with each row's fold, without the fold the run leaves out (``cv.leave_out``)."""
+    table = attach_folds(table, folds, source)
+    return table[table["fold"] != cfg.cv.leave_out] if cfg.cv.leave_out is not None else table
 
 
 @contextlib.contextmanager
@@ -564,7 +575,7 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
     run = RunDir(run_dir)
     sizes = {s: [epoch_photos(cfg, table, k, s) for k in todo] for s in enabled_stages(cfg)}
     planned = sum(stage(cfg, s).epochs * sum(n) for s, n in sizes.items())
-    teacher = fold_teacher_targets(cfg, table, todo)
+    teacher = fold_teacher_targets(cfg, run_dir, table, todo)
     ctx = Context(cfg, run, table, images, pre, rt, log, Clock(planned), world, teacher)
     extra_val = load_extra_val(cfg, log, pre.framing.typical) if world.main else {}  # rank 0 alone scores them
     log(f"{len(table)} photos of {table['person_id'].nunique()} persons; device {rt.device}"
@@ -576,6 +587,8 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
         + stage_size_note(cfg, s) for s, n in sizes.items()) + "; the time left is shown after every epoch")
     for fold in sorted(set(cfg.cv.planned()) - set(todo)):
         log(f"fold {fold}: done, kept")
+    if world.main:  # a folder that cannot be written fails here in one line, not in TensorBoard's writer thread
+        writable_folder(run.tensorboard)
     writer = SummaryWriter(str(run.tensorboard)) if world.main else None
     try:
         for fold in todo:
@@ -586,12 +599,13 @@ def run_cv(cfg: Config, run_dir: Path, log: Log = print, world: World = World())
             writer.close()
 
 
-def fold_teacher_targets(cfg: Config, table: pd.DataFrame, folds: List[int]) -> Dict[int, pd.DataFrame]:
+def fold_teacher_targets(cfg: Config, run_dir: Path, table: pd.DataFrame, folds: List[int]
+                         ) -> Dict[int, pd.DataFrame]:
     """Each fold's teacher targets for its training rows (``teacher_targets``), read before any fold trains: a fold
     that no teacher model can teach without having trained on its validation people is refused at the start."""
     if not cfg.teacher:
         return {}
-    teachers = load_teachers(cfg.teacher, taught_heads(cfg.heads))
+    teachers = load_teachers(cfg.teacher, taught_heads(cfg.heads), run_dir)
     targets = {}
     for k in folds:
         targets[k] = teacher_targets(teachers, table[table["fold"] != k], table[table["fold"] == k])

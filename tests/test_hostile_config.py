@@ -27,7 +27,23 @@ CONFIG_VALUES = {
     "an empty age group": (["heads.2.thresholds=[30,30]"], "heads.2.thresholds=[30, 30]: each above the one before"),
     "a run outside out_dir": (["name=../escape"], "name='../escape': letters, digits"),
     "a missing YAML file": (["nosuch.yaml"], "nosuch.yaml: no such config file"),
+    "a list entry by name": (["heads.x.loss=ce"], "heads is a list: heads.x needs an entry number, heads.0 to heads.2"),
+    "a head without its name": (["heads=[{column: mask, classes: [a, b]}]"],
+                                "heads.0.name: missing; this setting has no default"),
+    "an infinite learning rate": (["optim.lr_heads=inf"], "optim.lr_heads=inf: must be a finite number"),
+    "an infinite loss weight": (["loss.person_consistency=inf"],
+                                "loss.person_consistency=inf: must be a finite number"),
+    "an infinite test-time scale": (["predict.tta_scales=[.inf]"], "predict.tta_scales=[inf]: must be a finite"),
+    "a NaN head weight": (["heads.0.loss_weight=nan"], "heads.0.loss_weight=nan: must be a finite number"),
 }
+
+
+def test_a_yaml_file_whose_top_level_is_a_list_is_one_line(tmp_path, capsys):
+    (tmp_path / "list.yaml").write_text("- data: {}\n- model: {}\n")
+    out = run_main(train_main, capsys, f"out_dir={tmp_path / 'runs'}", tmp_path / "list.yaml")
+    no_traceback(out)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "list.yaml: a config file maps settings to values (key: value); its top level is a list" in out.stderr
 
 
 @pytest.mark.parametrize("case", CONFIG_VALUES)
@@ -95,3 +111,36 @@ def test_out_dir_that_is_a_file_and_a_cache_where_nothing_can_be_written(faces_r
     out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path), "data.cache_dir=/proc/nope")
     no_traceback(out)
     assert out.returncode == 3 and "/proc/nope" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def teacher_cases(tmp_path, faces_root) -> dict:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile.txt").write_text("mine")
+    return {  # teacher=[...] -> what the one line says
+        "/no/such/run": "teacher=/no/such/run: not a run directory (no config.yaml), nor a folder of runs",
+        str(tmp_path / "empty"): "empty: not a run directory (no config.yaml), nor a folder of runs",
+        str(tmp_path / "afile.txt"): "afile.txt: not a run directory",
+        str(faces_root): "not a run directory (no config.yaml), nor a folder of runs",
+        str(tmp_path / "runs"): "runs: not a run directory",  # out_dir: it would hold only the new run itself
+    }
+
+
+@pytest.mark.parametrize("create_only", [True, False])
+def test_every_check_of_a_start_runs_before_the_run_folder_exists(faces_root, tmp_path, capsys, create_only):
+    """--create-only fails where the training would: on teachers that cannot teach and on a value column the data
+    does not have, with no run folder left."""
+    flag = ["--create-only"] if create_only else []
+    for teacher, message in teacher_cases(tmp_path, faces_root).items():
+        out = start(faces_root, tmp_path, capsys, f"teacher=[{teacher}]", *flag)
+        assert out.returncode == 2 and message in out.stderr, (teacher, out.stderr)
+    for head in (["heads.2.loss=dldl"], ["heads.2.train_thresholds=[30,58]"]):
+        out = start(faces_root, tmp_path, capsys, *head, "heads.2.value_column=nonexistent", *flag)
+        assert out.returncode == 2 and "heads.2.value_column=nonexistent: not a column of the data" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_teacher_that_cannot_teach_a_fold_fails_create_only(trained_run, faces_root, tmp_path, capsys):
+    """The session's run trained on every fold's people: refused for a student on the same people before the
+    student's folder exists."""
+    out = start(faces_root, tmp_path, capsys, f"teacher=[{trained_run}]", "--create-only")
+    assert out.returncode == 2 and "no teacher model predicted fold 0's training photos" in out.stderr

@@ -97,7 +97,7 @@ def test_a_teacher_that_cannot_teach_is_one_line(tmp_path):
         load_config(["cv.leave_out=2", "cv.run_folds=[1,2]"])
 
 
-def test_a_teacher_that_trained_on_the_folds_validation_people_is_refused_before_training(trained_run):
+def test_a_teacher_that_trained_on_the_folds_validation_people_is_refused_before_training(trained_run, tmp_path):
     """The session's 3-fold run teaches no fold of a student on the same people: each of its fold models but
     one trained on any fold's people, and that one predicted only them."""
     from multitask.trainer import fold_teacher_targets
@@ -107,7 +107,7 @@ def test_a_teacher_that_trained_on_the_folds_validation_people_is_refused_before
     table = pd.read_csv(trained_run / "data.csv")
     with pytest.raises(ConfigError, match=r"fold 1's training photos without having trained on its validation "
                                           r"people; fold 1's teachers are runs made with cv.leave_out=1"):
-        fold_teacher_targets(cfg, table, [1])
+        fold_teacher_targets(cfg, tmp_path / "student", table, [1])
 
 
 def test_the_student_never_learns_a_prediction_of_a_model_that_trained_on_the_photos_person(trained_run):

@@ -73,6 +73,10 @@ def load_table(cfg: Config) -> Tuple[pd.DataFrame, List[Problem]]:
                              stage1_only=stage1_only)
         table = pd.concat([table, extra], ignore_index=True)
     table = with_value_classes(table, cfg.heads, root)
+    for i, h in enumerate(cfg.heads):  # a head that learns the value, or cuts its training classes from it
+        if (kind(h).value is not None or h.train_thresholds) and h.value_column not in table.columns:
+            raise ConfigError(f"heads.{i}.value_column={h.value_column}: not a column of the data of data.source="
+                              f"{cfg.data.source} (its columns: {', '.join(map(str, table.columns))})")
     missing = [h.column for h in cfg.heads if h.column not in table.columns]
     if missing:
         raise ConfigError(f"heads read column(s) {missing}, which data.source={cfg.data.source} does not provide")
