@@ -368,8 +368,11 @@ def main() -> None:
     root = Path(os.environ.get("MULTITASK_RUNS", "runs"))  # fixed at start: the page cannot browse elsewhere
     st.sidebar.caption(f"runs folder: {root.name or root}/ (MULTITASK_RUNS, set before starting)")
     runs = list_runs(root)
+    damaged = sorted(p.name for p in root.iterdir() if RunDir(p).is_damaged_run()) if root.is_dir() else []
+    if damaged:
+        st.warning(f"Not shown, {RunDir(root).config.name} missing: {', '.join(damaged)} (in {root.resolve()}).")
     if not runs:
-        st.info(f"No runs in {root.resolve()}. Train one with `multitask train`.")
+        st.info(f"No {'other ' if damaged else ''}runs in {root.resolve()}. Train one with `multitask train`.")
         return
     run = st.sidebar.selectbox("run", runs, format_func=lambda p: p.name)
     try:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from multitask.config import Config, ConfigError, check_ranges
+from multitask.data.images import read_rgb
 from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem
 from multitask.data.transforms import Preprocessing
@@ -105,18 +106,36 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
     return df
 
 
+ACCEPTED = "a photo is a file path, a PIL image or an RGB array (H x W x 3, or H x W grey; uint8, or floats in [0, 1])"
+
+
 def rgb_array(photo) -> np.ndarray:
     """A PIL image or an array (H x W x 3 RGB, or H x W grey; uint8, or float in [0, 1]) as H x W x 3 uint8."""
     if isinstance(photo, Image.Image):
         photo = np.asarray(photo.convert("RGB"))
-    a = np.asarray(photo)
+    if not isinstance(photo, np.ndarray):
+        raise DataError([Problem("<photo>", f"got {type(photo).__name__}; {ACCEPTED}")])
+    a = photo
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise DataError([Problem("<array>", f"expected an H x W x 3 RGB array, got shape {a.shape}")])
+    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape or a.dtype.kind not in "uif":
+        raise DataError([Problem("<photo>", f"got an array of shape {photo.shape} and type {a.dtype}; {ACCEPTED}")])
     if a.dtype != np.uint8:
         a = np.clip(a * (255 if a.dtype.kind == "f" and a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
     return np.ascontiguousarray(a[:, :, :3])
+
+
+def photo_rgb(photo: Photo, name: str) -> np.ndarray:
+    """Any ``Photo`` as H x W x 3 uint8; a DataError naming it (``name``) when it cannot be one."""
+    if isinstance(photo, (str, Path)):
+        try:
+            return read_rgb(Path(photo))
+        except Exception as e:  # any decoder or file error is this photo's problem
+            raise DataError([Problem(name, f"unreadable image ({type(e).__name__}: {e})")], "the photo") from None
+    try:
+        return rgb_array(photo)
+    except DataError as e:
+        raise DataError([Problem(name, p.message) for p in e.problems], "the photo") from None
 
 
 class Predictor:
@@ -171,19 +190,15 @@ class Predictor:
     def frame_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
         """(per member the prepared photos, a name per photo) of files, PIL images and arrays, no cache; an
         unreadable file is a DataError naming it."""
-        from multitask.data.images import read_rgb
-
-        names, rgbs, problems = [], [], []
-        for i, photo in enumerate(photos):
-            if isinstance(photo, (str, Path)):
-                names.append(os.path.abspath(photo))
-                try:
-                    rgbs.append(read_rgb(Path(photo)))
-                except Exception as e:  # any decoder or file error is this photo's problem
-                    problems.append(Problem(str(photo), f"unreadable image ({type(e).__name__}: {e})"))
-            else:
-                names.append(f"<image {i}>")
-                rgbs.append(rgb_array(photo))
+        if not photos:
+            raise DataError([Problem("photos", f"none given; {ACCEPTED}")], "the photos to predict")
+        names = [os.path.abspath(p) if isinstance(p, (str, Path)) else f"<image {i}>" for i, p in enumerate(photos)]
+        rgbs, problems = [], []
+        for photo, name in zip(photos, names):
+            try:
+                rgbs.append(photo_rgb(photo, name))
+            except DataError as e:
+                problems += e.problems
         if problems:
             raise DataError(problems, "the photos to predict")
         with self.timed("framing"):
@@ -216,11 +231,10 @@ class Predictor:
         """(the photo as the network sees it, H x W x 3 floats in [0, 1]; its ``CamGrid``): every trunk layer x
         every head, from the first run's fold models (their mean where there are several). ``targets``: a class
         to explain per head instead of the predicted one, e.g. {"mask": "incorrect"}."""
-        from multitask.data.images import read_rgb
         from multitask.explain import explain_photo, parse_targets
 
         m = self.members[0]
-        rgb = read_rgb(Path(photo)) if isinstance(photo, (str, Path)) else rgb_array(photo)
+        rgb = photo_rgb(photo, str(photo) if isinstance(photo, (str, Path)) else "<image>")
         wanted = parse_targets([f"{h}={c}" for h, c in (targets or {}).items()], m.cfg)
         return explain_photo(m.models, m.pre, rgb, method, wanted or None, layers)
 

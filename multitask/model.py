@@ -129,9 +129,23 @@ def load_checkpoint(path: Path) -> dict:
         with warnings.catch_warnings():  # torch's warnings on a bad file suggest turning the safety off
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        if e.errno is None:  # a damaged file, said as one below
+            raise WeightsError(f"{path}: not a checkpoint or state_dict this project can read safely "
+                               f"({type(e).__name__}); it was not loaded") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None  # the system refused: permission, ...
     except Exception as e:  # corrupt, truncated, or code inside: never loaded another way
         raise WeightsError(f"{path}: not a checkpoint or state_dict this project can read safely "
                            f"({type(e).__name__}); it was not loaded") from None
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Weights with a NaN or an infinity (a training that diverged, a damaged file) predict nonsense with
+    confidence: refused, naming the first such tensor."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightsError(f"{path}: tensor {name} holds NaN or infinite values; these weights cannot predict "
+                               "(did the training diverge?)")
 
 
 def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
@@ -142,6 +156,7 @@ def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
         state = state["model"]  # one of our checkpoints, or the torchvision references' format
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state_dict (parameter name -> tensor)")
+    check_finite(state, path)
     own = net.state_dict()
     wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]

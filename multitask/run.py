@@ -110,6 +110,11 @@ class RunDir:
     def is_run(self) -> bool:
         return self.config.exists()
 
+    def is_damaged_run(self) -> bool:
+        """A folder with a run's files but no config.yaml, the file every tool reads a run by."""
+        return not self.is_run() and self.root.is_dir() and any(
+            p.exists() for p in (self.recorded_file, self.folds, self.data, self.fold(0)))
+
     def load_config(self) -> Config:
         if not self.is_run():
             raise ConfigError(f"{self.root}: no config.yaml; not a run directory")
@@ -227,11 +232,12 @@ class Member:
 def load_weights(model, path: Path, config: Path) -> None:
     """A checkpoint's weights into a model built from the run's config; a file of another shape or kind is one
     WeightsError line naming it."""
-    from multitask.model import WeightsError, load_checkpoint
+    from multitask.model import WeightsError, check_finite, load_checkpoint
 
     checkpoint = load_checkpoint(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise WeightsError(f"{path}: not a checkpoint of this project (expected a dict with the model's weights)")
+    check_finite(checkpoint["model"], path)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

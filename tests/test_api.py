@@ -45,5 +45,29 @@ def test_an_unreadable_photo_is_named(trained_run, tmp_path):
     bad.write_text("not a photo")
     with pytest.raises(DataError, match="notes.jpg: unreadable image"):
         load_run(trained_run).predict([bad])
-    with pytest.raises(DataError, match=r"expected an H x W x 3 RGB array, got shape \(4, 4, 4, 4\)"):
+    with pytest.raises(DataError, match=r"<image 0>: got an array of shape \(4, 4, 4, 4\) and type uint8; a photo "
+                                        r"is a file path, a PIL image or an RGB array"):
         load_run(trained_run).predict([np.zeros((4, 4, 4, 4), np.uint8)])
+
+
+@pytest.mark.parametrize("photos, message", [
+    ([None], r"<image 0>: got NoneType; a photo is a file path, a PIL image or an RGB array \(H x W x 3"),
+    ([b"\xff\xd8 jpeg bytes"], r"<image 0>: got bytes; a photo is a file path"),
+    (["face.jpg", 3], r"<image 1>: got int; a photo is"),
+    ([], r"photos: none given; a photo is a file path"),
+    ([np.zeros((0, 0, 3), np.uint8)], r"got an array of shape \(0, 0, 3\)"),
+    ([np.array([["a"]])], r"got an array of shape \(1, 1\) and type <U1"),
+])
+def test_what_is_not_a_photo_is_said_with_what_is_accepted(photos, message, trained_run, faces_root):
+    model = load_run(trained_run, folds=[0])
+    face = next((faces_root / "images").rglob("mask1.jpg"))
+    photos = [face if isinstance(p, str) and p == "face.jpg" else p for p in photos]
+    with pytest.raises(DataError, match=message):
+        model.predict(photos)
+
+
+@pytest.mark.parametrize("photo, message", [(None, "<image>: got NoneType"),
+                                            ("nowhere.jpg", "nowhere.jpg: unreadable image")])
+def test_explain_says_what_it_cannot_explain(photo, message, trained_run):
+    with pytest.raises(DataError, match=message):
+        load_run(trained_run, folds=[0]).explain(photo)

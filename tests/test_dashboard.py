@@ -189,6 +189,16 @@ def test_no_runs_is_explained(tmp_path, monkeypatch):
     assert not at.exception and "No runs in" in at.info[0].value
 
 
+def test_a_run_folder_without_its_config_is_named_not_hidden(trained_run, tmp_path, monkeypatch):
+    damaged = Path(shutil.copytree(trained_run, tmp_path / "runs" / "damaged"))
+    (damaged / "config.yaml").unlink()
+    monkeypatch.setenv("MULTITASK_RUNS", str(damaged.parent))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert "Not shown, config.yaml missing: damaged" in at.warning[0].value
+    assert "No other runs in" in at.info[0].value
+
+
 def test_every_file_of_the_zoo_uploads_to_a_result_or_a_message(app):
     """The bad-input zoo (test_bad_inputs) through the upload box: no exception, ever."""
     from test_bad_inputs import READABLE, UNREADABLE

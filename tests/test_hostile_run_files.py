@@ -37,6 +37,13 @@ def predicted(run, faces_root, tmp_path, capsys):
     return out
 
 
+def poison(checkpoint: Path, value: float) -> None:
+    """One weight of the first layer set to ``value``, as a diverged training leaves it."""
+    state = torch.load(checkpoint)
+    state["model"]["trunk.conv1.weight"][0, 0, 0, 0] = value
+    torch.save(state, checkpoint)
+
+
 DAMAGE = {  # name -> (how the run is damaged, what the one line says)
     "corrupt run.json": (lambda r: (r / "run.json").write_text('{"data_root": '), "run.json: not valid JSON"),
     "run.json a list": (lambda r: (r / "run.json").write_text("[1, 2]"), "run.json: expected a JSON object"),
@@ -47,6 +54,10 @@ DAMAGE = {  # name -> (how the run is damaged, what the one line says)
                         "best.pt: does not fit the model"),
     "a class added to a head": (lambda r: edit_config(r, lambda c: c["heads"][0]["classes"].append("scarf")),
                                 "best.pt: does not fit the model"),
+    "weights full of NaN": (lambda r: poison(r / "fold0" / "stage2" / "best.pt", float("nan")),
+                            "best.pt: tensor trunk.conv1.weight holds NaN or infinite values"),
+    "an infinite weight": (lambda r: poison(r / "fold0" / "stage2" / "best.pt", float("inf")),
+                           "best.pt: tensor trunk.conv1.weight holds NaN or infinite values"),
     "a run of version 0.1": (lambda r: edit_config(r, lambda c: c["data"].update(age_thresholds=[30, 60])),
                              "config.yaml: a run of multitask 0.1 (age thresholds under data:, not on the age head); "
                              "read it with multitask 0.1.0 or train it again"),
@@ -96,3 +107,32 @@ def test_resume_after_the_size_was_edited_is_refused(run, capsys):
     edit_config(run, lambda c: c["predict"].update(tta_flip=False))  # how to use the models: free to change
     edit_config(run, lambda c: c["data"].update(size=[48, 40]))
     assert run_main(train_main, capsys, "--resume", run, "--show-config").returncode == 0
+
+
+@pytest.mark.parametrize("command", ["explain", "export"])
+def test_weights_that_are_not_finite_are_refused_by_every_command(command, run, faces_root, tmp_path, capsys):
+    from multitask.explain import main as explain_main
+    from multitask.export import main as export_main
+
+    poison(run / "fold0" / "stage2" / "best.pt", float("nan"))
+    photo = next((faces_root / "images").rglob("mask1.jpg"))
+    args = {"explain": (explain_main, "--run", run, "--fold", 0, photo, "--out", tmp_path / "o"),
+            "export": (export_main, "--run", run, "--folds", 0, "--out", tmp_path / "o", "--format", "torchscript")}
+    out = run_main(args[command][0], capsys, *args[command][1:])
+    no_traceback(out)
+    assert out.returncode == 2 and "trunk.conv1.weight holds NaN or infinite values" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_checkpoint_the_system_will_not_let_us_read_is_a_system_error(run, faces_root, tmp_path, capsys,
+                                                                        monkeypatch):
+    import errno
+
+    import multitask.model
+
+    def refused(path, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(multitask.model.torch, "load", refused)
+    out = predicted(run, faces_root, tmp_path, capsys)
+    assert out.returncode == 3 and "permission denied at" in out.stderr and "best.pt" in out.stderr
