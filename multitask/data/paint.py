@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from multitask.io import errors_named
 from multitask.parallel import on_every_core
 
 SHAPES = ("surgical", "cloth", "kn95", "n95")
@@ -346,15 +347,18 @@ def paint_folder(table: pd.DataFrame, out: Path, seed: int = 0, workers: int = 0
     from multitask.data.faces import one_thread  # the detector's module, loaded when painting
 
     try:
-        # a few persons are painted here: starting workers (a detector each) would cost more
-        results = list(on_every_core(_paint_person, jobs, workers if len(jobs) > 8 else 1, one_thread, 16))
-        people = [r["person"] for r in results if "person" in r]
-        skipped = pd.DataFrame([{"path": r["skipped"], "reason": r["reason"]} for r in results if "skipped" in r],
-                               columns=["path", "reason"])
-        pd.DataFrame(people, columns=["id", "gender", "race", "age", "path"]).to_csv(tmp / "train.csv", index=False)
-        pd.DataFrame([lab for r in results for lab in r.get("labels", [])]).to_csv(tmp / "labels.csv", index=False)
-        skipped.to_csv(tmp / "no_face.csv", index=False)
-        os.replace(tmp, out)
+        with errors_named(out, tmp):  # a full disk: said for the data set asked for, not the temporary folder
+            # a few persons are painted here: starting workers (a detector each) would cost more
+            results = list(on_every_core(_paint_person, jobs, workers if len(jobs) > 8 else 1, one_thread, 16))
+            people = [r["person"] for r in results if "person" in r]
+            skipped = pd.DataFrame([{"path": r["skipped"], "reason": r["reason"]} for r in results
+                                    if "skipped" in r], columns=["path", "reason"])
+            pd.DataFrame(people, columns=["id", "gender", "race", "age", "path"]).to_csv(tmp / "train.csv",
+                                                                                         index=False)
+            pd.DataFrame([lab for r in results for lab in r.get("labels", [])]).to_csv(tmp / "labels.csv",
+                                                                                      index=False)
+            skipped.to_csv(tmp / "no_face.csv", index=False)
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
