@@ -163,3 +163,27 @@ def test_a_full_disk_names_the_output_and_leaves_nothing_behind(command, trained
     out = run_main(main, capsys, "--run", trained_run, *args, "--out", tmp_path / "out")
     one_line(out, EXIT_SYSTEM, "error: disk full at", str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_a_full_disk_under_synth_names_the_data_set_and_leaves_no_half_of_it(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = run_main(data_main, capsys, "synth", tmp_path / "faces", "--people", 2, "--size", "64x80")
+    one_line(out, EXIT_SYSTEM, f"error: disk full at {tmp_path / 'faces'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_caching_photos_names_the_cache_file(faces_root, tmp_path, capsys, monkeypatch):
+    import multitask.data.dataset
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(multitask.data.dataset, "frame_all", full)
+    out = run_main(train_main, capsys, *tiny_overrides(faces_root, tmp_path))
+    one_line(out, EXIT_SYSTEM, f"error: disk full at {tmp_path / 'cache'}/images-", ".npy")
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary cache file left
