@@ -22,6 +22,7 @@ from multitask.data.dataset import ArrayDataset
 from multitask.data.transforms import Preprocessing
 from multitask.distributed import World, threads_per_process
 from multitask.losses import MultiHeadLoss
+from multitask.io import atomic_write_text
 from multitask.model import MultiHeadNet, for_inference
 
 
@@ -118,9 +119,8 @@ def bf16_speedup(arch: str, size: tuple) -> float:
         known = {}
     if key not in known:
         known[key] = step_seconds(arch, size, None) / step_seconds(arch, size, torch.bfloat16)
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(known))
+        try:  # atomic: two processes timing at once, or a kill, never leave half a file
+            atomic_write_text(cache, json.dumps(known))
         except OSError:
             pass  # a read-only home only costs the timing again
     return float(known[key])

@@ -186,8 +186,9 @@ class RunDir:
         return {k: read_json(p).get("seconds") for k, p in self._per_fold(self.fold_done).items()}
 
     def stage_metrics(self) -> Dict[tuple, Path]:
-        """(fold, stage) -> metrics.csv of every stage that has trained an epoch."""
-        return dict(sorted((((k, s), p) for s in (1, 2)
+        """(fold, stage) -> metrics.csv of every stage that has trained an epoch, however many stages the run has."""
+        stages = {int(p.name[5:]) for p in self.root.glob("fold*/stage*") if p.name[5:].isdigit()}
+        return dict(sorted((((k, s), p) for s in stages
                             for k, p in self._per_fold(lambda k: self.metrics(k, s)).items())))
 
     def trained_folds(self, cfg: Config) -> List[int]:

@@ -187,7 +187,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
     ema, optimizer = training_state(cfg, model, data, lrs, start, ckpt)
     kept = model if ema is None else ema.module  # the weights validated and saved
     net = wrap_for_training(ctx, model)
-    scaler = torch.amp.GradScaler() if ctx.rt.dtype == torch.float16 else None
+    scaler = grad_scaler(ctx.rt, ckpt)
 
     for epoch in range(start, data.stage.epochs):
         was_sgd = isinstance(optimizer, torch.optim.SGD)
@@ -208,6 +208,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         if world.main:
             saver.save({"model": model.state_dict(), "ema": None if ema is None else ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "sgd": isinstance(optimizer, torch.optim.SGD),
+                        "scaler": None if scaler is None else scaler.state_dict(),
                         "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                         "loss": data.loss_fn.state_dict()},
                        history, kept if improved else None)
@@ -233,6 +234,17 @@ def training_state(cfg: Config, model: MultiHeadNet, data: StageData, lrs: tuple
     if ckpt is not None and ckpt.get("sgd", False) == uses_sgd(cfg.optim, start):
         optimizer.load_state_dict(ckpt["optimizer"])
     return ema, optimizer
+
+
+def grad_scaler(rt: Runtime, ckpt: Optional[dict]) -> Optional[torch.amp.GradScaler]:
+    """fp16's loss scale (None in other precisions), carried over a resume as the optimizer's state is: a scale
+    started over costs the first steps after a resume (skipped while it falls back to a workable value)."""
+    if rt.dtype != torch.float16:
+        return None
+    scaler = torch.amp.GradScaler(rt.device.type)
+    if ckpt is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return scaler
 
 
 def train_epoch(ctx: Context, data: StageData, fold: int, stage_no: int, epoch: int, net: nn.Module, optimizer,

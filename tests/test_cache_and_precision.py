@@ -154,6 +154,48 @@ def test_auto_precision_is_decided_per_model_and_size_by_timing_it(monkeypatch, 
         engine.bf16_speedup.cache_clear()
 
 
+def test_the_precision_cache_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
+    """A write that dies half way (a kill, a full disk) leaves the earlier cache readable, as every other file of
+    the project: the timings of the other models are kept."""
+    from pathlib import Path
+
+    from multitask import engine
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(engine, "step_seconds", lambda arch, size, dtype: 1.0 if dtype is None else 0.5)
+    engine.bf16_speedup.cache_clear()
+    cache = tmp_path / "multitask" / "bf16_speedup.json"
+    real_write = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        real_write(self, text[:len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    try:
+        engine.bf16_speedup("resnet18", (64, 64))
+        before = cache.read_text()
+        monkeypatch.setattr(Path, "write_text", dies_half_way)
+        assert engine.bf16_speedup("resnet18", (96, 96)) == 2.0  # timed; the cache could not be written
+        assert cache.read_text() == before and list(cache.parent.iterdir()) == [cache]
+    finally:
+        engine.bf16_speedup.cache_clear()
+
+
+def test_an_fp16_resume_continues_with_the_loss_scale_it_stopped_at():
+    """last.pt carries the GradScaler's state and a resume restores it (a recorded state: there is no GPU here, and
+    the scaler's state is the same on every device)."""
+    from types import SimpleNamespace
+
+    from multitask.trainer import grad_scaler
+
+    recorded = {"scale": 2048.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                "_growth_tracker": 37}
+    fp16 = SimpleNamespace(dtype=torch.float16, device=torch.device("cpu"))
+    assert grad_scaler(fp16, {"scaler": recorded}).state_dict() == recorded
+    assert grad_scaler(fp16, None).state_dict()["scale"] == 65536.0  # a new stage starts at the default scale
+    assert grad_scaler(SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cpu")), None) is None
+
+
 def test_fp16_on_cpu_is_a_config_error():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", torch.device("cpu"))

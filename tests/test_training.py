@@ -311,3 +311,16 @@ def test_a_single_head_image_folder_task_trains_reports_and_explains(tmp_path):
     model = RunDir(run).load_models(saved, [0])[0]
     grid = cam_grid(model, torch.randn(1, 3, 32, 32))
     assert grid.heads == ["class"] and len(grid.layers) == 4
+
+
+@pytest.mark.slow
+def test_a_third_stage_is_one_more_entry_and_the_report_draws_its_curves(faces_root, tmp_path):
+    three = tmp_path / "three.yaml"
+    three.write_text("stages:\n  - {epochs: 1, heads: [gender, age], only: {mask: not_worn}}\n  - {epochs: 1}\n"
+                     "  - {epochs: 1, heads: [mask]}\n")
+    cfg = load_config(tiny_overrides(faces_root, tmp_path) + [str(three), "cv.folds=2", "cv.run_folds=[0]"])
+    run_cv(cfg, tmp_path / "run", log=lambda s: None)
+    write_report(tmp_path / "run")
+    assert sorted(RunDir(tmp_path / "run").stage_metrics()) == [(0, 1), (0, 2), (0, 3)]
+    assert sorted(p.name for p in (tmp_path / "run" / "plots").glob("curves_*")) == [
+        f"curves_fold0_stage{s}.png" for s in (1, 2, 3)]
