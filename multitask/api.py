@@ -73,7 +73,7 @@ def ensemble(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]], how: str = "me
 
 def mean_of_runs(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[str, np.ndarray]:
     """Per head: the mean of the runs' fold means, over the runs that have that head (class probabilities: every
-    run; predicted years: the runs whose head predicts them), so each run counts once however many folds it has."""
+    run; predicted values: the runs whose head predicts them), so each run counts once however many folds it has."""
     means = [{h: np.mean([f[h] for f in folds.values()], axis=0) for h in next(iter(folds.values()))}
              for folds in per_run]
     return {h: np.mean([m[h] for m in means if h in m], axis=0) for h in dict.fromkeys(h for m in means for h in m)}
@@ -82,7 +82,7 @@ def mean_of_runs(per_run: Sequence[Dict[int, Dict[str, np.ndarray]]]) -> Dict[st
 def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Config, device: torch.device,
                    views: Sequence[tuple], batch_size: int = 128, progress: bool = False
                    ) -> Dict[int, tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]:
-    """Per fold: (per head the class probabilities, per head that predicts them the years) of prepared photos
+    """Per fold: (per head the class probabilities, per head that predicts them the values) of prepared photos
     (N x H x W x 3 uint8), averaged over views."""
     rt, pre = Runtime.on(device, cfg), Preprocessing.from_config(cfg)
     workers = loader_workers(cfg.data.workers, device, True)
@@ -90,14 +90,14 @@ def predict_arrays(models: Dict[int, MultiHeadNet], images: np.ndarray, cfg: Con
             for k, model in models.items()}
 
 
-def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict, years: dict) -> pd.DataFrame:
+def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict, values: dict) -> pd.DataFrame:
     """predictions.csv: the input's rows, the run's prediction columns (true classes where the input has
-    labels; years where a head predicts them), each head's class name, and the joint label (the competition's
+    labels; values where a head predicts them), each head's class name, and the joint label (the competition's
     18-class ``ans``)."""
     heads = [h for h in cfg.heads if h.name in probs]
     targets = {h.name: table[h.column].astype(np.int64).to_numpy() for h in heads if h.column in table.columns
                and table[h.column].notna().all() and (table[h.column].astype(np.int64) >= 0).all()}
-    df = prediction_frame(heads, table, probs, preds, targets, years)
+    df = prediction_frame(heads, table, probs, preds, targets, values)
     for h in heads:
         df[h.name + "_class"] = [h.classes[i] for i in preds[h.name]]
     df["label"] = joint_label(heads, preds)
@@ -213,12 +213,12 @@ class Predictor:
             per_run = [predict_arrays(m.models, arr, m.cfg, self.device, m.views, self.batch_size, progress)
                        for m, arr in zip(self.members, images)]
         probs, preds = ensemble([{k: p for k, (p, _) in folds.items()} for folds in per_run], self.how)
-        years = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
-        return predictions_frame(self.cfg, table, probs, preds, years)
+        values = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
+        return predictions_frame(self.cfg, table, probs, preds, values)
 
     def predict(self, photos: Union[Photo, Sequence[Photo]], progress: bool = False) -> pd.DataFrame:
         """One row per photo (a file path, a PIL image or an RGB array): the columns of ``multitask predict``'s
-        predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``years_<head>``, ``label``)."""
+        predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``value_<head>``, ``label``)."""
         if isinstance(photos, (str, Path, np.ndarray, Image.Image)):
             photos = [photos]
         images, names = self.frame_photos(list(photos))

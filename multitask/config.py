@@ -53,9 +53,9 @@ class HeadConfig:
     column: str  # column of the data table holding the integer label
     classes: List[str] = field(default_factory=list)  # empty: taken from the data (image folders)
     loss_weight: float = within(1.0, 0)  # the head's share of the summed loss
-    # The head's kind, how it learns (heads.py): ce | ordinal (ordered classes) | dldl | regression (the value of
-    # value_column, cut into the classes at thresholds)
-    loss: str = "ce"
+    # The head's kind, how it learns and decodes (heads.py): ce | ordinal (ordered classes) | dldl | regression (the
+    # value of value_column, cut into the classes at thresholds)
+    kind: str = "ce"
     value_column: Optional[str] = None  # a numeric column the classes are cut from, e.g. age (in years)
     thresholds: List[int] = field(default_factory=list)  # the cuts of value_column between the classes
     train_thresholds: Optional[List[int]] = None  # training-only cuts, e.g. [30, 58]: 58+ learned as 60+
@@ -358,10 +358,24 @@ def stage_index(key: str, stages: int, origin: str) -> int:
     return n - 1
 
 
+RENAMED = {"loss": "kind"}  # head settings renamed: the old name is refused with the new one
+
+
+def _renamed_head_keys(other, origin: str) -> None:
+    """A config file (a preset, a YAML file, a run's saved config) that sets a head's setting by its old name."""
+    heads = other.get("heads") if isinstance(other, DictConfig) else None
+    for i, head in enumerate(heads if isinstance(heads, ListConfig) else []):
+        for old, new in RENAMED.items():
+            if isinstance(head, DictConfig) and old in head:
+                raise ConfigError(f"{origin}: heads.{i}.{old} is now heads.{i}.{new} (the head's kind: "
+                                  f"{head[old]}); rename the key")
+
+
 def _merge(base, other, origin: str):
     """``other`` merged into ``base``; a mapping the config declares as a value (``stage1.only``) is replaced, not
     merged into, so a preset's or an override's ``only: {}`` clears it. A ``stageN:`` section is merged into
     entry N-1 of ``stages``."""
+    _renamed_head_keys(other, origin)
     sections = {}
     if isinstance(other, DictConfig) and "stages" in base:
         sections = {key: other[key] for key in list(other.keys()) if STAGE_KEY.match(str(key))}
@@ -389,7 +403,10 @@ def _replace_mappings(cfg: DictConfig, other) -> None:
 
 
 def _set(cfg, key: str, value: str, origin: str):
-    """``a.b=value``; list items by index too (``heads.2.loss=dldl``); ``stageN.key`` is ``stages.(N-1).key``."""
+    """``a.b=value``; list items by index too (``heads.2.kind=dldl``); ``stageN.key`` is ``stages.(N-1).key``."""
+    renamed = re.match(r"heads\.(\d+)\.(\w+)$", key)
+    if renamed and renamed[2] in RENAMED:
+        raise ConfigError(f"{origin}: heads.{renamed[1]}.{renamed[2]} is now heads.{renamed[1]}.{RENAMED[renamed[2]]}")
     alias = re.match(r"(stage\d+)\.(.+)$", key)
     if alias:
         key = f"stages.{stage_index(alias[1], len(cfg.stages), origin)}.{alias[2]}"
@@ -588,6 +605,11 @@ def validate(cfg: Config) -> None:
         if cfg.cv.leave_out in cfg.cv.run_folds:
             raise ConfigError(f"cv.run_folds={list(cfg.cv.run_folds)}: fold {cfg.cv.leave_out} is left out "
                               "(cv.leave_out); it has no people to train or validate")
+
+
+def config_dict(cfg: Config) -> dict:
+    """The config as plain data (dicts and lists), as run.json records it."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -40,8 +40,8 @@ def field_comments() -> Dict[str, Dict[str, str]]:
 
 
 def rule(key: str, metadata) -> str:
-    """The rule beside a field (config.one_of, config.within), or the head kinds for heads.N.loss."""
-    choices = tuple(KINDS) if key == "heads.N.loss" else metadata.get("choices")
+    """The rule beside a field (config.one_of, config.within), or the head kinds for heads.N.kind."""
+    choices = tuple(KINDS) if key == "heads.N.kind" else metadata.get("choices")
     if choices:
         return " \\| ".join(f"`{c}`" for c in choices)
     if "range" in metadata:
@@ -80,7 +80,7 @@ def reference() -> str:
     lines = ["# Configuration reference", "",
              "Generated from `multitask/config.py` by `make docs` (`python -m multitask.config_reference "
              "docs/config.md`); a test fails when this file is stale. Set any key on the command line as "
-             "`section.key=value` (`heads.2.loss=dldl` for list items), merge a preset with `data=NAME`, "
+             "`section.key=value` (`heads.2.kind=dldl` for list items), merge a preset with `data=NAME`, "
              "`model=NAME` or `experiment=NAME` (`configs/<group>/NAME.yaml`), or give a YAML file. "
              "`multitask train --show-config` prints the resolved config.", "",
              "## Run", "", *header,
@@ -94,7 +94,7 @@ def reference() -> str:
             lines += [f"- `heads.{i}`: {h.name} (column `{h.column}`, classes {', '.join(h.classes)})"
                       for i, h in enumerate(sub)]
             lines += ["", *header, *section_rows("heads.N.", HeadConfig("NAME", "COLUMN"), comments)]
-            lines += ["", "Head kinds (`heads.N.loss`, `multitask/heads.py`):", "", "| kind | what the head learns |",
+            lines += ["", "Head kinds (`heads.N.kind`, `multitask/heads.py`):", "", "| kind | what the head learns |",
                       "|---|---|", *[f"| `{name}` | {k.doc} |" for name, k in KINDS.items()]]
         elif f.name == "stages":
             lines += ["", "## stages", "", f"{comments['Config']['stages']}. The default:", ""]

@@ -286,15 +286,15 @@ def predict_logits(model: MultiHeadNet, loader: DataLoader, rt: Runtime, progres
 
 
 def head_outputs(model: MultiHeadNet, logits: torch.Tensor) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(per head the class probabilities, per head that predicts them the years) of a batch's logits."""
+    """(per head the class probabilities, per head that predicts them the values) of a batch's logits."""
     return ({k: v.numpy() for k, v in model.probabilities(logits).items()},
-            {k: v.numpy() for k, v in model.years(logits).items()})
+            {k: v.numpy() for k, v in model.predicted_values(logits).items()})
 
 
 def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, views: Sequence[tuple],
                   rt: Runtime, batch_size: int, workers: int = 0, progress: bool = False,
                   desc: str = "") -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """(per head the class probabilities, per head that predicts them the years) of prepared photos
+    """(per head the class probabilities, per head that predicts them the values) of prepared photos
     (N x H x W x 3 uint8), averaged over test-time views (``PredictConfig.views``): what predict gives, and
     what the extra validation sets are scored with."""
     fused = rt.place(for_inference(unwrap(model)))
@@ -309,13 +309,13 @@ def predict_views(model: MultiHeadNet, images: np.ndarray, pre: Preprocessing, v
 
 def mean_over_views(views: Sequence[tuple], one_view: Callable[[float, bool], tuple]
                     ) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    """The mean over test-time views of ``one_view(scale, flip)`` -> (probabilities per head, years per head)."""
+    """The mean over test-time views of ``one_view(scale, flip)`` -> (probabilities per head, values per head)."""
     probs: Dict[str, np.ndarray] = {}
-    years: Dict[str, np.ndarray] = {}
+    values: Dict[str, np.ndarray] = {}
     for scale, flip in views:
-        view_probs, view_years = one_view(scale, flip)
+        view_probs, view_values = one_view(scale, flip)
         for name, part in view_probs.items():
             probs[name] = probs.get(name, 0) + part / len(views)
-        for name, part in view_years.items():
-            years[name] = years.get(name, 0) + part / len(views)
-    return probs, years
+        for name, part in view_values.items():
+            values[name] = values.get(name, 0) + part / len(views)
+    return probs, values

@@ -1,8 +1,8 @@
 """``multitask export --run RUN --out DIR [--format onnx|torchscript] [--folds K,K]``: a model file to take anywhere.
 
 The graph takes a normalised batch (N x 3 x H x W float32, RGB, ImageNet mean/std, dynamic N) and returns each
-head's class *probabilities* (``p_<head>``, N x classes) and, for heads that predict the age in years,
-``years_<head>`` (N): the fold models' mean over the plain and (with ``predict.tta_flip``) mirrored photo, each
+head's class *probabilities* (``p_<head>``, N x classes) and, for heads that predict a value (the age, in
+years), ``value_<head>`` (N): the fold models' mean over the plain and (with ``predict.tta_flip``) mirrored photo, each
 head decoded as the run decodes it (ordinal, age distribution, regression, the training prior), so the numbers
 are predict's. Beside it, ``preprocessing.json`` says how to turn a photo into that batch and what the outputs
 are: the only file a user of the graph needs to read.
@@ -49,32 +49,32 @@ PREPROCESSING = "preprocessing.json"
 
 
 class HeadProbabilities(nn.Module):
-    """Fold models -> per head the mean class probabilities (then the mean years) over the models and views."""
+    """Fold models -> per head the mean class probabilities (then the mean values) over the models and views."""
 
     def __init__(self, models: Sequence[MultiHeadNet], heads: Sequence[str], flip: bool):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.heads, self.flip = list(heads), flip
-        self.year_heads = [h for h in self.heads if h in models[0].year_heads]
+        self.value_heads = [h for h in self.heads if h in models[0].value_heads]
 
     def output_names(self) -> List[str]:
-        return [f"p_{h}" for h in self.heads] + [f"years_{h}" for h in self.year_heads]
+        return [f"p_{h}" for h in self.heads] + [f"value_{h}" for h in self.value_heads]
 
     def forward(self, x: torch.Tensor):
         views = [x, x.flip(3)] if self.flip else [x]
         probs = {h: [] for h in self.heads}
-        years = {h: [] for h in self.year_heads}
+        values = {h: [] for h in self.value_heads}
         for model in self.models:
             for view in views:
                 logits = model(view)
                 for h, p in model.probabilities(logits).items():
                     if h in probs:
                         probs[h].append(p)
-                for h, y in model.years(logits).items():
-                    if h in years:
-                        years[h].append(y)
+                for h, y in model.predicted_values(logits).items():
+                    if h in values:
+                        values[h].append(y)
         return tuple([torch.stack(probs[h]).mean(0) for h in self.heads]
-                     + [torch.stack(years[h]).mean(0) for h in self.year_heads])
+                     + [torch.stack(values[h]).mean(0) for h in self.value_heads])
 
 
 def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> dict:
@@ -110,7 +110,7 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
         "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior,
                                   **({"thresholds": list(heads[h].thresholds)} if heads[h].thresholds else {})}
                        for h in graph.heads},
-                    **{f"years_{h}": {"head": h, "unit": "years"} for h in graph.year_heads}},
+                    **{f"value_{h}": {"head": h, "value_column": heads[h].value_column} for h in graph.value_heads}},
         "views_in_graph": views,
         "views_not_in_graph": [f"scale {s}" for s in scales],
         "joint_label": {"heads": graph.heads, "sizes": [len(heads[h].classes) for h in graph.heads],

@@ -1,6 +1,6 @@
 """Head kinds: how a head learns, how wide its layer is and how its outputs are read.
 
-Each head of the config names its kind (``heads[i].loss``). Whatever the kind, ``probabilities`` turns the head's
+Each head of the config names its kind (``heads[i].kind``). Whatever the kind, ``probabilities`` turns the head's
 raw outputs into class probabilities that sum to 1 and agree with the classes the outputs point at; the report,
 the joint label, CAM targets, the dashboard, predict and the export read only those, plus ``value`` (e.g. the
 age in years) where the kind predicts one. A new kind is one entry in ``KINDS``: nothing else in the package
@@ -134,7 +134,7 @@ KINDS = {
 
 
 def kind(head: "HeadConfig") -> HeadKind:
-    return KINDS[head.loss]
+    return KINDS[head.kind]
 
 
 def value_heads(heads: Sequence["HeadConfig"]) -> List["HeadConfig"]:
@@ -145,9 +145,9 @@ def value_heads(heads: Sequence["HeadConfig"]) -> List["HeadConfig"]:
 def check_heads(cfg: "Config") -> None:
     """Each head's kind against what it needs; a ConfigError naming the key."""
     for i, h in enumerate(cfg.heads):
-        if h.loss not in KINDS:
-            raise ConfigError(f"heads.{i}.loss={h.loss!r}: must be one of {', '.join(KINDS)}")
-        k = KINDS[h.loss]
+        if h.kind not in KINDS:
+            raise ConfigError(f"heads.{i}.kind={h.kind!r}: must be one of {', '.join(KINDS)}")
+        k = KINDS[h.kind]
         if h.thresholds and h.classes and len(h.thresholds) != len(h.classes) - 1:
             raise ConfigError(f"heads.{i}.thresholds={list(h.thresholds)}: one cut between each two classes "
                               f"({len(h.classes) - 1} for {list(h.classes)})")
@@ -157,21 +157,21 @@ def check_heads(cfg: "Config") -> None:
                 raise ConfigError(f"heads.{i}.{key}={list(cuts)}: each above the one before (every class needs "
                                   "values of its own)")
         if k.value is not None and not (h.value_column and h.thresholds):
-            raise ConfigError(f"heads.{i}.loss={h.loss} learns a value: it needs heads.{i}.value_column and "
+            raise ConfigError(f"heads.{i}.kind={h.kind} learns a value: it needs heads.{i}.value_column and "
                               f"heads.{i}.thresholds (head {h.name} has "
                               f"{'no value_column' if not h.value_column else 'no thresholds'})")
         if k.value_range and any(not k.value_range[0] < t <= k.value_range[1] for t in h.thresholds):
-            raise ConfigError(f"heads.{i}.thresholds={list(h.thresholds)}: loss={h.loss} cuts values "
+            raise ConfigError(f"heads.{i}.thresholds={list(h.thresholds)}: kind={h.kind} cuts values "
                               f"{k.value_range[0]}..{k.value_range[1]}")
         if h.train_thresholds is not None and k.value is not None:
-            raise ConfigError(f"heads.{i}.train_thresholds={list(h.train_thresholds)}: heads.{i}.loss={h.loss} "
+            raise ConfigError(f"heads.{i}.train_thresholds={list(h.train_thresholds)}: heads.{i}.kind={h.kind} "
                               "learns the value, not the classes, so training classes would change nothing; use it "
                               "with ce or ordinal")
         if h.train_thresholds is not None and not h.value_column:
             raise ConfigError(f"heads.{i}.train_thresholds: needs heads.{i}.value_column, the values to cut")
         if h.prior == "training" and (not k.cross_entropy or not cfg.loss.class_weights):
             raise ConfigError(f"heads.{i}.prior=training takes out the class weights a ce head learnt with, and "
-                              + (f"heads.{i}.loss={h.loss}" if not k.cross_entropy else "loss.class_weights=false")
+                              + (f"heads.{i}.kind={h.kind}" if not k.cross_entropy else "loss.class_weights=false")
                               + " has none; leave it balanced")
         if h.absent is not None and h.classes and h.absent not in h.classes:
             raise ConfigError(f"heads.{i}.absent={h.absent!r}: not one of its classes {list(h.classes)}")

@@ -34,13 +34,13 @@ class MultiHeadLoss(nn.Module):
     ``log_variances`` s_h (its only parameters: the trainer gives them to the optimizer and the checkpoint)."""
 
     def __init__(self, heads: Sequence[str], loss_weights: Sequence[float], cfg: LossConfig,
-                 class_weights: Optional[Dict[str, torch.Tensor]] = None, losses: Optional[Sequence[str]] = None,
+                 class_weights: Optional[Dict[str, torch.Tensor]] = None, kinds: Optional[Sequence[str]] = None,
                  column: Optional[Dict[str, int]] = None, soft_terms: Sequence[nn.Module] = ()):
         """``column``: each head's column in the target matrix (default: the order of ``heads``)."""
         super().__init__()
         self.heads, self.loss_weights = list(heads), list(loss_weights)
         self.column = dict(column) if column is not None else {h: i for i, h in enumerate(self.heads)}
-        self.losses = dict(zip(self.heads, losses or ["ce"] * len(self.heads)))
+        self.kinds = dict(zip(self.heads, kinds or ["ce"] * len(self.heads)))
         self.smoothing, self.gamma = cfg.label_smoothing, cfg.focal_gamma
         self.soft_terms = nn.ModuleList(soft_terms)
         self.log_variances = (nn.Parameter(torch.zeros(len(self.heads))) if cfg.balance == "uncertainty"
@@ -54,7 +54,7 @@ class MultiHeadLoss(nn.Module):
         if not valid.any():
             return logits.sum() * 0.0
         logits, target = logits[valid].float(), target[valid]
-        own_loss = KINDS[self.losses[name]].loss
+        own_loss = KINDS[self.kinds[name]].loss
         if own_loss is not None:
             return own_loss(logits, target).mean()
         ce = F.cross_entropy(logits, target, weight=weight, label_smoothing=self.smoothing, reduction="none")

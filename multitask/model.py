@@ -74,14 +74,14 @@ class MultiHeadNet(nn.Module):
         return {name: self.head_probabilities(name, part) for name, part in self.split(logits).items()}
 
     @property
-    def year_heads(self) -> List[str]:
-        """The heads that predict a value (the age in years), not only a class."""
+    def value_heads(self) -> List[str]:
+        """The heads that predict a value (e.g. the age in years), not only a class."""
         return [h.name for h in value_heads(self.head_configs)]
 
-    def years(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The predicted value (the age in years) of the ``year_heads``."""
+    def predicted_values(self, logits: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The predicted value (e.g. the age in years) of each of the ``value_heads``."""
         parts = self.split(logits)
-        return {name: kind(self.head_config(name)).value(parts[name]) for name in self.year_heads}
+        return {name: kind(self.head_config(name)).value(parts[name]) for name in self.value_heads}
 
 
 def _strip_classifier(net: nn.Module) -> int:

@@ -70,7 +70,7 @@ def _weakest_classes(result: dict, heads: Sequence[HeadConfig]) -> List[str]:
 
 def model_card(cfg: Config, run, heads: Sequence[HeadConfig], oof: pd.DataFrame, result: dict, recipe: str) -> str:
     d = cfg.data
-    head_list = ", ".join(f"{h.name} ({' / '.join(h.classes)}; loss {h.loss}"
+    head_list = ", ".join(f"{h.name} ({' / '.join(h.classes)}; kind {h.kind}"
                           + (", prior training" if h.prior == "training" else "") + ")" for h in heads)
     stages = [f"stage {i}: {s.epochs} epochs on " + (f"heads {', '.join(s.heads)}" if s.heads else "every head")
               + (f", photos whose {', '.join(f'{k} is {v}' for k, v in s.only.items())}" if s.only else "")

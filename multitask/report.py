@@ -38,7 +38,7 @@ from multitask.metrics import JOINT, joint_name, label, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
                            mean_frame, pred_column, prob_columns, read_table, subgroup_columns, true_column,
-                           years_column)
+                           value_prediction_column)
 from multitask.tasks import joint_class_names, joint_label  # noqa: E402
 
 
@@ -135,10 +135,10 @@ def head_on_accuracy(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Op
 
 def value_errors(head: HeadConfig, df: pd.DataFrame) -> Optional[pd.Series]:
     """|predicted - true value| of the rows whose value is known; None where the table lacks either column."""
-    if head.value_column not in df or years_column(head) not in df:
+    if head.value_column not in df or value_prediction_column(head) not in df:
         return None
     known = df[head.value_column].notna()
-    return (df.loc[known, years_column(head)] - df.loc[known, head.value_column].astype(float)).abs()
+    return (df.loc[known, value_prediction_column(head)] - df.loc[known, head.value_column].astype(float)).abs()
 
 
 def head_value_mae(head: HeadConfig, true: np.ndarray, df: pd.DataFrame) -> Optional[float]:
@@ -260,7 +260,7 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
              "| true age | photos | " + " | ".join(head.classes) + " |", "|---" * (len(head.classes) + 2) + "|"]
     lines += [f"| {b} | {v['photos']} | " + " | ".join(f"{v[c]:.2f}" for c in head.classes) + " |"
               for b, v in result["by_year"].items()]
-    years_col = years_column(head)
+    value_col = value_prediction_column(head)
     err = value_errors(head, known)
     if err is not None:
         result["mae_years"] = {int(k): float(e.mean()) for k, e in err.groupby(known["fold"])}
@@ -270,7 +270,7 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
             "![age](plots/age_predicted_vs_true.png)"]
         fig, ax = plt.subplots(figsize=(4.5, 4.2))
         for k, part in known.groupby("fold"):
-            ax.scatter(part["age"], part[years_col], s=4, alpha=0.4, label=f"fold {k}")
+            ax.scatter(part["age"], part[value_col], s=4, alpha=0.4, label=f"fold {k}")
         ax.plot([0, 100], [0, 100], color="grey", lw=1)
         ax.set_xlabel("true age")
         ax.set_ylabel("predicted age")

@@ -8,8 +8,8 @@ The one module that spells its files and the columns of its prediction tables:
     oof.csv  report.md  report.json  MODEL_CARD.md  plots/  tb/
 
 Prediction tables (oof.csv, extra_val/*.csv, predict's predictions.csv) hold, per head, ``true_<head>`` (when
-known), ``p_<head>_<class>`` per class, ``pred_<head>`` and, for heads that predict the age in years,
-``years_<head>``.
+known), ``p_<head>_<class>`` per class, ``pred_<head>`` and, for heads that predict a value (the age, in years),
+``value_<head>``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from multitask.config import Config, ConfigError, HeadConfig, final_stage, load_config
+from multitask.config import Config, ConfigError, HeadConfig, config_dict, final_stage, load_config
 
 if TYPE_CHECKING:  # the torch side is imported where models are loaded, so report and the dashboard start fast
     from multitask.data.transforms import Preprocessing
@@ -138,12 +138,10 @@ class RunDir:
     def check_unedited(self, cfg: Config) -> None:
         """A resume continues the run as it started: config.yaml edited since (outside the predict and report
         sections, which only say how to use the models) is refused, naming the keys."""
-        from omegaconf import OmegaConf
-
         started = self.recorded().get("config")
         if not started:
             return
-        now = flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+        now = flatten(config_dict(cfg))
         free = ("predict.", "report.", "train.progress", "cv.run_folds")
         changed = [(k, v, now.get(k)) for k, v in flatten(started).items() if not k.startswith(free) and now.get(k) != v]
         if changed:
@@ -157,11 +155,24 @@ class RunDir:
         recorded = self.recorded().get("typical_face_boxes", {})
         return {tuple(int(v) for v in size.split("x")): tuple(box) for size, box in recorded.items()}
 
-    @staticmethod
-    def typical_face_boxes_record(typical: Dict[tuple, tuple]) -> dict:
-        """``typical_face_boxes`` as run.json stores it: {"<width>x<height>": [x0, y0, x1, y1]}, the box followed by
-        the five landmarks (x, y) under ``aligned``."""
-        return {f"{w}x{h}": list(box) for (w, h), box in typical.items()}
+    def record_start(self, cfg: Config, *, weights_loaded: bool, learning_rates: tuple[float, float], processes: int,
+                     device: str, precision: str, data_root: Path, typical: Dict[tuple, tuple], allocator: dict
+                     ) -> None:
+        """run.json, written once, when the run's first fold starts: what the run used, as ``recorded`` reads it.
+        ``typical``: (width, height) -> the typical face box (then the five landmarks under ``aligned``)."""
+        from multitask.io import atomic_write_text
+
+        if self.recorded_file.exists():
+            return
+        atomic_write_text(self.recorded_file, json.dumps({
+            "weights_loaded": weights_loaded, "lr_trunk": learning_rates[0], "lr_heads": learning_rates[1],
+            "processes": processes, "batch_per_process": cfg.data.batch_size,
+            "effective_batch": cfg.data.batch_size * processes, "lr_scaling": cfg.train.lr_scaling,
+            "device": device, "precision": precision, "data_root": str(data_root),
+            "typical_face_boxes": {f"{w}x{h}": list(box) for (w, h), box in typical.items()},
+            "config": config_dict(cfg),  # as the run started: a resume checks config.yaml against it
+            "allocator": allocator,
+        }, indent=1))
 
     def preprocessing(self, cfg: Config):
         """The run's ``Preprocessing``: from its config, with its typical face boxes."""
@@ -295,15 +306,15 @@ def pred_column(head: HeadConfig) -> str:
     return f"pred_{head.name}"
 
 
-def years_column(head: HeadConfig) -> str:
-    return f"years_{head.name}"
+def value_prediction_column(head: HeadConfig) -> str:
+    return f"value_{head.name}"
 
 
 def prediction_frame(heads: Sequence[HeadConfig], base: pd.DataFrame, probs: Dict[str, np.ndarray],
                      preds: Optional[Dict[str, np.ndarray]] = None, targets: Optional[Dict[str, np.ndarray]] = None,
-                     years: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
+                     values: Optional[Dict[str, np.ndarray]] = None) -> pd.DataFrame:
     """``base`` (one row per photo) with, for each head in ``probs``: its true class (where ``targets`` has
-    it), class probabilities, predicted class (``preds``, else the most probable) and predicted years."""
+    it), class probabilities, predicted class (``preds``, else the most probable) and predicted values."""
     df = base.reset_index(drop=True).copy()
     for h in heads:
         if h.name not in probs:
@@ -313,8 +324,8 @@ def prediction_frame(heads: Sequence[HeadConfig], base: pd.DataFrame, probs: Dic
         for col, p in zip(prob_columns(h), probs[h.name].T):
             df[col] = p
         df[pred_column(h)] = preds[h.name] if preds else probs[h.name].argmax(1)
-        if years and h.name in years:
-            df[years_column(h)] = np.round(years[h.name], 2)
+        if values and h.name in values:
+            df[value_prediction_column(h)] = np.round(values[h.name], 2)
     return df
 
 
@@ -326,15 +337,15 @@ def frame_arrays(heads: Sequence[HeadConfig], df: pd.DataFrame):
 
 
 def mean_frame(frames: Sequence[pd.DataFrame], heads: Sequence[HeadConfig]) -> pd.DataFrame:
-    """The first table with each head's probabilities (and predicted years, where any table has them)
+    """The first table with each head's probabilities (and predicted values, where any table has them)
     averaged over ``frames``, which hold the same photos in the same order, and the predicted class redone."""
     mean = frames[0].copy()
     for h in heads:
         mean[prob_columns(h)] = np.mean([f[prob_columns(h)].to_numpy() for f in frames], axis=0)
         mean[pred_column(h)] = mean[prob_columns(h)].to_numpy().argmax(1)
-        years = [f[years_column(h)].to_numpy() for f in frames if years_column(h) in f]
-        if years:
-            mean[years_column(h)] = np.mean(years, axis=0)
+        values = [f[value_prediction_column(h)].to_numpy() for f in frames if value_prediction_column(h) in f]
+        if values:
+            mean[value_prediction_column(h)] = np.mean(values, axis=0)
     return mean
 
 

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     if a.folds and not a.resume:
         p.error("--folds takes a run: --resume RUN_DIR --folds K (or set cv.run_folds for a new run)")
     from multitask import distributed
-    from multitask.trainer import folds_to_train, open_run, run_cv
+    from multitask.training.cv import folds_to_train, open_run, run_cv
     from multitask.data.sources import DataError
     from multitask.engine import NonFiniteLoss, configure_threads
     from multitask.model import WeightsError

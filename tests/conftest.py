@@ -60,13 +60,12 @@ def faces_copy(faces_root, tmp_path) -> Path:
     return Path(shutil.copytree(faces_root, tmp_path / "faces"))
 
 
-def manifest_csv(table: pd.DataFrame, name: str) -> Path:
-    """``table`` (absolute ``path``s) written as a manifest CSV in the photos' common folder, paths relative to it:
-    a manifest's photos must lie inside its folder. ``name``: unique for the test (the folder may be shared)."""
-    folder = Path(os.path.commonpath(list(table["path"])))
-    folder = folder.parent if folder.is_file() else folder
-    csv = folder / f"{name}.csv"
-    table.assign(path=[os.path.relpath(p, folder) for p in table["path"]]).to_csv(csv, index=False)
+def manifest_csv(table: pd.DataFrame, root: Path, name: str) -> Path:
+    """``table`` (absolute ``path``s, all under ``root``) written as the manifest ``root/<name>.csv``, its paths
+    relative to it: a manifest's photos must lie inside its folder. ``name``: unique for the test (``root`` may be
+    the session's shared faces, which no other test lists at their top)."""
+    csv = Path(root) / f"{name}.csv"
+    table.assign(path=[os.path.relpath(p, root) for p in table["path"]]).to_csv(csv, index=False)
     return csv
 
 
@@ -95,7 +94,7 @@ def trained_run(faces_root, mask_folders_root, tmp_path_factory) -> Path:
     it scores the mask folders as an extra validation set. In fp32: under bf16 (precision=auto picks it on a CPU
     with bf16 instructions) a photo's result depends on the batch it ran in, so predict reproduced oof.csv
     only to 4e-3, not the 1e-4 the predict tests hold it to."""
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("trained")
@@ -114,7 +113,7 @@ def learned_run(tmp_path_factory) -> Path:
     face region, 8 epochs): for the learning and CAM sanity tests. Without the real-photo augmentation, which
     the synthetic photos do not need (it would double the epochs needed), and in fp32, the same numerics on every
     CPU (bf16 is emulated, and slow, without AVX512-BF16). About 1.5 minutes on 2 cores."""
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
     from multitask.report import write_report
 
     tmp = tmp_path_factory.mktemp("learned")

@@ -14,7 +14,7 @@ from PIL import Image
 from sklearn.metrics import f1_score
 
 from multitask.config import ConfigError, load_config
-from multitask.trainer import prepare_data
+from multitask.training.cv import prepare_data
 from multitask.data.dataset import PhotoDataset, cached_images
 from multitask.data.sources import DataError, load_competition
 from multitask.data.transforms import FaceFraming
@@ -186,7 +186,7 @@ def test_an_fp16_resume_continues_with_the_loss_scale_it_stopped_at():
     the scaler's state is the same on every device)."""
     from types import SimpleNamespace
 
-    from multitask.trainer import grad_scaler
+    from multitask.training.checkpoints import grad_scaler
 
     recorded = {"scale": 2048.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                 "_growth_tracker": 37}

@@ -54,19 +54,19 @@ def test_bad_overrides_are_errors_that_name_the_key(override, message):
 def test_the_training_prior_needs_class_weights_to_take_out():
     assert load_config(["heads.0.prior=training"]).heads[0].prior == "training"
     with pytest.raises(ConfigError, match=re.escape("heads.2.prior=training takes out the class weights a ce head "
-                                                    "learnt with, and heads.2.loss=dldl has none")):
-        load_config(["heads.2.loss=dldl", "heads.2.prior=training"])
+                                                    "learnt with, and heads.2.kind=dldl has none")):
+        load_config(["heads.2.kind=dldl", "heads.2.prior=training"])
     with pytest.raises(ConfigError, match=re.escape("and loss.class_weights=false has none")):
         load_config(["loss.class_weights=false", "heads.0.prior=training"])
 
 
 def test_a_preset_after_an_override_of_the_same_key_is_an_error_not_a_silent_undo():
     """Overrides apply in order; a preset that sets a key (or a list such as heads) would drop an earlier one."""
-    cfg = load_config(["experiment=real_faces", "heads.2.loss=dldl"])
-    assert [(h.loss, h.prior) for h in cfg.heads] == [("ce", "training"), ("ce", "balanced"), ("dldl", "balanced")]
+    cfg = load_config(["experiment=real_faces", "heads.2.kind=dldl"])
+    assert [(h.kind, h.prior) for h in cfg.heads] == [("ce", "training"), ("ce", "balanced"), ("dldl", "balanced")]
     with pytest.raises(ConfigError, match=re.escape("experiment=real_faces: sets heads, which would undo the earlier "
-                                                    "override 'heads.2.loss=dldl'; give the override after")):
-        load_config(["heads.2.loss=dldl", "experiment=real_faces"])
+                                                    "override 'heads.2.kind=dldl'; give the override after")):
+        load_config(["heads.2.kind=dldl", "experiment=real_faces"])
     with pytest.raises(ConfigError, match=re.escape("sets data.face_crop, which would undo the earlier override "
                                                     "'data.face_crop=center'")):
         load_config(["data.face_crop=center", "experiment=real_masks"])

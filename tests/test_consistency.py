@@ -97,7 +97,7 @@ def test_consistency_needs_a_head_with_an_absent_class(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_with_the_term_trains_it_from_the_second_stage_on(tiny_config, tmp_path):
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
 
     cfg = tiny_config("cv.run_folds=[0]", "loss.person_consistency=1.0")
     run_cv(cfg, tmp_path / "run", log=lambda s: None)

@@ -22,7 +22,7 @@ def test_the_config_reference_is_generated_from_the_config_as_it_is():
 def test_the_config_reference_gives_the_real_defaults():
     text = reference()
     for line in ("| `augment.degrade` | `0.7` | ≥ 0, ≤ 1 |", "| `augment.affine` | `0.6` |", "| `cv.folds` | `5` | ≥ 2 |",
-                 "| `heads.N.loss` | `ce` | `ce` \\| `ordinal` \\| `dldl` \\| `regression` |",
+                 "| `heads.N.kind` | `ce` | `ce` \\| `ordinal` \\| `dldl` \\| `regression` |",
                  "- `stage1`: 4 epochs, heads gender, age, photos whose mask is not_worn",
                  "- `stage2`: 8 epochs, every head", "| `stageN.epochs` | `6` | ≥ 1 |"):
         assert line in text, line

@@ -15,7 +15,7 @@ from multitask.data.transforms import Preprocessing
 from multitask.export import HeadProbabilities, main as export_main
 from multitask.model import build_model
 from multitask.predict import predict
-from multitask.trainer import run_cv
+from multitask.training.cv import run_cv
 
 from conftest import tiny_overrides
 
@@ -41,7 +41,7 @@ def fp32_run(faces_root, tmp_path_factory) -> Path:
     is dldl (a distribution over years); fp32, so that the graph and predict compute the same numbers on any CPU."""
     tmp = tmp_path_factory.mktemp("fp32")
     cfg = load_config(tiny_overrides(faces_root, tmp) + ["train.precision=fp32", "cv.run_folds=[0,1]",
-                                                         "heads.0.prior=training", "heads.2.loss=dldl"])
+                                                         "heads.0.prior=training", "heads.2.kind=dldl"])
     run_cv(cfg, tmp / "run", log=lambda s: None)
     return tmp / "run"
 
@@ -55,12 +55,12 @@ def test_the_onnx_graph_gives_predicts_probabilities_for_ce_and_dldl_heads(fp32_
     for head, classes in {"mask": ["worn", "incorrect", "not_worn"], "gender": ["male", "female"],
                           "age": ["<30", "30-59", "60+"]}.items():
         np.testing.assert_allclose(got[f"p_{head}"], expected[[f"p_{head}_{c}" for c in classes]], atol=1e-4)
-    np.testing.assert_allclose(got["years_age"], expected["years_age"], atol=0.01)  # predict rounds to 0.01
+    np.testing.assert_allclose(got["value_age"], expected["value_age"], atol=0.01)  # predict rounds to 0.01
     info = json.loads((tmp_path / "export" / "preprocessing.json").read_text())
     assert info["input"]["shape"] == ["N", 3, 40, 32] and info["views_in_graph"] == ["plain", "mirrored"]
     assert info["outputs"]["p_mask"] == {"head": "mask", "classes": ["worn", "incorrect", "not_worn"],
                                          "prior": "training"}
-    assert info["folds"] == [0, 1] and info["outputs"]["years_age"]["unit"] == "years"
+    assert info["folds"] == [0, 1] and info["outputs"]["value_age"]["value_column"] == "age"
 
 
 @pytest.mark.slow
@@ -79,7 +79,7 @@ def test_every_head_kinds_decoding_is_inside_the_graph(tmp_path):
     """One model with a head of every loss: the graph's outputs are the model's own probabilities and years."""
     classes = ["<30", "30-59", "60+"]
     heads = [HeadConfig("mask", "mask", ["worn", "incorrect", "not_worn"])]
-    heads += [HeadConfig(f"age_{loss}", "age_group", classes, loss=loss) for loss in ("ordinal", "dldl", "regression")]
+    heads += [HeadConfig(f"age_{kind}", "age_group", classes, kind=kind) for kind in ("ordinal", "dldl", "regression")]
     model, _ = build_model(ModelConfig(arch="resnet18"), heads)
     model.eval()
     graph = HeadProbabilities([model], [h.name for h in heads], flip=False)
@@ -90,12 +90,12 @@ def test_every_head_kinds_decoding_is_inside_the_graph(tmp_path):
     got = run_onnx(tmp_path / "m.onnx", x5.numpy())
     with torch.no_grad():
         logits = model(x5)
-        want, years = model.probabilities(logits), model.years(logits)
+        want, values = model.probabilities(logits), model.predicted_values(logits)
     for h in heads:
         np.testing.assert_allclose(got[f"p_{h.name}"], want[h.name].numpy(), atol=1e-5)
-    assert sorted(k for k in got if k.startswith("years_")) == ["years_age_dldl", "years_age_regression"]
-    for name, y in years.items():
-        np.testing.assert_allclose(got[f"years_{name}"], y.numpy(), rtol=1e-5)
+    assert sorted(k for k in got if k.startswith("value_")) == ["value_age_dldl", "value_age_regression"]
+    for name, y in values.items():
+        np.testing.assert_allclose(got[f"value_{name}"], y.numpy(), rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -161,7 +161,7 @@ def test_a_run_crops_a_photo_without_a_face_with_the_typical_box_it_recorded(tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("face_crop", ["detector", "aligned"])
 def test_training_and_prediction_with_a_face_crop_of_the_detector(tmp_path, face_crop):
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
     from multitask.predict import predict
     from tests.conftest import tiny_overrides
 

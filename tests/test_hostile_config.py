@@ -17,7 +17,7 @@ CONFIG_VALUES = {
                                              "stage1.only.mask='bogus': not a class of head mask"),
     "only: key:value without a space": (["stage1.only={mask:bogus}"], "write 'key: value'"),
     "a head without classes": (["heads.0.classes=[]"], "heads.0.classes=[]: a head needs its class names"),
-    "a head beyond the list": (["heads.5.loss=dldl"], "heads has 3 entries (heads.0 to heads.2)"),
+    "a head beyond the list": (["heads.5.kind=dldl"], "heads has 3 entries (heads.0 to heads.2)"),
     "negative training seed": (["train.seed=-1"], "train.seed=-1: must be >= 0"),
     "negative fold seed": (["cv.seed=-1"], "cv.seed=-1: must be >= 0"),
     "a batch of one photo": (["data.size=[8,8]", "data.batch_size=1"], "data.batch_size=1: must be >= 2"),
@@ -27,7 +27,7 @@ CONFIG_VALUES = {
     "an empty age group": (["heads.2.thresholds=[30,30]"], "heads.2.thresholds=[30, 30]: each above the one before"),
     "a run outside out_dir": (["name=../escape"], "name='../escape': letters, digits"),
     "a missing YAML file": (["nosuch.yaml"], "nosuch.yaml: no such config file"),
-    "a list entry by name": (["heads.x.loss=ce"], "heads is a list: heads.x needs an entry number, heads.0 to heads.2"),
+    "a list entry by name": (["heads.x.kind=ce"], "heads is a list: heads.x needs an entry number, heads.0 to heads.2"),
     "a head without its name": (["heads=[{column: mask, classes: [a, b]}]"],
                                 "heads.0.name: missing; this setting has no default"),
     "an infinite learning rate": (["optim.lr_heads=inf"], "optim.lr_heads=inf: must be a finite number"),
@@ -133,7 +133,7 @@ def test_every_check_of_a_start_runs_before_the_run_folder_exists(faces_root, tm
     for teacher, message in teacher_cases(tmp_path, faces_root).items():
         out = start(faces_root, tmp_path, capsys, f"teacher=[{teacher}]", *flag)
         assert out.returncode == 2 and message in out.stderr, (teacher, out.stderr)
-    for head in (["heads.2.loss=dldl"], ["heads.2.train_thresholds=[30,58]"]):
+    for head in (["heads.2.kind=dldl"], ["heads.2.train_thresholds=[30,58]"]):
         out = start(faces_root, tmp_path, capsys, *head, "heads.2.value_column=nonexistent", *flag)
         assert out.returncode == 2 and "heads.2.value_column=nonexistent: not a column of the data" in out.stderr
 
@@ -144,3 +144,21 @@ def test_a_teacher_that_cannot_teach_a_fold_fails_create_only(trained_run, faces
     student's folder exists."""
     out = start(faces_root, tmp_path, capsys, f"teacher=[{trained_run}]", "--create-only")
     assert out.returncode == 2 and "no teacher model predicted fold 0's training photos" in out.stderr
+
+
+def test_a_heads_old_loss_key_names_its_new_name(tmp_path, capsys):
+    """heads.N.loss was the head's kind: the old key is one line naming heads.N.kind, on the command line, in a YAML
+    file and in a run's saved config."""
+    out = run_main(train_main, capsys, f"out_dir={tmp_path / 'runs'}", "heads.2.loss=dldl")
+    no_traceback(out)
+    assert out.returncode == 2 and "heads.2.loss is now heads.2.kind" in out.stderr
+    (tmp_path / "heads.yaml").write_text("heads:\n  - {name: mask, column: mask, classes: [a, b], loss: ce}\n")
+    out = run_main(train_main, capsys, f"out_dir={tmp_path / 'runs'}", tmp_path / "heads.yaml")
+    assert out.returncode == 2 and "heads.yaml: heads.0.loss is now heads.0.kind (the head's kind: ce)" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+    from multitask.config import ConfigError, load_config, to_yaml
+
+    old_run = tmp_path / "config.yaml"
+    old_run.write_text(to_yaml(load_config([])).replace("kind: ce", "loss: ce"))
+    with pytest.raises(ConfigError, match="config.yaml: heads.0.loss is now heads.0.kind"):
+        load_config(base=old_run)

@@ -11,7 +11,7 @@ from multitask.data.table import eval_targets, training_targets
 from multitask.data.sources import load_competition
 from multitask.engine import Runtime, weight_average
 from multitask.losses import MultiHeadLoss, mix_batch
-from multitask.trainer import run_cv
+from multitask.training.cv import run_cv
 
 from conftest import tiny_overrides
 
@@ -127,13 +127,13 @@ def test_the_weight_average_follows_each_step_with_its_decay():
 def test_with_a_weight_average_a_resumed_stage_keeps_the_same_average(faces_root, tmp_path, monkeypatch):
     """The average is part of the stage's checkpoint: a stage stopped after epoch 2 and resumed ends with the
     average of an uninterrupted run; validation and best.pt use the average, not the last weights."""
-    import multitask.trainer as trainer
+    import multitask.training.stage as stage_module
     from multitask.model import load_checkpoint
 
     overrides = tiny_overrides(faces_root, tmp_path) + [
         "cv.run_folds=[0]", "stage1.enabled=false", "stage2.epochs=3", "optim.ema_decay=0.9", "train.threads=1",
         "train.weights_dtype=fp32"]
-    original = trainer.train_one_epoch
+    original = stage_module.train_one_epoch
 
     def recording(into, stop_at=None):
         def train_one_epoch(model, *args, **kw):
@@ -146,12 +146,12 @@ def test_with_a_weight_average_a_resumed_stage_keeps_the_same_average(faces_root
         return train_one_epoch
 
     whole, resumed = [], []
-    monkeypatch.setattr(trainer, "train_one_epoch", recording(whole))
+    monkeypatch.setattr(stage_module, "train_one_epoch", recording(whole))
     run_cv(load_config(overrides), tmp_path / "whole", log=lambda s: None)
-    monkeypatch.setattr(trainer, "train_one_epoch", recording(resumed, stop_at=3))
+    monkeypatch.setattr(stage_module, "train_one_epoch", recording(resumed, stop_at=3))
     with pytest.raises(KeyboardInterrupt):
         run_cv(load_config(overrides), tmp_path / "resumed", log=lambda s: None)
-    monkeypatch.setattr(trainer, "train_one_epoch", recording(resumed))
+    monkeypatch.setattr(stage_module, "train_one_epoch", recording(resumed))
     run_cv(load_config(overrides), tmp_path / "resumed", log=lambda s: None)
     assert len(whole) == len(resumed) == 3
     (raw, average), (_, resumed_average) = whole[-1], resumed[-1]
@@ -164,10 +164,10 @@ def test_with_a_weight_average_a_resumed_stage_keeps_the_same_average(faces_root
 
 def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_path, monkeypatch):
     """Progressive resizing: stage 1 at ``stage1.size`` from the same prepared photos, stage 2 at data.size."""
-    import multitask.trainer as trainer
+    import multitask.training.stage as stage_module
 
     seen = []
-    original_train, original_validate = trainer.train_one_epoch, trainer.validate
+    original_train, original_validate = stage_module.train_one_epoch, stage_module.validate
 
     def train_one_epoch(model, loader, *args, **kw):
         seen.append(("train", tuple(next(iter(loader))[0].shape[1:])))
@@ -177,8 +177,8 @@ def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_pa
         seen.append(("val", tuple(next(iter(loader))[0].shape[1:])))
         return original_validate(ctx, model, loader)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(trainer, "validate", validate)
+    monkeypatch.setattr(stage_module, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(stage_module, "validate", validate)
     logged = []
     cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
         "cv.run_folds=[0]", "data.size=[48,40]", "stage1.size=[40,32]", "train.threads=1", "data.workers=0"])

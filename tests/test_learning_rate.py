@@ -9,7 +9,7 @@ import pytest
 
 from multitask.config import load_config
 from multitask.optim import learning_rates_at
-from multitask.trainer import run_cv
+from multitask.training.cv import run_cv
 
 from conftest import tiny_overrides
 
@@ -46,13 +46,13 @@ def test_the_sgd_switch_scales_the_scheduled_rate_once():
 
 @pytest.mark.slow
 def test_rates_in_the_metrics_follow_the_formula_across_a_switch_and_a_resume(faces_root, tmp_path, monkeypatch):
-    import multitask.trainer as trainer
+    import multitask.training.stage as stage_module
 
     overrides = tiny_overrides(faces_root, tmp_path) + [
         "cv.run_folds=[0]", "stage1.enabled=false", "stage2.epochs=6", "optim.sgd_after=2", "optim.sgd_lr_scale=5"]
     cfg = load_config(overrides)
     run = tmp_path / "run"
-    original, calls = trainer.train_one_epoch, []
+    original, calls = stage_module.train_one_epoch, []
 
     def stop_after_four(*args, **kw):  # a crash in the middle of epoch 5, after the switch
         calls.append(1)
@@ -60,10 +60,10 @@ def test_rates_in_the_metrics_follow_the_formula_across_a_switch_and_a_resume(fa
             raise KeyboardInterrupt
         return original(*args, **kw)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", stop_after_four)
+    monkeypatch.setattr(stage_module, "train_one_epoch", stop_after_four)
     with pytest.raises(KeyboardInterrupt):
         run_cv(cfg, run, log=lambda s: None)
-    monkeypatch.setattr(trainer, "train_one_epoch", original)
+    monkeypatch.setattr(stage_module, "train_one_epoch", original)
     run_cv(cfg, run, log=lambda s: None)  # resume: same directory, continues at epoch 5
     metrics = pd.read_csv(run / "fold0" / "stage2" / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3, 4, 5, 6]

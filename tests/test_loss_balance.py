@@ -60,7 +60,7 @@ def test_an_unknown_balance_is_named():
 
 @pytest.mark.slow
 def test_a_run_records_each_heads_learned_weight_every_epoch(tiny_config, tmp_path):
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
 
     run_cv(tiny_config("cv.run_folds=[0]", "loss.balance=uncertainty"), tmp_path / "run", log=lambda s: None)
     stage1 = pd.read_csv(tmp_path / "run" / "fold0" / "stage1" / "metrics.csv")

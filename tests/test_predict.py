@@ -32,7 +32,7 @@ def test_the_ensemble_is_the_mean_of_the_folds(trained_run, faces_root, tmp_path
     assert not np.allclose(single[0], single[1])  # the folds really differ
 
 
-def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weights(trained_run, tmp_path):
+def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weights(trained_run, faces_root, tmp_path):
     """With its default test-time views (the photo and its mirror): the report scores what predict gives."""
     import torch
 
@@ -44,7 +44,7 @@ def test_predict_reproduces_the_out_of_fold_predictions_from_the_saved_fp16_weig
     oof = pd.read_csv(run.fold_oof(0))
     assert (oof["views"] == 2).all()
     assert "scored with the test-time views predict uses (2 per photo" in run.report_md.read_text()
-    photos = manifest_csv(oof[["path"]], f"fold0-{tmp_path.name}")
+    photos = manifest_csv(oof[["path"]], faces_root, f"fold0-{tmp_path.name}")
     again = predict(trained_run, photos, tmp_path / "p", folds=[0], **QUIET)
     cols = [c for c in oof.columns if c.startswith("p_")]
     np.testing.assert_allclose(again[cols].to_numpy(), oof[cols].to_numpy(), atol=1e-4)

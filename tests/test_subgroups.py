@@ -72,7 +72,7 @@ def test_a_manifest_names_its_own_subgroup_columns(faces_root, tmp_path):
     table, _ = load_competition(faces_root)
     manifest = table[["path", "person_id", "gender", "age", "mask"]].assign(
         camera=np.where(np.arange(len(table)) % 2, "phone", "webcam"))
-    csv = manifest_csv(manifest, f"photos-{tmp_path.name}")
+    csv = manifest_csv(manifest, faces_root, f"photos-{tmp_path.name}")
     base = tiny_overrides(faces_root, tmp_path)[2:] + ["data.source=manifest", f"data.root={csv}"]
     table, _ = load_table(load_config(base + ["report.subgroups=[camera]"]))
     assert set(table["camera"]) == {"phone", "webcam"}

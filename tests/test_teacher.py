@@ -100,7 +100,7 @@ def test_a_teacher_that_cannot_teach_is_one_line(tmp_path):
 def test_a_teacher_that_trained_on_the_folds_validation_people_is_refused_before_training(trained_run, tmp_path):
     """The session's 3-fold run teaches no fold of a student on the same people: each of its fold models but
     one trained on any fold's people, and that one predicted only them."""
-    from multitask.trainer import fold_teacher_targets
+    from multitask.training.soft_targets import fold_teacher_targets
 
     cfg = load_config(base=trained_run / "config.yaml")
     cfg.teacher = [str(trained_run)]
@@ -133,7 +133,7 @@ def test_the_student_never_learns_a_prediction_of_a_model_that_trained_on_the_ph
 def test_a_student_learns_in_every_stage_from_a_teacher_made_without_its_validation_people(
         tiny_config, tmp_path, capsys):
     from multitask.report import write_report
-    from multitask.trainer import run_cv
+    from multitask.training.cv import run_cv
 
     teacher = tmp_path / "teachers" / "without-fold-0"
     run_cv(tiny_config("cv.leave_out=0"), teacher, log=lambda s: None)

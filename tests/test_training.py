@@ -14,7 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-import multitask.trainer as trainer
+import multitask.training.stage as stage_module
 from multitask import allocator
 from multitask.config import HeadConfig, load_config
 from multitask.data.sources import load_competition
@@ -25,7 +25,7 @@ from multitask.report import write_report
 from multitask.run import RunDir
 from multitask.train import main as train_main
 from multitask.tasks import encode_joint
-from multitask.trainer import run_cv
+from multitask.training.cv import run_cv
 
 from conftest import manifest_csv, tiny_overrides
 
@@ -97,13 +97,13 @@ def test_a_labeled_set_in_extra_unmasked_trains_stage1_only(faces_root, tiny_con
 def spy_training(monkeypatch):
     """Records, per (fold, stage), which photos each training epoch's loader served."""
     seen = {}
-    original = trainer.train_one_epoch
+    original = stage_module.train_one_epoch
 
     def spy(model, loader, *args, desc="", **kw):
         seen.setdefault(desc.rsplit(" epoch", 1)[0], set()).update(loader.dataset.paths)
         return original(model, loader, *args, desc=desc, **kw)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    monkeypatch.setattr(stage_module, "train_one_epoch", spy)
     return seen
 
 
@@ -140,13 +140,13 @@ def test_a_third_stage_is_a_config_entry(tiny_config, tmp_path, spy_training):
 @pytest.mark.slow
 def test_stage1_can_see_each_person_once_per_epoch_masked_or_not(tiny_config, tmp_path, monkeypatch):
     epochs = []
-    original = trainer.train_one_epoch
+    original = stage_module.train_one_epoch
 
     def spy(model, loader, *args, desc="", **kw):
         epochs.append((desc, list(loader.dataset.paths)))
         return original(model, loader, *args, desc=desc, **kw)
 
-    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    monkeypatch.setattr(stage_module, "train_one_epoch", spy)
     logged = []
     cfg = tiny_config("cv.run_folds=[0]", "stage1.epochs=2", "stage1.only={}", "stage1.photos_per_person=1")
     run_cv(cfg, tmp_path / "run", log=logged.append)
@@ -273,7 +273,7 @@ def test_a_fourth_head_is_a_config_entry_and_a_manifest_column(faces_root, tmp_p
     table, _ = load_competition(faces_root)
     wears = {p: ["no", "yes"][i % 2] for i, p in enumerate(sorted(table["person_id"].unique()))}
     csv = manifest_csv(table.assign(glasses=table["person_id"].map(wears))[
-        ["path", "person_id", "gender", "age", "mask", "glasses"]], f"faces-{tmp_path.name}")
+        ["path", "person_id", "gender", "age", "mask", "glasses"]], faces_root, f"faces-{tmp_path.name}")
     cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
         "data.source=manifest", f"data.root={csv}", "cv.run_folds=[0]"])
     cfg.heads.append(HeadConfig("glasses", "glasses", ["no", "yes"]))
