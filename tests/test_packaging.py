@@ -1,4 +1,4 @@
-"""An installed wheel works outside the source tree: the presets ship inside the package."""
+"""An installed wheel works outside the source tree: every subpackage and the presets ship inside the package."""
 from __future__ import annotations
 
 import os
@@ -17,6 +17,11 @@ def test_a_wheel_installed_elsewhere_finds_its_presets(tmp_path):
                             "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("multitask-*.whl"))
+    import zipfile
+
+    inside = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "multitask").rglob("*.py")}
+    assert sources <= inside, sorted(sources - inside)  # every module of the source tree ships
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                               str(tmp_path / "site"), str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
