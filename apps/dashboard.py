@@ -23,6 +23,7 @@ from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
 from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulness
 from multitask.data.sources import DataError
 from multitask.model import WeightsError
+from multitask.metrics import JOINT
 from multitask.run import RunDir, pred_column, prob_columns, read_json, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
@@ -299,7 +300,7 @@ def report_page(run: Path) -> None:
 
 def score_names(report: dict):
     """report.json's score key -> how the page calls it: a head's name, or the joint label's ('18-class')."""
-    return lambda key: report["joint_name"] if key == "joint" else key
+    return lambda key: report["joint_name"] if key == JOINT else key
 
 
 def subgroup_frame(result: dict, name) -> pd.DataFrame:
@@ -323,7 +324,7 @@ def headline(run: Path, cfg) -> None:
         return
     r = read_json(path)
     name = score_names(r)
-    keys = sorted(r["mean"], key=lambda k: k != "joint")
+    keys = sorted(r["mean"], key=lambda k: k != JOINT)
     present = [h for h in cfg.heads if h.absent is not None]  # heads with an on vs absent accuracy
     extra = [(n, x, h) for n, x in (r.get("extra_val") or {}).items() for h in present if h.name in x["heads"]]
     cols = st.columns(len(keys) + len(extra))

@@ -52,6 +52,7 @@ def main(argv=None) -> int:
         p.error("--folds takes a run: --resume RUN_DIR --folds K (or set cv.run_folds for a new run)")
     from multitask import distributed
     from multitask.training.cv import folds_to_train, open_run, run_cv
+    from multitask.metrics import JOINT
     from multitask.data.sources import DataError
     from multitask.engine import NonFiniteLoss, configure_threads
     from multitask.model import WeightsError
@@ -117,9 +118,9 @@ def main(argv=None) -> int:
     finally:
         distributed.shutdown()
     print(RunDir(run_dir).report_md.read_text())
-    key = "joint" if "joint" in report["mean"] else next(iter(report["mean"]))
+    key = JOINT if JOINT in report["mean"] else next(iter(report["mean"]))
     heads = ", ".join(f"{k} {v['f1_macro']:.3f}" for k, v in report["mean"].items() if k != key)
-    name = report["joint_name"] if key == "joint" else key
+    name = report["joint_name"] if key == JOINT else key
     print(f"{name} macro-F1 {report['mean'][key]['f1_macro']:.3f} ± {report['std'][key]['f1_macro']:.3f}"
           f"{f' ({heads})' if heads else ''} over {len(report['folds'])} fold(s). Report: {RunDir(run_dir).report_md}; "
           f"look inside with `multitask dashboard --runs {run_dir.parent}`.")

@@ -167,7 +167,7 @@ def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_pa
     import multitask.training.stage as stage_module
 
     seen = []
-    original_train, original_validate = stage_module.train_one_epoch, stage_module.validate
+    original_train, original_validate = stage_module.train_one_epoch, stage_module.validation_outputs
 
     def train_one_epoch(model, loader, *args, **kw):
         seen.append(("train", tuple(next(iter(loader))[0].shape[1:])))
@@ -178,7 +178,7 @@ def test_a_stage_size_trains_and_validates_that_stage_smaller(faces_root, tmp_pa
         return original_validate(ctx, model, loader)
 
     monkeypatch.setattr(stage_module, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(stage_module, "validate", validate)
+    monkeypatch.setattr(stage_module, "validation_outputs", validate)
     logged = []
     cfg = load_config(tiny_overrides(faces_root, tmp_path) + [
         "cv.run_folds=[0]", "data.size=[48,40]", "stage1.size=[40,32]", "train.threads=1", "data.workers=0"])

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from multitask.cli import guarded, non_negative, positive
+from multitask.tasks import FACE_AGE_THRESHOLDS
 
 # Data modules (pandas, torch, opencv) are imported where used: --help and usage errors answer at once.
 
 
-def check(root: Path, source: str | None = None, thresholds=(30, 60)) -> tuple[int, list]:
+def check(root: Path, source: str | None = None, thresholds=FACE_AGE_THRESHOLDS) -> tuple[int, list]:
     """(number of photos, problems)."""
     from multitask.data.dataset import frame_all
     from multitask.data.sources import SOURCES, DataError, Problem, detect_source, load_source
@@ -54,7 +55,7 @@ def paint_masks(src: Path, out: Path, people: int, seed: int, workers: int, inco
         if not {"gender", "age"} <= SOURCES[source].labels:
             raise DataError([Problem(str(src), "paint-masks needs gender and age: a UTKFace-style folder, a labeled "
                                                "manifest CSV or the competition layout")])
-        table, problems, _ = load_source(source, Path(src), (30, 60))
+        table, problems, _ = load_source(source, Path(src), FACE_AGE_THRESHOLDS)
         for prob in problems:
             print(prob)
         table = table[table["mask"] == 2]  # only unmasked photos are painted on

@@ -13,7 +13,7 @@ from multitask.data.sources import (SOURCES, DataError, Problem, age_thresholds,
                                     load_source)
 from multitask.data.synth import ensure_synthetic, ensure_synthetic_unmasked
 from multitask.heads import kind
-from multitask.tasks import cut
+from multitask.tasks import FACE_AGE_THRESHOLDS, cut
 
 
 def with_found_classes(cfg: Config) -> Config:
@@ -122,7 +122,7 @@ def class_indices(values: pd.Series, classes: Sequence[str], what: str) -> pd.Se
     return out.astype(np.int64)
 
 
-def load_labeled(root: Path, thresholds=(30, 60)) -> Tuple[pd.DataFrame, List[Problem]]:
+def load_labeled(root: Path, thresholds=FACE_AGE_THRESHOLDS) -> Tuple[pd.DataFrame, List[Problem]]:
     """A labeled face set for extra training or validation (any source with mask labels: the competition
     layout, a labeled manifest, a folder per mask class, UTKFace-style names)."""
     root = Path(root)

@@ -18,7 +18,7 @@ from multitask.training.context import Context, dataset
 
 
 def validation_loader(ctx: Context, rows: pd.DataFrame, targets: np.ndarray, transform, workers: int):
-    """The photos of ``rows`` in order; under torchrun each process loads its share (``validate`` gathers)."""
+    """The photos of ``rows`` in order; under torchrun each process loads its share (``validation_outputs`` gathers)."""
     ds = dataset(ctx, rows, targets, transform)
     sampler = DistributedSampler(ds, ctx.world.size, ctx.world.rank, shuffle=False) if ctx.world.active else None
     return make_loader(ds, ctx.cfg.data.batch_size * 2, workers, ctx.rt.device, sampler=sampler)
@@ -33,7 +33,8 @@ def gathered_logits(ctx: Context, model: MultiHeadNet, loader) -> torch.Tensor:
     return logits
 
 
-def validate(ctx: Context, model: MultiHeadNet, loader) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+def validation_outputs(ctx: Context, model: MultiHeadNet, loader
+                       ) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
     """Class probabilities (and values, for heads that predict them) per head for a loader's photos, in order."""
     return head_outputs(model, gathered_logits(ctx, model, loader))
 

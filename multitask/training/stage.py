@@ -29,7 +29,7 @@ from multitask.model import MultiHeadNet, load_checkpoint
 from multitask.optim import make_optimizer, optimizer_for_epoch, uses_sgd
 from multitask.training.checkpoints import StageCheckpoints, grad_scaler
 from multitask.training.context import Context, dataset, epoch_seed
-from multitask.training.evaluate import validate, validation_loader, write_fold_oof
+from multitask.training.evaluate import validation_loader, validation_outputs, write_fold_oof
 from multitask.training.soft_targets import person_consistency, stage_soft_targets, teacher_agreement
 
 
@@ -112,7 +112,7 @@ def run_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, lrs: 
         tick = time.perf_counter()
         stats, photos = train_epoch(ctx, data, fold, stage_no, epoch, net, optimizer, scaler, ema)
         scores = score(data.heads, {h.name: data.y_val[:, i] for i, h in enumerate(cfg.heads)},
-                       validate(ctx, kept, data.val_loader)[0])
+                       validation_outputs(ctx, kept, data.val_loader)[0])
         row = epoch_row(epoch, rates, stats, scores, time.perf_counter() - tick)
         history.append(row)
         value = selection_score(scores)
@@ -241,7 +241,7 @@ def finish_stage(ctx: Context, fold: int, stage_no: int, model: MultiHeadNet, va
         # From the weights as saved and with predict's test-time views, so that predict reproduces oof.csv and
         # the report scores what predict gives (the epochs above are compared on the plain photo only).
         views = ctx.cfg.predict.views()
-        probs, values = mean_over_views(views, lambda scale, flip: validate(
+        probs, values = mean_over_views(views, lambda scale, flip: validation_outputs(
             ctx, model, validation_loader(ctx, val_rows, y_val, ctx.pre.eval(scale, flip), workers)))
         if world.main:
             write_fold_oof(ctx, fold, val_rows, y_val, probs, values, views=len(views))
