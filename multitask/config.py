@@ -139,8 +139,10 @@ def extra_val_names(data: DataConfig) -> List[str]:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # any torchvision classifier: resnet18/34/50/101, mobilenet_v2/v3_*, efficientnet_b0..
-    pretrained: str = "none"  # none | imagenet (torchvision weights, hub cache offline) | path to a state_dict
+    # any torchvision classifier (resnet18/34/50/101, mobilenet_v2/v3_*, efficientnet_b0..) or timm/<name>, any
+    # timm model (pip install 'multitask[timm]'): timm/convnext_atto, timm/vit_tiny_patch16_224, ...
+    arch: str = "resnet18"
+    pretrained: str = "none"  # none | imagenet (torchvision's or timm's weights, their caches, offline) | a state_dict
     dropout: float = within(0.0, 0, 1)  # before each head
 
 

@@ -89,9 +89,11 @@ def cpu_name() -> str:
 
 def step_seconds(arch: str, size: Sequence[int], dtype: Optional[torch.dtype]) -> float:
     """The median time of a training step (forward, backward) of ``arch`` on 16 photos of ``size`` here."""
-    import torchvision
+    from multitask.config import HeadConfig, ModelConfig
+    from multitask.model import build_model
 
-    net = torchvision.models.get_model(arch, num_classes=8).to(memory_format=torch.channels_last)
+    net, _ = build_model(ModelConfig(arch=arch), [HeadConfig("timed", "timed", [str(c) for c in range(8)])])
+    net = net.to(memory_format=torch.channels_last)
     x = torch.randn(16, 3, *size).contiguous(memory_format=torch.channels_last)
     times = []
     for _ in range(6):

@@ -52,10 +52,10 @@ from multitask.config import Config, ConfigError  # noqa: E402
 from multitask.data.images import is_image_name, not_an_image  # noqa: E402
 from multitask.data.photoset import PhotoSet, photo_set  # noqa: E402
 from multitask.data.sources import DataError, Problem, image_files  # noqa: E402
-from multitask.data.transforms import Preprocessing, denormalize  # noqa: E402
+from multitask.data.transforms import Preprocessing  # noqa: E402
 from multitask.heads import kind  # noqa: E402
 from multitask.io import atomic_to_csv, staged_output  # noqa: E402
-from multitask.model import MultiHeadNet, stage_layers  # noqa: E402
+from multitask.model import MultiHeadNet, cam_reshape, stage_layers  # noqa: E402
 from multitask.run import RunDir, prob_columns  # noqa: E402
 
 METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM, EigenCAM, ScoreCAM)))
@@ -130,7 +130,8 @@ def _cam_grid(model: MultiHeadNet, x: torch.Tensor, method: str, target_classes,
     all_layers = stage_layers(model, tuple(x.shape[-2:]))
     layer_names = list(layers or all_layers)
     heads = list(heads or model.head_names)
-    cam = METHODS[method](model=model, target_layers=[all_layers[n] for n in layer_names])
+    cam = METHODS[method](model=model, target_layers=[all_layers[n] for n in layer_names],
+                          reshape_transform=cam_reshape(model, tuple(x.shape[-2:])))
     size = (x.shape[-1], x.shape[-2])
     try:
         with input_gradients_only(model, x):
@@ -224,7 +225,7 @@ def network_inputs(photos: PhotoSet, rows: pd.DataFrame) -> tuple[torch.Tensor, 
     """(network inputs of these rows of a photo set, the photos as shown under the CAMs)."""
     transform = photos.pre.eval()
     x = torch.stack([transform(image=image)["image"] for image in photos.selected(rows)])
-    return x, [denormalize(t) for t in x]
+    return x, [photos.pre.denormalize(t) for t in x]
 
 
 EXPLAIN_OUTPUTS = ["predictions.csv", "skipped.csv", "*_cams.png"]
@@ -321,13 +322,12 @@ def explain_photo(models: Dict[int, MultiHeadNet], pre: Preprocessing, photo: np
     preprocessing (``RunDir.preprocessing``)."""
     x = network_input(pre)(photo)[None]
     with CAM_LOCK:  # the ensemble's forward passes and CAMs as one unit
-        return _explain(models, x, method, target_classes, layers)
+        return pre.denormalize(x[0]), _explain(models, x, method, target_classes, layers)
 
 
-def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, target_classes, layers
-             ) -> tuple[np.ndarray, CamGrid]:
+def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, target_classes, layers) -> CamGrid:
     if len(models) == 1:
-        return denormalize(x[0]), cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
+        return cam_grid(next(iter(models.values())), x, method, target_classes, layers=layers)
     with torch.no_grad():
         fold_probs = [{h: p.numpy() for h, p in m.probabilities(m.eval()(x)).items()} for m in models.values()]
     probs = {h: np.mean([f[h] for f in fold_probs], 0) for h in fold_probs[0]}
@@ -336,8 +336,7 @@ def _explain(models: Dict[int, MultiHeadNet], x: torch.Tensor, method: str, targ
     grids = [cam_grid(m, x, method, targets, layers=layers) for m in models.values()]
     cams = {layer: {h: np.mean([g.cams[layer][h] for g in grids], 0) for h in grids[0].heads}
             for layer in grids[0].layers}
-    return denormalize(x[0]), CamGrid(grids[0].layers, grids[0].heads, cams, probs,
-                                      {h: np.array([c]) for h, c in targets.items()})
+    return CamGrid(grids[0].layers, grids[0].heads, cams, probs, {h: np.array([c]) for h, c in targets.items()})
 
 
 @guarded

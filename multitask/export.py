@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from multitask.config import ConfigError  # noqa: E402
-from multitask.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_size, template_points  # noqa: E402
+from multitask.data.transforms import load_size, template_points  # noqa: E402
 from multitask.io import atomic_write_text, staged_output  # noqa: E402
 from multitask.model import MultiHeadNet  # noqa: E402
 from multitask.run import Member, RunDir, final_heads  # noqa: E402
@@ -83,10 +83,11 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
     heads = {h.name: h for h in final_heads(cfg)}
     views = ["plain"] + (["mirrored"] if graph.flip else [])
     scales = [s for s in cfg.predict.tta_scales if s != 1.0]
+    mean, std = member.pre.norm  # the trunk's (model.normalization)
     return {
         "model": model_file, "run": member.run.root.name, "arch": cfg.model.arch, "folds": sorted(member.models),
         "input": {"name": "image", "shape": ["N", 3, *cfg.data.size], "dtype": "float32", "channels": "RGB",
-                  "value": "(pixel / 255 - mean) / std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                  "value": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
         "photo_to_input": [
             {"step": "face region", "face_crop": cfg.data.face_crop, "crop": cfg.data.crop,
              "face_margin": cfg.data.face_margin,
@@ -104,7 +105,7 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
                 if cfg.data.face_crop == "aligned" else {})},
             {"step": "resize", "size": list(load_size(cfg.data)), "interpolation": "area when shrinking, else linear"},
             {"step": "centre crop", "size": list(cfg.data.size)},
-            {"step": "normalise", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            {"step": "normalise", "mean": list(mean), "std": list(std)},
         ],
         "typical_face_boxes": member.run.recorded().get("typical_face_boxes", {}),
         "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior,

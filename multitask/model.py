@@ -6,6 +6,7 @@ and ensembling see one plain tensor.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -171,10 +172,69 @@ def _load_state_dict_file(net: nn.Module, path: Path, arch: str) -> None:
     net.load_state_dict(state, strict=False)
 
 
+TIMM = "timm/"  # model.arch=timm/<name>: a trunk of timm's (pip install timm)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise WeightsError("model.arch=timm/...: needs timm (pip install 'multitask[timm]')") from None
+    return timm
+
+
+def _timm_trunk(cfg: ModelConfig) -> tuple[nn.Module, bool]:
+    """A timm model without its classifier (it returns pooled features), from timm's local cache with
+    model.pretrained=imagenet (never downloaded) or from a state_dict file. Transformers take any input size."""
+    timm, name = _timm(), cfg.arch[len(TIMM):]
+    if name not in timm.list_models():
+        raise WeightsError(f"model.arch={cfg.arch}: not a timm model (timm.list_models() lists them)")
+    loaded = cfg.pretrained != "none"
+    if cfg.pretrained == "imagenet":
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the weights come from the local cache or not at all
+        try:
+            net = _create_timm(timm, name, pretrained=True)
+        except Exception as e:  # not cached: the hub's offline error; a damaged file: its own
+            raise WeightsError(f"model.pretrained=imagenet: timm's weights for {name} are not in its local cache "
+                               f"({type(e).__name__}); copy them there (HF_HOME) on a connected machine, or give "
+                               "model.pretrained=PATH to a state_dict file") from None
+    else:
+        net = _create_timm(timm, name, pretrained=False)
+        if loaded:
+            _load_state_dict_file(net, Path(cfg.pretrained), cfg.arch)
+    net.reset_classifier(0)
+    return net, loaded
+
+
+def _create_timm(timm, name: str, pretrained: bool) -> nn.Module:
+    """A transformer at any input size (its position embedding resampled to the patch grid of each input); a
+    ConvNet, which takes any size anyway, has no such argument."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, dynamic_img_size=True)
+    except TypeError:
+        return timm.create_model(name, pretrained=pretrained)
+
+
+def normalization(cfg: ModelConfig) -> tuple[tuple, tuple]:
+    """The (mean, std) the trunk's inputs are normalised with: its pretrained config's for a timm model (as timm's
+    ``resolve_data_config``; no weights read), ImageNet's for torchvision."""
+    from multitask.data.transforms import IMAGENET
+
+    if not cfg.arch.startswith(TIMM):
+        return IMAGENET
+    timm = _timm()
+    pretrained = timm.get_pretrained_cfg(cfg.arch[len(TIMM):])
+    config = timm.data.resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained else {})
+    return tuple(config["mean"]), tuple(config["std"])
+
+
 def build_model(cfg: ModelConfig, heads: Sequence[HeadConfig]) -> tuple[MultiHeadNet, bool]:
     """(model, whether pretrained weights were loaded into the trunk)."""
+    if cfg.arch.startswith(TIMM):
+        net, loaded = _timm_trunk(cfg)
+        return MultiHeadNet(net, net.num_features, heads, cfg.dropout), loaded
     if cfg.arch not in torchvision.models.list_models(module=torchvision.models):
-        raise WeightsError(f"model.arch={cfg.arch}: not a torchvision classifier")
+        raise WeightsError(f"model.arch={cfg.arch}: not a torchvision classifier (or timm/<name>, a timm model)")
     if cfg.pretrained == "imagenet":
         net, loaded = _load_imagenet(cfg.arch), True
     else:
@@ -195,15 +255,19 @@ def for_inference(model: MultiHeadNet) -> MultiHeadNet:
     fused = copy.deepcopy(model).eval()
     try:
         fused.trunk = fuse(fused.trunk, inplace=True)  # already a copy
-    except torch.fx.proxy.TraceError:
+    except Exception:  # torch.fx cannot trace it (control flow on shapes, as in a transformer's): kept as it is
         pass
     return fused
 
 
 def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> "OrderedDict[str, nn.Module]":
-    """The trunk's stages, shallow to deep, for per-layer CAMs: ResNets' layer1..layer4; otherwise the last
-    block of ``features`` at each of the four deepest spatial resolutions."""
+    """The trunk's stages, shallow to deep, for per-layer CAMs: a timm model's last four ``feature_info`` stages;
+    ResNets' layer1..layer4; otherwise the last block of ``features`` at each of the four deepest spatial
+    resolutions."""
     trunk = model.trunk
+    if hasattr(trunk, "feature_info"):
+        names = [info["module"] for info in trunk.feature_info][-4:]
+        return OrderedDict((name, trunk.get_submodule(name)) for name in names)
     if all(hasattr(trunk, f"layer{i}") for i in range(1, 5)):
         return OrderedDict((f"layer{i}", getattr(trunk, f"layer{i}")) for i in range(1, 5))
     blocks = getattr(trunk, "features", None)
@@ -230,3 +294,18 @@ def stage_layers(model: MultiHeadNet, image_size: Sequence[int] = (128, 96)) -> 
     chosen = sorted(last_at.values())[-4:]
     cache[tuple(image_size)] = OrderedDict((f"features.{k}", blocks[k]) for k in chosen)
     return cache[tuple(image_size)]
+
+
+def cam_reshape(model: MultiHeadNet, image_size: Sequence[int]):
+    """For a transformer trunk, pytorch-grad-cam's ``reshape_transform``: its blocks' tokens (N x prefix+HW x C) as
+    maps (N x C x H x W) on the patch grid of ``image_size``; None for a trunk whose stages give maps."""
+    embed = getattr(model.trunk, "patch_embed", None)
+    if embed is None:
+        return None
+    prefix = getattr(model.trunk, "num_prefix_tokens", 1)
+    rows, cols = (image_size[0] // embed.patch_size[0], image_size[1] // embed.patch_size[1])
+
+    def to_maps(tokens: torch.Tensor) -> torch.Tensor:
+        grid = tokens if tokens.ndim == 4 else tokens[:, prefix:].reshape(len(tokens), rows, cols, -1)
+        return grid.permute(0, 3, 1, 2)
+    return to_maps

@@ -191,11 +191,16 @@ class FaceFraming:
         return np.ascontiguousarray(cv2.resize(rgb, (w, h), interpolation=interp))
 
 
-def _finish() -> list:
-    return [A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD), ToTensorV2()]
+Normalization = tuple[Sequence[float], Sequence[float]]  # (mean, std) per RGB channel, of pixels in [0, 1]
+IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def train_transform(data: DataConfig, aug: AugmentConfig, resize: bool = False) -> A.Compose:
+def _finish(norm: Normalization) -> list:
+    return [A.Normalize(mean=tuple(norm[0]), std=tuple(norm[1])), ToTensorV2()]
+
+
+def train_transform(data: DataConfig, aug: AugmentConfig, resize: bool = False, norm: Normalization = IMAGENET
+                    ) -> A.Compose:
     """Random crop to ``data.size`` and the augmentation; ``resize``: the photo was prepared for another size
     (a stage's ``size`` under the run's ``data.size``) and is first resized to this one's prepared size."""
     h, w = data.size
@@ -221,12 +226,13 @@ def train_transform(data: DataConfig, aug: AugmentConfig, resize: bool = False) 
     if aug.coarse_dropout > 0:
         steps.append(A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                                      hole_width_range=(0.05, 0.15), p=aug.coarse_dropout))
-    return A.Compose(steps + _finish())
+    return A.Compose(steps + _finish(norm))
 
 
-def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, resize: bool = False) -> A.Compose:
+def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, resize: bool = False,
+                   norm: Normalization = IMAGENET) -> A.Compose:
     """Centre crop to the network size. Test-time views: ``scale`` != 1 resizes the prepared photo first,
-    ``flip`` mirrors it. ``resize``: as in ``train_transform``."""
+    ``flip`` mirrors it. ``resize``: as in ``train_transform``; ``norm``: the trunk's (mean, std)."""
     h, w = data.size
     steps = []
     if scale != 1.0 or resize:
@@ -235,7 +241,7 @@ def eval_transform(data: DataConfig, scale: float = 1.0, flip: bool = False, res
     steps.append(A.CenterCrop(h, w))
     if flip:
         steps.append(A.HorizontalFlip(p=1.0))
-    return A.Compose(steps + _finish())
+    return A.Compose(steps + _finish(norm))
 
 
 @dataclass(frozen=True)
@@ -247,10 +253,13 @@ class Preprocessing:
     framing: FaceFraming
     data: DataConfig = field(compare=False, repr=False)
     augment: AugmentConfig = field(compare=False, repr=False)
+    norm: Normalization = IMAGENET  # the trunk's (mean, std): model.normalization
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Preprocessing":
-        return cls(FaceFraming.from_config(cfg.data), cfg.data, cfg.augment)
+        from multitask.model import normalization
+
+        return cls(FaceFraming.from_config(cfg.data), cfg.data, cfg.augment, normalization(cfg.model))
 
     def with_faces(self, faces) -> "Preprocessing":
         """The same preprocessing with faces looked up by path (a ``faces.find_faces`` table)."""
@@ -263,11 +272,11 @@ class Preprocessing:
     def train(self, size: Optional[Sequence[int]] = None) -> A.Compose:
         """The training transform; ``size``: at another network size than ``data.size`` (a stage's)."""
         data, resize = self._at(size)
-        return train_transform(data, self.augment, resize)
+        return train_transform(data, self.augment, resize, self.norm)
 
     def eval(self, scale: float = 1.0, flip: bool = False, size: Optional[Sequence[int]] = None) -> A.Compose:
         data, resize = self._at(size)
-        return eval_transform(data, scale, flip, resize)
+        return eval_transform(data, scale, flip, resize, self.norm)
 
     def _at(self, size: Optional[Sequence[int]]) -> tuple[DataConfig, bool]:
         """The data config at network ``size``, and whether prepared photos must be resized to reach it."""
@@ -276,8 +285,8 @@ class Preprocessing:
         return replace(self.data, size=list(size)), True
 
 
-def denormalize(tensor) -> np.ndarray:
-    """Network input (C x H x W, normalised) -> H x W x 3 float in [0, 1], for overlays."""
-    a = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
-    return np.clip(a * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN), 0, 1)
+    def denormalize(self, tensor) -> np.ndarray:
+        """Network input (C x H x W, normalised) -> H x W x 3 float in [0, 1], for overlays."""
+        a = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
+        return np.clip(a * np.array(self.norm[1]) + np.array(self.norm[0]), 0, 1)
 
