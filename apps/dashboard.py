@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
+from multitask.cli import MAX_UPLOAD_MB
 from multitask.config import ConfigError, extra_val_names
 from multitask.data.transforms import DETECTED, Preprocessing
 from multitask.data.images import TooLarge, check_pixels, read_rgb, to_rgb
@@ -27,7 +28,6 @@ from multitask.metrics import JOINT
 from multitask.run import RunDir, pred_column, prob_columns, read_json, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
-MAX_UPLOAD_MB = 10  # also server.maxUploadSize in .streamlit/config.toml and multitask dashboard
 HELD_OUT = "held-out photos of the run"
 
 st.set_page_config(page_title="multitask inspector", layout="wide")
@@ -133,7 +133,7 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
     st.markdown("**Grad-CAM grid** (rows: trunk layers, columns: heads; each head explains the class in its title)")
     header = st.columns(len(grid.heads) + 1)
     for col, head in zip(header[1:], grid.heads):
-        h = next(x for x in cfg.heads if x.name == head)
+        h = cfg.head(head)
         cls = int(grid.targets[head][0])
         col.markdown(f"**{head}**: {h.classes[cls]} ({grid.probs[head][0, cls]:.2f})")
     for layer in layers:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from multitask.config import Config, ConfigError, check_ranges
+from multitask.config import ENSEMBLES, Config, ConfigError, check_ranges
 from multitask.data.images import read_rgb
 from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem
@@ -34,7 +34,6 @@ from multitask.run import Member, RunDir, check_same_classes, final_heads, predi
 from multitask.tasks import joint_class_names, joint_label
 
 Photo = Union[str, Path, np.ndarray, Image.Image]  # a file, a PIL image or an RGB array
-ENSEMBLES = ("mean", "vote")
 
 
 @dataclass
@@ -48,11 +47,11 @@ class FramedPhotos:
 
 def with_priors(cfg: Config, priors: Sequence[tuple[str, str]], run: RunDir) -> Config:
     """``cfg`` with (head, balanced | training) pairs replacing its heads' ``prior``."""
-    names = [h.name for h in cfg.heads]
     for head, prior in priors:
-        if head not in names:
-            raise ConfigError(f"--prior {head}={prior}: {run.root} has no head {head!r} (heads: {', '.join(names)})")
-        cfg.heads[names.index(head)].prior = prior
+        if cfg.head(head) is None:
+            raise ConfigError(f"--prior {head}={prior}: {run.root} has no head {head!r} (heads: "
+                              f"{', '.join(h.name for h in cfg.heads)})")
+        cfg.head(head).prior = prior
     check_ranges(cfg)  # e.g. training on a head without class weights
     return cfg
 

@@ -27,6 +27,7 @@ COMMANDS = {
     "dashboard": (None, "the Streamlit inspection dashboard over a folder of runs"),
 }
 
+MAX_UPLOAD_MB = 10  # a photo uploaded to the dashboard: streamlit's server.maxUploadSize and the page's own check
 EXIT_BAD_INPUT = 2  # a config key or value, a data problem, a run folder or checkpoint
 EXIT_SYSTEM = 3  # the system refused a file operation: permission, disk full, not a directory, ...
 EXIT_CODES = """exit codes: 0 done; 1 problems found (data check); 2 bad input (config, data, run folder,
@@ -129,12 +130,17 @@ def dashboard(argv: List[str]) -> int:
     p.add_argument("--runs", type=Path, default=Path(os.environ.get("MULTITASK_RUNS", "runs")),
                    help="the folder of run directories (default: runs, or MULTITASK_RUNS)")
     p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine "
+                   "only, since the pages show the runs' photos of faces; 0.0.0.0: every network interface)")
     a = p.parse_args(argv)
     if not a.runs.is_dir():
         print(f"error: --runs {a.runs}: no such folder (train a run first: multitask train)", file=sys.stderr)
         return 2
-    command = [sys.executable, "-m", "streamlit", "run", str(dashboard_script()), "--server.port", str(a.port),
-               "--server.headless", "true", "--server.maxUploadSize", "10", "--browser.gatherUsageStats", "false"]
+    command = [sys.executable, "-m", "streamlit", "run", str(dashboard_script()), "--server.address", a.host,
+               "--server.port", str(a.port), "--server.headless", "true", "--server.maxUploadSize",
+               str(MAX_UPLOAD_MB), "--browser.gatherUsageStats", "false"]
+    print(f"dashboard of {a.runs.resolve()} at http://{a.host}:{a.port}"
+          + (" (this machine only; --host 0.0.0.0 opens it to the network)" if a.host == "127.0.0.1" else ""))
     try:
         return subprocess.call(command, env={**os.environ, "MULTITASK_RUNS": str(a.runs.resolve())})
     except KeyboardInterrupt:

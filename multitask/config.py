@@ -32,6 +32,7 @@ CONFIG_DIR = _config_dir()
 GROUPS = ("data", "model", "experiment")
 INF = float("inf")
 PRIORS = ("balanced", "training")  # heads[].prior
+ENSEMBLES = ("mean", "vote")  # predict.ensemble: the models' mean probabilities, or their majority vote
 
 
 # Each setting's rule lives beside it (checked at load, so a bad value fails at once with its key, not as a
@@ -274,7 +275,7 @@ class TrainConfig:
 class PredictConfig:
     tta_flip: bool = True  # average each photo with its mirror image
     tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
-    ensemble: str = one_of("mean", "vote")  # mean of probabilities | vote
+    ensemble: str = one_of(*ENSEMBLES)  # mean of probabilities | vote
 
     def views(self, flip: Optional[bool] = None) -> List[tuple]:
         """(scale, flip) test-time views: the plain view, its mirror, and each extra scale (mirrored too);
@@ -313,6 +314,10 @@ class Config:
     # that held the photo's person out) also learns the teachers' mean class probabilities (loss.teacher_weight),
     # from the fold models that never trained on the fold's validation people (fold k: runs with cv.leave_out=k)
     teacher: List[str] = field(default_factory=list)
+
+    def head(self, name: str) -> Optional[HeadConfig]:
+        """The head called ``name``; None when there is none."""
+        return next((h for h in self.heads if h.name == name), None)
 
 
 def stage(cfg: Config, number: int) -> StageConfig:
@@ -579,7 +584,7 @@ def validate(cfg: Config) -> None:
             if unknown:
                 raise ConfigError(f"{stage_name}.{key}: unknown head(s) {sorted(unknown)}; heads are {names}")
         for head, cls in stage.only.items():
-            classes = cfg.heads[names.index(head)].classes
+            classes = cfg.head(head).classes
             if classes and cls not in classes:
                 raise ConfigError(f"{stage_name}.only.{head}={cls!r}: not a class of head {head} "
                                   f"({', '.join(map(str, classes))})")

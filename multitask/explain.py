@@ -181,12 +181,8 @@ def overlay(rgb: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarra
     return show_cam_on_image(rgb.astype(np.float32), cam, use_rgb=True, image_weight=1 - opacity)
 
 
-def head_config(cfg: Config, name: str):
-    return next(h for h in cfg.heads if h.name == name)
-
-
 def class_name(cfg: Config, head: str, cls: int) -> str:
-    return head_config(cfg, head).classes[cls]
+    return cfg.head(head).classes[cls]
 
 
 def save_grid_png(cfg: Config, rgb: np.ndarray, grid: CamGrid, i: int, path: Path, title: str = "") -> None:
@@ -280,7 +276,7 @@ def explain_into(cfg: Config, run: RunDir, model: MultiHeadNet, fold: int, paths
             save_grid_png(cfg, rgbs[i], grid, i, out / name, f"{Path(p).name}  ({method}, fold {fold})")
             row = {"path": str(p), "grid": name}
             for head in grid.heads:
-                row.update({col: float(p) for col, p in zip(prob_columns(head_config(cfg, head)), grid.probs[head][i])})
+                row.update({col: float(p) for col, p in zip(prob_columns(cfg.head(head)), grid.probs[head][i])})
                 row[f"{head}_class"] = class_name(cfg, head, int(grid.probs[head][i].argmax()))
                 for metric, values in faith.get(head, {}).items():
                     row[f"{head}_{metric}"] = float(values[i])
@@ -296,7 +292,7 @@ def parse_targets(items: Sequence[str], cfg: Config) -> Dict[str, int]:
     out = {}
     for item in items:
         head, _, cls = item.partition("=")
-        h = next((h for h in cfg.heads if h.name == head), None)
+        h = cfg.head(head)
         if h is None or cls not in h.classes:
             raise ConfigError(f"--target {item!r}: expected HEAD=CLASS, e.g. mask={cfg.heads[0].classes[0]}")
         out[head] = h.classes.index(cls)

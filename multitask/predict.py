@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from multitask.cli import guarded, parse_folds, positive
-from multitask.config import PRIORS  # torch-free: --help and usage errors stay fast
+from multitask.config import ENSEMBLES, PRIORS  # torch-free: --help and usage errors stay fast
 
 
 def parse_prior(text: str) -> tuple[str, str]:
@@ -37,7 +37,7 @@ def cli() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--folds", type=parse_folds, help="e.g. 0,2 (default: every trained fold; of every run)")
-    p.add_argument("--ensemble", choices=["mean", "vote"], help="default: the run's predict.ensemble")
+    p.add_argument("--ensemble", choices=ENSEMBLES, help="default: the run's predict.ensemble")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="average with mirrored photos (default: the run's predict.tta_flip)")
     p.add_argument("--prior", type=parse_prior, action="append", default=[], metavar="HEAD=PRIOR",

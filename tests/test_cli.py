@@ -44,3 +44,18 @@ def test_help_imports_neither_torch_nor_pandas(args):
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "usage: multitask" in out.stdout and out.stdout.splitlines()[-1] == "heavy: []"
+
+
+@pytest.mark.parametrize("args, address, said", [
+    ([], "127.0.0.1", "(this machine only; --host 0.0.0.0 opens it to the network)"),
+    (["--host", "0.0.0.0"], "0.0.0.0", "at http://0.0.0.0:8501"),
+])
+def test_the_dashboard_listens_on_this_machine_only_unless_told(args, address, said, tmp_path, capsys, monkeypatch):
+    """Its pages show the runs' photos of faces: nobody else on the network sees them by default."""
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: started.append(command) or 0)
+    assert main(["dashboard", "--runs", str(tmp_path), *args]) == 0
+    command = started[0]
+    assert command[command.index("--server.address") + 1] == address
+    assert command[command.index("--server.maxUploadSize") + 1] == "10"
+    assert said in capsys.readouterr().out
