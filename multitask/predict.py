@@ -63,7 +63,8 @@ from multitask.data.sources import (DataError, Problem, age_thresholds, detect_s
 from multitask.engine import configure_threads  # noqa: E402
 from multitask.io import atomic_to_csv, atomic_write_text, staged_output  # noqa: E402
 from multitask.metrics import label  # noqa: E402
-from multitask.report import labeled_scores, per_class_table, write_confusions  # noqa: E402
+from multitask.plots import write_confusions  # noqa: E402
+from multitask.report import labeled_scores, per_class_table  # noqa: E402
 from multitask.run import RunDir, true_column  # noqa: E402
 
 

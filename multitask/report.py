@@ -37,9 +37,10 @@ from multitask.io import atomic_to_csv, atomic_write_text  # noqa: E402
 from multitask.metrics import JOINT, joint_name, label, score  # noqa: E402
 from multitask.model_card import model_card  # noqa: E402
 from multitask.run import (RunDir, check_same_classes, final_heads, frame_arrays, labeled_heads,  # noqa: E402
-                           mean_frame, pred_column, prob_columns, read_table, subgroup_columns, true_column,
+                           mean_frame, pred_column, prob_columns, read_table, true_column,
                            value_prediction_column)
-from multitask.tasks import joint_class_names, joint_label  # noqa: E402
+from multitask.plots import plot_curves, write_confusions  # noqa: E402
+from multitask.subgroups import subgroup_lines, subgroup_results  # noqa: E402
 
 
 def collect_oof(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
@@ -48,56 +49,6 @@ def collect_oof(run: RunDir, heads: Sequence[HeadConfig]) -> pd.DataFrame:
     if not parts:
         raise ConfigError(f"{run.root}: no fold*/oof.csv yet; has a fold finished?")
     return pd.concat(parts, ignore_index=True)
-
-
-def plot_confusion(matrix, classes: Sequence[str], title: str, path: Path) -> None:
-    m = np.asarray(matrix, dtype=float)
-    norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * n + 2), max(3.5, 0.45 * n + 1.5)))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=7 if n > 6 else 9)
-    ax.set_yticks(range(n), classes, fontsize=7 if n > 6 else 9)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 18:
-        for i in range(n):
-            for j in range(n):
-                if m[i, j]:
-                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6 if n > 6 else 9,
-                            color="white" if norm[i, j] > 0.5 else "black")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(metrics: pd.DataFrame, title: str, path: Path) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(metrics["epoch"], metrics["loss"], marker="o", label="train loss")
-    a.set_xlabel("epoch")
-    a.set_title("training loss")
-    for col in [c for c in metrics.columns if c.startswith("val_f1_")]:
-        b.plot(metrics["epoch"], metrics[col], marker="o", label=col.replace("val_f1_", ""))
-    b.set_xlabel("epoch")
-    b.set_title("validation macro-F1")
-    b.set_ylim(0, 1)
-    b.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_confusions(scores: dict, heads: Sequence[HeadConfig], out: Path, prefix: str = "") -> List[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for key, s in scores.items():
-        classes = joint_class_names(heads) if key == JOINT else next(h.classes for h in heads if h.name == key)
-        name = f"{prefix}confusion_{label(key, heads)}.png"
-        plot_confusion(s["confusion"], classes, f"{label(key, heads)} (macro-F1 {s['f1_macro']:.3f})", out / name)
-        names.append(name)
-    return names
 
 
 def per_class_table(scores: dict, heads) -> List[str]:
@@ -279,85 +230,6 @@ def age_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], plots: Path) -> 
         fig.savefig(plots / "age_predicted_vs_true.png", dpi=100)
         plt.close(fig)
     return result, lines
-
-
-MIN_GROUP_PHOTOS = 20  # the largest gap is taken over groups with at least this many photos
-
-
-def subgroup_labels(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> Dict[str, pd.Series]:
-    """Subgroup name -> each photo's group: the true classes of the heads in report.cross crossed (gender x age
-    group), for a head with an absent class its photos of that class against the others (age read on unmasked
-    against masked photos), and every subgroup column the table keeps (race, report.subgroups)."""
-    by_name = {h.name: h for h in heads}
-    crossed = [by_name[n] for n in cfg.report.cross if n in by_name]
-    out = {}
-    if crossed and len(crossed) == len(cfg.report.cross):
-        true = [oof[true_column(h)].to_numpy() for h in crossed]
-        known = np.all([t >= 0 for t in true], axis=0)
-        out[" x ".join(cfg.report.cross) + " group"] = pd.Series(
-            [" ".join(h.classes[t[i]] for h, t in zip(crossed, true)) if known[i] else None for i in range(len(oof))],
-            index=oof.index)
-    for h in heads:
-        if h.absent is not None:
-            true = oof[true_column(h)].to_numpy()
-            out[f"{h.name} on vs {h.absent}"] = pd.Series(
-                np.where(true < 0, None, np.where(true == h.classes.index(h.absent), h.absent, "on")), index=oof.index)
-    for col in subgroup_columns(cfg):
-        if col in oof and oof[col].notna().any():
-            out[col] = oof[col].where(oof[col].notna()).astype("string")
-    return out
-
-
-def subgroup_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config) -> dict:
-    """Per subgroup and group: photos, persons, and per head (and the joint label) macro-F1 and accuracy on the
-    out-of-fold photos; macro-F1 is None where the group holds one true class of the head (it says nothing
-    there). ``gap``: per head, the largest difference between groups of at least MIN_GROUP_PHOTOS photos."""
-    results = {}
-    for name, labels in subgroup_labels(oof, heads, cfg).items():
-        groups = {}
-        for value in sorted(labels.dropna().unique()):
-            part = oof[(labels == value).to_numpy()]
-            targets, probs = frame_arrays(heads, part)
-            scores = score(heads, targets, probs)
-            row = {"photos": len(part), "persons": int(part["person_id"].nunique()), "scores": {}}
-            for key, sc in scores.items():
-                if key == JOINT:
-                    known = np.all([targets[h.name] >= 0 for h in heads], axis=0)
-                    true = joint_label(heads, {h: t[known] for h, t in targets.items()})
-                else:
-                    true = targets[key][targets[key] >= 0]
-                row["scores"][key] = {"f1_macro": sc["f1_macro"] if len(np.unique(true)) > 1 else None,
-                                      "accuracy": sc["accuracy"]}
-            groups[str(value)] = row
-        big = [g for g in groups.values() if g["photos"] >= MIN_GROUP_PHOTOS]
-        gap = {}
-        for key in (next(iter(groups.values()))["scores"] if groups else {}):
-            for metric in ("f1_macro", "accuracy"):
-                values = [g["scores"][key][metric] for g in big if g["scores"][key][metric] is not None]
-                if len(values) > 1:
-                    gap.setdefault(key, {})[metric] = float(max(values) - min(values))
-        results[name] = {"groups": groups, "gap": gap}
-    return results
-
-
-def subgroup_lines(results: dict, heads: Sequence[HeadConfig]) -> List[str]:
-    if not results:
-        return []
-    lines = ["", "## Subgroups (all out-of-fold photos)", "",
-             "Macro-F1 / accuracy per group; a dash where the group holds one true class of the head. The largest "
-             f"gap is between groups of at least {MIN_GROUP_PHOTOS} photos."]
-    for name, r in results.items():
-        keys = list(next(iter(r["groups"].values()))["scores"]) if r["groups"] else []
-        cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        lines += ["", f"### {name}", "", "| group | photos | persons | " + " | ".join(label(k, heads) for k in keys)
-                  + " |", "|---" * (len(keys) + 3) + "|"]
-        lines += [f"| {g} | {v['photos']} | {v['persons']} | " + " | ".join(
-            f"{cell(v['scores'][k]['f1_macro'])} / {cell(v['scores'][k]['accuracy'])}" for k in keys) + " |"
-            for g, v in r["groups"].items()]
-        lines.append("| **largest gap** | | | " + " | ".join(
-            f"{cell(r['gap'].get(k, {}).get('f1_macro'))} / {cell(r['gap'].get(k, {}).get('accuracy'))}"
-            for k in keys) + " |")
-    return lines
 
 
 def recipe(cfg: Config, run: RunDir) -> str:

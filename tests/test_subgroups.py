@@ -10,7 +10,7 @@ import pytest
 from multitask.config import ConfigError, face_heads, load_config
 from multitask.data.sources import load_competition
 from multitask.data.table import load_table
-from multitask.report import MIN_GROUP_PHOTOS, subgroup_results
+from multitask.subgroups import MIN_GROUP_PHOTOS, subgroup_results
 
 from conftest import manifest_csv, tiny_overrides
 
