@@ -13,7 +13,6 @@ import numpy as np
 FACE_CLASSES = {"mask": ["worn", "incorrect", "not_worn"], "gender": ["male", "female"],
                 "age": ["<30", "30-59", "60+"]}
 MASK_CLASSES, GENDER_CLASSES, AGE_CLASSES = FACE_CLASSES["mask"], FACE_CLASSES["gender"], FACE_CLASSES["age"]
-FACE_SIZES = [len(c) for c in FACE_CLASSES.values()]  # 3, 2, 3: the 18-class code
 FACE_AGE_THRESHOLDS = (30, 60)  # <30, 30-59, 60+
 
 

@@ -2,7 +2,7 @@
 
 Every source gives the columns ``path`` (absolute), ``person_id`` (the unit of identity: folds group by it)
 and one integer column per head label (-1 where a source has no label). Face sources give
-``gender, age, age_group, mask, label18``; image folders give ``class`` and ``split``.
+``gender, age, age_group, mask``; image folders give ``class`` and ``split``.
 
 Loaders never stop at the first problem: they return every problem found, each naming its file, and the
 caller applies the bad-file policy (see ``apply_policy``).
@@ -20,8 +20,7 @@ import pandas as pd
 
 from multitask.data.images import is_image_name, not_an_image
 from multitask.errors import BadInput
-from multitask.tasks import (AGE_CLASSES, FACE_AGE_THRESHOLDS, FACE_SIZES, GENDER_CLASSES, MASK_CLASSES, cut,
-                             encode_joint)
+from multitask.tasks import AGE_CLASSES, FACE_AGE_THRESHOLDS, GENDER_CLASSES, MASK_CLASSES, cut
 
 COMPETITION_PHOTOS = ["mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask", "normal"]
 COMPETITION_MASK = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -113,7 +112,7 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     """Add age_group (when ages are known) and the 18-class label to face rows."""
     table = pd.DataFrame(rows)
     if table.empty:
-        return pd.DataFrame(columns=["path", "person_id", "gender", "age", "age_group", "mask", "label18"])
+        return pd.DataFrame(columns=["path", "person_id", "gender", "age", "age_group", "mask"])
     if "age_group" not in table or table["age_group"].isna().any():
         known = table["age"].notna()
         groups = table.get("age_group", pd.Series(np.nan, index=table.index)).copy()
@@ -122,7 +121,6 @@ def finish_face_table(rows: List[dict], thresholds: Sequence[int]) -> pd.DataFra
     table["age"] = table["age"].astype("Int64")
     for col in ("gender", "age_group", "mask"):
         table[col] = table[col].astype(np.int64)
-    table["label18"] = encode_joint([table["mask"], table["gender"], table["age_group"]], FACE_SIZES)
     return table
 
 
@@ -380,7 +378,7 @@ def load_mask_folders(root: Path) -> Tuple[pd.DataFrame, List[Problem]]:
     for f in sorted(p for p in Path(root).iterdir() if p.is_file() and is_image_name(p)):
         problems.append(Problem(str(f), "image outside a mask class folder"))  # READMEs and the like are fine
     table = pd.DataFrame(rows, columns=["path", "person_id", "mask"])
-    return table.assign(gender=-1, age=pd.array([pd.NA] * len(table), dtype="Int64"), age_group=-1, label18=-1), problems
+    return table.assign(gender=-1, age=pd.array([pd.NA] * len(table), dtype="Int64"), age_group=-1), problems
 
 
 def image_files(root: Path) -> Iterable[Path]:
