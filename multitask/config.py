@@ -375,7 +375,8 @@ def _renamed_head_keys(other, origin: str) -> None:
         for old, new in RENAMED.items():
             if isinstance(head, DictConfig) and old in head:
                 raise ConfigError(f"{origin}: heads.{i}.{old} is now heads.{i}.{new} (the head's kind: "
-                                  f"{head[old]}); rename the key")
+                                  f"{head[old]}); rename the key (in a run's config.yaml: "
+                                  f"sed -i 's/^  {old}: /  {new}: /' config.yaml)")
 
 
 def _merge(base, other, origin: str):

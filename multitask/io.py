@@ -129,9 +129,9 @@ def staged_output(out: Path, ours: Sequence[str], overwrite: bool, command: str)
 def _move_in(staging: Path, out: Path, ours: Sequence[str]) -> None:
     """The staged outputs into ``out``: the whole folder at once when ``out`` is new or empty; else this command's
     earlier outputs are removed and the new ones moved in beside the user's other files."""
-    if out.is_dir() and not any(out.iterdir()):
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         out.rmdir()
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         os.rename(staging, out)
         return
     for pattern in ours:
