@@ -25,6 +25,7 @@ from multitask.explain import METHODS, explain_photo, overlay, photo_faithfulnes
 from multitask.data.sources import DataError
 from multitask.model import WeightsError
 from multitask.metrics import JOINT
+from multitask.subgroups import subgroup_table
 from multitask.run import RunDir, pred_column, prob_columns, read_json, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
@@ -285,7 +286,7 @@ def report_page(run: Path) -> None:
     if subgroups:
         st.subheader("Subgroups (macro-F1 / accuracy; a dash where a group holds one true class of the head)")
         which = st.selectbox("subgroup", list(subgroups), key="report_subgroup")
-        st.dataframe(subgroup_frame(subgroups[which], name), hide_index=True)
+        st.dataframe(subgroup_table(subgroups[which], name), hide_index=True)
     st.subheader("Per-class scores (all out-of-fold photos)")
     pick = st.selectbox("head", keys, format_func=name, key="report_head")
     st.dataframe(pd.DataFrame(r["pooled"][pick]["per_class"]).T)
@@ -301,19 +302,6 @@ def report_page(run: Path) -> None:
 def score_names(report: dict):
     """report.json's score key -> how the page calls it: a head's name, or the joint label's ('18-class')."""
     return lambda key: report["joint_name"] if key == JOINT else key
-
-
-def subgroup_frame(result: dict, name) -> pd.DataFrame:
-    """One subgroup of report.json as a table: a row per group and the largest gap."""
-    cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = [{"group": g, "photos": v["photos"], "persons": v["persons"],
-             **{name(k): f"{cell(s['f1_macro'])} / {cell(s['accuracy'])}" for k, s in v["scores"].items()}}
-            for g, v in result["groups"].items()]
-    keys = list(result["groups"][next(iter(result["groups"]))]["scores"]) if result["groups"] else []
-    rows.append({"group": "largest gap", "photos": None, "persons": None,
-                 **{name(k): f"{cell(result['gap'].get(k, {}).get('f1_macro'))} / "
-                             f"{cell(result['gap'].get(k, {}).get('accuracy'))}" for k in keys}})
-    return pd.DataFrame(rows).astype(str).replace({"None": ""})
 
 
 def headline(run: Path, cfg) -> None:

@@ -2,7 +2,7 @@
 not, race and the data's own columns, ``report.subgroups``), and the largest gap between groups."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,21 @@ def subgroup_results(oof: pd.DataFrame, heads: Sequence[HeadConfig], cfg: Config
     return results
 
 
+def subgroup_table(result: dict, name: Callable[[str], str]) -> pd.DataFrame:
+    """One subgroup of ``subgroup_results`` as a table: a row per group (photos, persons, and per score key, named
+    by ``name``, "macro-F1 / accuracy"; a dash where the group holds one true class), and the largest gap last.
+    report.md and the dashboard show this table."""
+    cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    keys = list(next(iter(result["groups"].values()))["scores"]) if result["groups"] else []
+    rows = [{"group": g, "photos": str(v["photos"]), "persons": str(v["persons"]),
+             **{name(k): f"{cell(v['scores'][k]['f1_macro'])} / {cell(v['scores'][k]['accuracy'])}" for k in keys}}
+            for g, v in result["groups"].items()]
+    rows.append({"group": "largest gap", "photos": "", "persons": "",
+                 **{name(k): f"{cell(result['gap'].get(k, {}).get('f1_macro'))} / "
+                             f"{cell(result['gap'].get(k, {}).get('accuracy'))}" for k in keys}})
+    return pd.DataFrame(rows, columns=["group", "photos", "persons", *map(name, keys)])
+
+
 def subgroup_lines(results: dict, heads: Sequence[HeadConfig]) -> List[str]:
     if not results:
         return []
@@ -79,14 +94,8 @@ def subgroup_lines(results: dict, heads: Sequence[HeadConfig]) -> List[str]:
              "Macro-F1 / accuracy per group; a dash where the group holds one true class of the head. The largest "
              f"gap is between groups of at least {MIN_GROUP_PHOTOS} photos."]
     for name, r in results.items():
-        keys = list(next(iter(r["groups"].values()))["scores"]) if r["groups"] else []
-        cell = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        lines += ["", f"### {name}", "", "| group | photos | persons | " + " | ".join(label(k, heads) for k in keys)
-                  + " |", "|---" * (len(keys) + 3) + "|"]
-        lines += [f"| {g} | {v['photos']} | {v['persons']} | " + " | ".join(
-            f"{cell(v['scores'][k]['f1_macro'])} / {cell(v['scores'][k]['accuracy'])}" for k in keys) + " |"
-            for g, v in r["groups"].items()]
-        lines.append("| **largest gap** | | | " + " | ".join(
-            f"{cell(r['gap'].get(k, {}).get('f1_macro'))} / {cell(r['gap'].get(k, {}).get('accuracy'))}"
-            for k in keys) + " |")
+        table = subgroup_table(r, lambda k: label(k, heads))
+        table.iloc[-1, 0] = f"**{table.iloc[-1, 0]}**"
+        lines += ["", f"### {name}", "", "| " + " | ".join(table.columns) + " |", "|---" * len(table.columns) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in table.itertuples(index=False)]
     return lines
