@@ -1,6 +1,6 @@
 """``multitask export --run RUN --out DIR [--format onnx|torchscript] [--folds K,K]``: a model file to take anywhere.
 
-The graph takes a normalised batch (N x 3 x H x W float32, RGB, ImageNet mean/std, dynamic N) and returns each
+The graph takes a normalised batch (N x 3 x H x W float32, RGB, the trunk's mean/std, dynamic N) and returns each
 head's class *probabilities* (``p_<head>``, N x classes) and, for heads that predict a value (the age, in
 years), ``value_<head>`` (N): the fold models' mean over the plain and (with ``predict.tta_flip``) mirrored photo, each
 head decoded as the run decodes it (ordinal, age distribution, regression, the training prior), so the numbers
