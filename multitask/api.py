@@ -108,17 +108,19 @@ def predictions_frame(cfg: Config, table: pd.DataFrame, probs: dict, preds: dict
 ACCEPTED = "a photo is a file path, a PIL image or an RGB array (H x W x 3, or H x W grey; uint8, or floats in [0, 1])"
 
 
-def rgb_array(photo) -> np.ndarray:
-    """A PIL image or an array (H x W x 3 RGB, or H x W grey; uint8, or float in [0, 1]) as H x W x 3 uint8."""
+def rgb_array(photo, name: str = "<photo>") -> np.ndarray:
+    """A PIL image or an array (H x W x 3 RGB, or H x W grey; uint8, or float in [0, 1]) as H x W x 3 uint8; a
+    DataError naming the photo (``name``) for anything else."""
     if isinstance(photo, Image.Image):
         photo = np.asarray(photo.convert("RGB"))
     if not isinstance(photo, np.ndarray):
-        raise DataError([Problem("<photo>", f"got {type(photo).__name__}; {ACCEPTED}")])
+        raise DataError([Problem(name, f"got {type(photo).__name__}; {ACCEPTED}")], "the photo")
     a = photo
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape or a.dtype.kind not in "uif":
-        raise DataError([Problem("<photo>", f"got an array of shape {photo.shape} and type {a.dtype}; {ACCEPTED}")])
+        raise DataError([Problem(name, f"got an array of shape {photo.shape} and type {a.dtype}; {ACCEPTED}")],
+                        "the photo")
     if a.dtype != np.uint8:
         a = np.clip(a * (255 if a.dtype.kind == "f" and a.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
     return np.ascontiguousarray(a[:, :, :3])
@@ -131,10 +133,7 @@ def photo_rgb(photo: Photo, name: str) -> np.ndarray:
             return read_rgb(Path(photo))
         except Exception as e:  # any decoder or file error is this photo's problem
             raise DataError([Problem(name, f"unreadable image ({type(e).__name__}: {e})")], "the photo") from None
-    try:
-        return rgb_array(photo)
-    except DataError as e:
-        raise DataError([Problem(name, p.message) for p in e.problems], "the photo") from None
+    return rgb_array(photo, name)
 
 
 class Predictor:
