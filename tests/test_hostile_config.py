@@ -3,6 +3,7 @@ folder left behind (nothing was trained, nothing to resume)."""
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +145,21 @@ def test_a_teacher_that_cannot_teach_a_fold_fails_create_only(trained_run, faces
     student's folder exists."""
     out = start(faces_root, tmp_path, capsys, f"teacher=[{trained_run}]", "--create-only")
     assert out.returncode == 2 and "no teacher model predicted fold 0's training photos" in out.stderr
+    import shutil
+
+    import yaml
+
+    unfinished = Path(shutil.copytree(trained_run, tmp_path / "unfinished"))
+    for oof in unfinished.rglob("oof.csv"):
+        oof.unlink()
+    other = Path(shutil.copytree(trained_run, tmp_path / "other_heads"))
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["heads"][1]["classes"] = ["m", "f"]
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for teacher, message in ((unfinished, "no fold has finished (no fold<k>/oof.csv)"),
+                             (other, "its head gender is not this run's")):
+        out = start(faces_root, tmp_path, capsys, f"teacher=[{teacher}]", "--create-only")
+        assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
 def test_a_heads_old_loss_key_names_its_new_name(tmp_path, capsys):
