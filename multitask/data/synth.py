@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from multitask.data.faces import LANDMARKS
 from multitask.data.paint import paint_mask
 from multitask.data.sources import COMPETITION_PHOTOS
 from multitask.io import errors_named
+from multitask.parallel import on_every_core
 
 SKIN = np.array([[255, 224, 196], [234, 192, 160], [198, 145, 110], [160, 110, 80], [110, 72, 50]], float)
 HAIR = np.array([[30, 25, 20], [90, 60, 35], [200, 170, 110], [150, 70, 35]], float)
@@ -179,12 +179,8 @@ def generate(out: Path, people: int, size: tuple[int, int] = (384, 512), seed: i
         with errors_named(out, tmp):  # a full disk: said for the data set asked for, not the temporary folder
             width, height = size
             jobs = [(str(tmp), seed, i, width, height, anywhere) for i in range(people)]
-            workers = workers or min(os.cpu_count() or 1, 8)
-            if workers > 1 and people > 8:
-                with ProcessPoolExecutor(workers) as pool:
-                    results = list(pool.map(draw_person, jobs, chunksize=8))
-            else:
-                results = [draw_person(j) for j in jobs]
+            # a few persons are drawn here: starting worker processes would cost more
+            results = list(on_every_core(draw_person, jobs, (workers or 0) if people > 8 else 1, chunksize=8))
             pd.DataFrame([p for p, _ in results]).to_csv(tmp / "train.csv", index=False)
             pd.DataFrame([b for _, bs in results for b in bs]).to_csv(tmp / "boxes.csv", index=False)
             os.replace(tmp, out)
@@ -215,8 +211,7 @@ def generate_unmasked(out: Path, people: int, size: tuple[int, int] = (384, 512)
     try:
         with errors_named(out, tmp):
             jobs = [(str(tmp), seed, i, *size) for i in range(people)]
-            with ProcessPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
-                list(pool.map(draw_unmasked, jobs, chunksize=16))
+            list(on_every_core(draw_unmasked, jobs, chunksize=16))
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
