@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -111,6 +112,10 @@ def staged_output(out: Path, ours: Sequence[str], overwrite: bool, command: str)
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             raise ConfigError(f"--out {out}: not empty; give a new folder, or --overwrite to replace what an "
                               f"earlier {command} wrote there")
+        staged = re.compile(rf"\.{re.escape(out.name)}\.\d+\.tmp")
+        for stale in out.parent.iterdir():  # a command killed while writing here (kill -9); none writes now
+            if staged.fullmatch(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         staging = out.parent / f".{out.name}.{os.getpid()}.tmp"
         try:
             with errors_named(out, staging):  # said for the files the user asked for, not their staged copies

@@ -146,6 +146,18 @@ def test_an_out_folder_being_written_is_refused_in_one_line(trained_run, faces_r
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the holder's (empty) output; its lock went with it
 
 
+def test_what_a_killed_command_was_writing_is_cleared_by_the_next(trained_run, faces_root, tmp_path, capsys):
+    """kill -9 leaves the staged folder of the command it stopped; the next command into that --out removes it
+    (and only it: another --out's staged folder beside it stays)."""
+    killed, other = tmp_path / ".out.4242.tmp", tmp_path / ".out.x.4243.tmp"
+    for folder in (killed, other):
+        folder.mkdir()
+        (folder / "predictions.csv").write_text("half")
+    person = sorted((faces_root / "images").iterdir())[0]
+    assert run_main(predict_main, capsys, "--run", trained_run, person, "--out", tmp_path / "out").returncode == 0
+    assert not killed.exists() and other.exists()
+
+
 @pytest.mark.parametrize("command", ["predict", "explain"])
 def test_two_commands_into_the_same_new_folder_never_mix(command, trained_run, faces_root, tmp_path):
     """Started together: one writes the folder whole, the other is refused (the lock, or the folder not empty by
