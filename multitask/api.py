@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from multitask.config import ENSEMBLES, Config, ConfigError, check_ranges
+from multitask.config import ENSEMBLES, FACES, Config, ConfigError, check_ranges
 from multitask.data.images import read_rgb
 from multitask.data.photoset import photo_set
 from multitask.data.sources import DataError, Problem
 from multitask.data.transforms import Preprocessing
 from multitask.engine import Runtime, loader_workers, predict_views, resolve_device
+from multitask.inference import PREDICTED, cut_faces, default_faces, face_table, face_vectors, merge_predictions
 from multitask.model import MultiHeadNet
 from multitask.run import Member, RunDir, check_same_classes, final_heads, prediction_frame
 from multitask.tasks import joint_class_names, joint_label
@@ -185,9 +186,9 @@ class Predictor:
                 face_found = photos.table["face_found"].to_numpy()
         return FramedPhotos(images, list(unreadable.values()), face_found)
 
-    def frame_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
-        """(per member the prepared photos, a name per photo) of files, PIL images and arrays, no cache; an
-        unreadable file is a DataError naming it."""
+    def read_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
+        """(the photos as H x W x 3 uint8, a name per photo) of files, PIL images and arrays; an unreadable one is a
+        DataError naming it."""
         if not photos:
             raise DataError([Problem("photos", f"none given; {ACCEPTED}")], "the photos to predict")
         names = [os.path.abspath(p) if isinstance(p, (str, Path)) else f"<image {i}>" for i, p in enumerate(photos)]
@@ -199,6 +200,12 @@ class Predictor:
                 problems += e.problems
         if problems:
             raise DataError(problems, "the photos to predict")
+        return rgbs, names
+
+    def frame_photos(self, photos: Sequence[Photo]) -> tuple[List[np.ndarray], List[str]]:
+        """(per member the prepared photos, a name per photo) of files, PIL images and arrays, no cache; an
+        unreadable file is a DataError naming it."""
+        rgbs, names = self.read_photos(photos)
         with self.timed("framing"):
             return [np.stack([m.pre.framing(rgb) for rgb in rgbs]) for m in self.members], names
 
@@ -214,11 +221,47 @@ class Predictor:
         values = mean_of_runs([{k: y for k, (_, y) in folds.items()} for folds in per_run])
         return predictions_frame(self.cfg, table, probs, preds, values)
 
-    def predict(self, photos: Union[Photo, Sequence[Photo]], progress: bool = False) -> pd.DataFrame:
-        """One row per photo (a file path, a PIL image or an RGB array): the columns of ``multitask predict``'s
-        predictions.csv (``p_<head>_<class>``, ``pred_<head>``, ``<head>_class``, ``value_<head>``, ``label``)."""
+    def predict_faces(self, rgbs: Sequence[np.ndarray], names: Sequence[str], progress: bool = False
+                      ) -> pd.DataFrame:
+        """One row per face of each photo (``inference``: the box, the detector's score and landmarks, then the
+        prediction columns), or one ``no_face`` row per photo without any; every face of these photos goes
+        through each model in one batch."""
+        from multitask.data.faces import detect_all
+
+        with self.timed("faces"):
+            table = face_table(names, detect_all(rgbs), self.cfg.predict.min_face)
+        todo = table[table["face_status"] == PREDICTED]
+        photo_of_row = pd.Series(range(len(names)), index=list(names)).groupby(level=0).first()[todo["path"]]
+        with self.timed("cut"):
+            crops = [cut_faces(m.pre.framing, rgbs, photo_of_row.to_numpy(), face_vectors(todo))
+                     for m in self.members]
+        predicted = (self.predict_framed(crops, todo[["path", "face"]], progress) if len(todo)
+                     else self.no_predictions())
+        return merge_predictions(table, predicted)
+
+    def no_predictions(self) -> pd.DataFrame:
+        """The prediction table of no photo: its columns, for rows that have none."""
+        value_heads = {h for m in self.members for model in m.models.values() for h in model.value_heads}
+        probs = {h.name: np.zeros((0, len(h.classes))) for h in self.heads}
+        preds = {h: p.argmax(1) for h, p in probs.items()}
+        return predictions_frame(self.cfg, pd.DataFrame({"path": []}), probs, preds,
+                                 {h: np.zeros(0) for h in value_heads})
+
+    def predict(self, photos: Union[Photo, Sequence[Photo]], faces: Optional[str] = None,
+                progress: bool = False) -> pd.DataFrame:
+        """The columns of ``multitask predict``'s predictions.csv (``p_<head>_<class>``, ``pred_<head>``,
+        ``<head>_class``, ``value_<head>``, ``label``) for photos (file paths, PIL images or RGB arrays).
+        ``faces``: ``all``: a row per face found (``inference``: box, landmarks, ``face_status``); ``largest``: a
+        row per photo, framed as the run framed its training photos; default: ``all`` for runs that frame photos by
+        their detected face, else ``largest``."""
         if isinstance(photos, (str, Path, np.ndarray, Image.Image)):
             photos = [photos]
+        faces = faces or default_faces(self.cfg)
+        if faces not in FACES:
+            raise ConfigError(f"faces={faces!r}: must be " + " or ".join(FACES))
+        if faces == "all":
+            rgbs, names = self.read_photos(list(photos))
+            return self.predict_faces(rgbs, names, progress)
         images, names = self.frame_photos(list(photos))
         return self.predict_framed(images, pd.DataFrame({"path": names}), progress)
 

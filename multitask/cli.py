@@ -99,6 +99,20 @@ def whole_number(low: int):
 positive, non_negative = whole_number(1), whole_number(0)
 
 
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number above 0")
+    return value
+
+
 def version() -> str:
     from importlib.metadata import PackageNotFoundError, version as dist_version
 

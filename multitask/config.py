@@ -33,6 +33,7 @@ GROUPS = ("data", "model", "experiment")
 INF = float("inf")
 PRIORS = ("balanced", "training")  # heads[].prior
 ENSEMBLES = ("mean", "vote")  # predict.ensemble: the models' mean probabilities, or their majority vote
+FACES = ("all", "largest")  # --faces: every face of a photo, or the photo framed as its training photos were
 
 
 # Each setting's rule lives beside it (checked at load, so a bad value fails at once with its key, not as a
@@ -276,6 +277,10 @@ class PredictConfig:
     tta_flip: bool = True  # average each photo with its mirror image
     tta_scales: List[float] = field(default_factory=list)  # extra scales, e.g. [0.9, 1.1]
     ensemble: str = one_of(*ENSEMBLES)  # mean of probabilities | vote
+    # Photos of scenes (--faces all): faces whose box is narrower than this (pixels) are listed as too small,
+    # with their boxes, and not classified; the detector looks for faces from 20 pixels
+    min_face: int = within(32, 1)
+    fps: float = within(2.0, 0, low_ok=False)  # videos: frames sampled per second of video
 
     def views(self, flip: Optional[bool] = None) -> List[tuple]:
         """(scale, flip) test-time views: the plain view, its mirror, and each extra scale (mirrored too);

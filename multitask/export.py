@@ -107,6 +107,16 @@ def preprocessing_record(member, graph: HeadProbabilities, model_file: str) -> d
             {"step": "centre crop", "size": list(cfg.data.size)},
             {"step": "normalise", "mean": list(mean), "std": list(std)},
         ],
+        # photos of scenes (predict --faces all): each face found is cut out on its own, then as above from resize
+        "face_to_input": {
+            "step": "cut one face", "face_margin": cfg.data.face_margin,
+            "how": ("the photo warped by the similarity that takes the face's five landmarks to template_points, "
+                    "straight into the resize step's size" if cfg.data.face_crop == "aligned" else
+                    "the face box (x0, y0, x1, y1 in the photo's pixels, as predict writes it) widened by face_margin "
+                    "of its width and height on each side, then grown to the network's aspect ratio (height / "
+                    "width) about its centre, rounded to whole pixels; pixels outside the photo repeat its border "
+                    "edge"),
+            "then": ["resize", "centre crop", "normalise"]},
         "typical_face_boxes": member.run.recorded().get("typical_face_boxes", {}),
         "outputs": {**{f"p_{h}": {"head": h, "classes": list(heads[h].classes), "prior": heads[h].prior,
                                   **({"thresholds": list(heads[h].thresholds)} if heads[h].thresholds else {})}

@@ -93,15 +93,31 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def synth(out: Path, people: int, size: tuple[int, int], seed: int, anywhere: bool) -> int:
+def parse_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or max(counts) > 500:
+        raise argparse.ArgumentTypeError(f"--faces {text!r}: face counts from 1 to 500, e.g. 1,5,20")
+    return counts
+
+
+def synth(a: argparse.Namespace) -> int:
+    from multitask.data.scenes import FACE_COUNTS, generate_scenes
     from multitask.data.synth import generate
 
     try:
-        generate(out, people, size, seed, anywhere=anywhere)
+        if a.scenes:
+            generate_scenes(a.out, a.scenes, a.size or (1280, 720), a.seed, a.faces or FACE_COUNTS,
+                            faces_from=a.faces_from, cache_dir=a.cache_dir)
+            print(f"wrote {a.scenes} scene photos to {a.out} (their faces: {a.out / 'faces.csv'})")
+            return 0
+        generate(a.out, a.people, a.size or (384, 512), a.seed, anywhere=a.anywhere)
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {people} people ({people * 7} photos) to {out}")
+    print(f"wrote {a.people} people ({a.people * 7} photos) to {a.out}")
     return 0
 
 
@@ -128,14 +144,22 @@ def main(argv=None) -> int:
                        "layout, for trying the tools without data")
     g.add_argument("out", type=Path)
     g.add_argument("--people", type=positive, default=100)
-    g.add_argument("--size", type=parse_size, default=(384, 512), help="W x H, default 384x512")
+    g.add_argument("--size", type=parse_size, help="W x H, default 384x512 (scenes: 1280x720)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--anywhere", action="store_true", help="faces of any size anywhere in the frame")
+    g.add_argument("--scenes", type=positive, help="instead of persons: this many scene photos, several faces of "
+                   "known labels pasted on a background (24-200 px wide), listed in OUT/faces.csv")
+    g.add_argument("--faces", type=parse_counts, help="scenes: the numbers of faces a scene may have, e.g. 1,5,20 "
+                   "(default: 1 to 20)")
+    g.add_argument("--faces-from", type=Path, help="scenes: paste the faces of this labeled folder (competition "
+                   "layout) instead of drawn ones")
+    g.add_argument("--cache-dir", type=Path, default=Path(".cache/multitask"),
+                   help="scenes with --faces-from: where the detector's boxes are cached")
     a = p.parse_args(argv)
     if a.command == "paint-masks":
         return paint_masks(a.src, a.out, a.people, a.seed, a.workers, a.incorrect)
     if a.command == "synth":
-        return synth(a.out, a.people, a.size, a.seed, a.anywhere)
+        return synth(a)
     count, problems = check(a.root, a.source)
     for prob in problems:
         print(prob)

@@ -46,21 +46,38 @@ class Face:
     landmarks: np.ndarray  # 5 x 2, LANDMARKS order
     score: float
 
+    @property
+    def vector(self) -> np.ndarray:
+        """Box, then the landmarks (x, y) x 5: what ``FaceFraming.cut`` frames a face by."""
+        return np.concatenate([self.box, self.landmarks.ravel()])
 
-_detector = None
+    @property
+    def width(self) -> float:
+        return float(self.box[2] - self.box[0])
 
 
-def detector():
-    """The MTCNN detector, built once per process (CPU; weights from the installed wheel, never downloaded)."""
-    global _detector
-    if _detector is None:
+_detectors: dict = {}
+# The smallest face (pixels) the detector looks for in photos of scenes: MTCNN's image pyramid starts at
+# 12 / SCENE_MIN_FACE, so a smaller value finds smaller faces at a higher cost. Training portraits use 40.
+SCENE_MIN_FACE = 20
+PORTRAIT_MIN_FACE = 40
+# Photos whose longer side is above this are scaled down before detection (boxes mapped back): the time of the
+# pyramid grows with the pixels, and a face of 20 px in such a photo is too small to classify anyway.
+DETECT_MAX_SIDE = 1920
+
+
+def detector(min_face: int = PORTRAIT_MIN_FACE):
+    """The MTCNN detector for faces of at least ``min_face`` pixels, built once per process (CPU; weights from the
+    installed wheel, never downloaded)."""
+    if min_face not in _detectors:
         try:
             from facenet_pytorch import MTCNN
         except ImportError as e:
             raise DetectorMissing("the face detector needs facenet-pytorch: pip install --no-deps "
                                   "facenet-pytorch==2.6.0 (its weights ship in the wheel)") from e
-        _detector = MTCNN(keep_all=True, device="cpu", min_face_size=40, thresholds=list(STAGE_THRESHOLDS))
-    return _detector
+        _detectors[min_face] = MTCNN(keep_all=True, device="cpu", min_face_size=min_face,
+                                     thresholds=list(STAGE_THRESHOLDS))
+    return _detectors[min_face]
 
 
 def detect(rgb: np.ndarray) -> Optional[Face]:
@@ -69,37 +86,42 @@ def detect(rgb: np.ndarray) -> Optional[Face]:
 
 
 def detect_many(rgbs: Sequence[np.ndarray]) -> list[Optional[Face]]:
-    """``detect`` for several photos: photos of one size go through the detector as one batch, which shares its
-    per-call work (the image pyramid, one network call per scale) between them."""
+    """``detect`` for several photos (training portraits: the largest face of each)."""
+    return [faces[0] if faces else None for faces in detect_all(rgbs, PORTRAIT_MIN_FACE)]
+
+
+def detect_all(rgbs: Sequence[np.ndarray], min_face: int = SCENE_MIN_FACE) -> list[list[Face]]:
+    """Every confident face of each photo, largest first. Photos of one size go through the detector as one batch,
+    which shares its per-call work (the image pyramid, one network call per scale) between them."""
     inputs = [detector_input(rgb) for rgb in rgbs]
-    faces: list[Optional[Face]] = [None] * len(rgbs)
+    faces: list[list[Face]] = [[] for _ in rgbs]
     for shape in dict.fromkeys(img.shape for img, _, _ in inputs):
         same = [i for i, (img, _, _) in enumerate(inputs) if img.shape == shape]
-        boxes, probs, points = detector().detect([inputs[i][0] for i in same], landmarks=True)
+        boxes, probs, points = detector(min_face).detect([inputs[i][0] for i in same], landmarks=True)
         for k, i in enumerate(same):
-            faces[i] = best_face(boxes[k], probs[k], points[k], *inputs[i][1:])
+            faces[i] = confident_faces(boxes[k], probs[k], points[k], *inputs[i][1:])
     return faces
 
 
 def detector_input(rgb: np.ndarray) -> tuple[np.ndarray, float, int]:
-    """(the photo as the detector gets it, its scale, its padding): small photos enlarged, a border added."""
+    """(the photo as the detector gets it, its scale, its padding): small photos enlarged, large ones reduced, a
+    border added."""
     h, w = rgb.shape[:2]
-    scale = max(1.0, MIN_SIDE / max(h, w))
-    img = cv2.resize(rgb, (round(w * scale), round(h * scale))) if scale > 1 else rgb
-    pad = img.shape[0] // 4  # a face filling the whole crop is missed without some surround
+    scale = max(1.0, MIN_SIDE / max(h, w)) if max(h, w) <= DETECT_MAX_SIDE else DETECT_MAX_SIDE / max(h, w)
+    img = rgb if scale == 1 else cv2.resize(rgb, (round(w * scale), round(h * scale)),
+                                            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    pad = img.shape[0] // 4  # a face filling the whole photo is missed without some surround
     return cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE), scale, pad
 
 
-def best_face(boxes, probs, points, scale: float, pad: int) -> Optional[Face]:
-    """The largest confident one of the detector's boxes for one photo, in the photo's pixels."""
+def confident_faces(boxes, probs, points, scale: float, pad: int) -> list[Face]:
+    """The detector's confident boxes for one photo, largest first, in the photo's pixels."""
     if boxes is None:
-        return None
+        return []
     keep = [i for i in range(len(boxes)) if probs[i] >= MIN_SCORE]
-    if not keep:
-        return None
-    best = max(keep, key=lambda i: (boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
+    keep.sort(key=lambda i: -(boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1]))
     unmap = lambda a: (np.asarray(a, dtype=np.float64) - pad) / scale  # noqa: E731
-    return Face(unmap(boxes[best]), unmap(points[best]).reshape(5, 2), float(probs[best]))
+    return [Face(unmap(boxes[i]), unmap(points[i]).reshape(5, 2), float(probs[i])) for i in keep]
 
 
 def face_row(face: Optional[Face], shape=(np.nan, np.nan)) -> dict:
@@ -157,7 +179,8 @@ def find_faces(paths: Sequence[str], cache_dir: Path, log: Callable[[str], None]
     on a CPU, hashing ~0.05. New photos are detected on every core and the cache is saved as it grows, with the
     time left in the log. Unreadable files get ``found`` False; they are reported by the image loader."""
     paths = list(paths)
-    cache = Path(cache_dir) / f"faces-{files_key([], repr(('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE, 'content')))}.csv"
+    settings = ('mtcnn-v2', STAGE_THRESHOLDS, MIN_SCORE, 'content', DETECT_MAX_SIDE)
+    cache = Path(cache_dir) / f"faces-{files_key([], repr(settings))}.csv"
     keys = pd.DataFrame({"key": [content_key(p) for p in paths]})
     known = (pd.read_csv(cache, dtype={"key": str}).drop_duplicates("key", keep="last") if cache.exists()
              else pd.DataFrame(columns=["key"] + COLUMNS))

@@ -139,7 +139,7 @@ class FaceFraming:
             from multitask.data.faces import detect
 
             found = detect(rgb)
-            face = None if found is None else np.concatenate([found.box, found.landmarks.ravel()])
+            face = None if found is None else found.vector
         how = "detected"
         if face is None:
             # Portraits of one size are framed alike: a missed (often masked) face is framed like the found ones,
@@ -173,13 +173,17 @@ class FaceFraming:
 
     def __call__(self, image) -> np.ndarray:
         rgb = read_rgb(image) if not isinstance(image, np.ndarray) else image
-        if self.face_crop == "aligned":
-            face, _ = self.face(image, rgb)
-            if face is not None:
-                return np.ascontiguousarray(warp(rgb, self.alignment(face), self.size))
-        box = self.face_box(image, rgb) if self.face_crop == "detector" else None
-        if box is not None:
-            rgb = crop_box(rgb, box)
+        face = self.face(image, rgb)[0] if self.face_crop in DETECTED else None
+        return self.cut(rgb, face)
+
+    def cut(self, rgb: np.ndarray, face: Optional[np.ndarray] = None) -> np.ndarray:
+        """``rgb`` framed around ``face`` (its box, then its landmarks: ``faces.Face.vector``) as this run frames
+        its faces: aligned on the landmarks under ``aligned``, else the box widened by ``face_margin``, whatever
+        the run's face crop (a scene's faces are cut this way); without a face, by the centre rule."""
+        if face is not None and self.face_crop == "aligned":
+            return np.ascontiguousarray(warp(rgb, self.alignment(np.asarray(face, float)), self.size))
+        if face is not None:
+            rgb = crop_box(rgb, widen(face[:4], self.face_margin, self.size[0] / self.size[1]))
         elif self.crop is not None and self.face_crop != "none":
             ch, cw = self.crop
             h, w = rgb.shape[:2]
