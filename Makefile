@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1 -e '.[test]'
 	# The face detector (MTCNN, weights in the wheel) pins an old torch: installed without its dependencies.
 	$(PY) -m pip install --quiet --no-deps facenet-pytorch==2.6.0
+	# The video tracker (ByteTrack) asks for opencv-python beside the headless OpenCV: installed without its
+	# dependencies (pyproject lists the ones it imports).
+	$(PY) -m pip install --quiet --no-deps trackers==2.6.1
 	touch $(STAMP)
 
 install: $(STAMP)

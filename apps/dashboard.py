@@ -2,8 +2,9 @@
 
 Reads run directories only (``runs/`` by default; ``multitask dashboard --runs DIR`` or MULTITASK_RUNS): it opens
 on the run's headline scores and one of its held-out photos with the Grad-CAM grid (trunk stages x heads) already
-drawn; any held-out photo, an uploaded one or the camera's can be inspected; the per-fold report with subgroup
-scores, confusion matrices and learning curves; the most confident mistakes.
+drawn; any held-out photo, an uploaded one or the camera's can be inspected (for a run that frames photos by
+their detected face: every face boxed and labeled, and the CAM grid of the face picked); the per-fold report with
+subgroup scores, confusion matrices and learning curves; the most confident mistakes.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, UnidentifiedImageError
 
+import torch
+
+from multitask.annotate import draw_faces, face_label
+from multitask.api import Predictor
 from multitask.cli import MAX_UPLOAD_MB
 from multitask.config import ConfigError, extra_val_names
 from multitask.data.transforms import DETECTED, Preprocessing
@@ -26,7 +31,8 @@ from multitask.data.sources import DataError
 from multitask.model import WeightsError
 from multitask.metrics import JOINT
 from multitask.subgroups import subgroup_table
-from multitask.run import RunDir, pred_column, prob_columns, read_json, true_column
+from multitask.inference import PREDICTED, TOO_SMALL, default_faces, face_vectors
+from multitask.run import Member, RunDir, final_heads, pred_column, prob_columns, read_json, true_column
 from multitask.tasks import joint_class_names, joint_label, joint_probabilities
 
 HELD_OUT = "held-out photos of the run"
@@ -51,9 +57,36 @@ def csv(path: Path) -> pd.DataFrame | None:
 
 
 @st.cache_data(show_spinner="computing Grad-CAM")
-def cams_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple):
+def cams_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray, method: str, targets: tuple,
+             framed: bool = False):
     _, models, pre = models_for(run, folds)
-    return explain_photo(models, pre, _photo, method, dict(targets) or None)
+    return explain_photo(models, pre, _photo, method, dict(targets) or None, framed=framed)
+
+
+@st.cache_data(show_spinner="finding every face")
+def faces_for(run: str, folds: tuple, photo_key: str, _photo: np.ndarray) -> pd.DataFrame:
+    """A row per face of the photo (``multitask.inference``), predicted by the models shown."""
+    cfg, models, pre = models_for(run, folds)
+    predictor = Predictor([Member(RunDir(run), cfg, models, pre, cfg.predict.views())], torch.device("cpu"))
+    return predictor.predict_faces([_photo], [photo_key])
+
+
+def pick_face(run: Path, folds: tuple, photo: np.ndarray, photo_key: str) -> tuple[np.ndarray, str] | None:
+    """Every face of an uploaded photo boxed and labeled; the face picked, cut out as the network gets it (None:
+    no face to inspect)."""
+    cfg, _, pre = models_for(str(run), folds)
+    rows = faces_for(str(run), folds, photo_key, photo)
+    st.image(draw_faces(photo, rows, final_heads(cfg)), width="stretch",
+             caption=f"{(rows['face_status'] == PREDICTED).sum()} face(s) classified, "
+                     f"{(rows['face_status'] == TOO_SMALL).sum()} too small (under {cfg.predict.min_face} px wide)")
+    faces = rows[rows["face_status"] == PREDICTED]
+    if faces.empty:
+        st.info("No face large enough to classify was found in this photo.")
+        return None
+    labels = {int(r.face): f"face {int(r.face)}: {face_label(r, final_heads(cfg))}" for r in faces.itertuples()}
+    k = st.selectbox("face", list(labels), format_func=labels.get, key="face_pick")
+    row = faces[faces["face"] == k].iloc[0]
+    return pre.framing.cut(photo, face_vectors(row.to_frame().T)[0]), f"{photo_key}:face{k}"
 
 
 @st.cache_data(show_spinner="scoring faithfulness")
@@ -108,8 +141,8 @@ def show_prediction(cfg, grid) -> None:
                            hide_index=True)
 
 
-def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str) -> None:
-    """Photo, predictions and the CAM grid with its pickers."""
+def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str, framed: bool = False) -> None:
+    """Photo, predictions and the CAM grid with its pickers; ``framed``: a face already cut out of its photo."""
     cfg, _, pre = models_for(str(run), folds)
     c1, c2, c3 = st.columns([2, 3, 2])
     method = c1.selectbox("CAM method", list(METHODS), key=f"{key}_method")
@@ -123,9 +156,9 @@ def inspect(run: Path, folds: tuple, photo: np.ndarray, photo_key: str, key: str
     if method == "scorecam":
         st.caption("ScoreCAM runs one forward pass per channel: expect tens of seconds.")
     target_key = tuple(sorted(targets.items()))
-    rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key)
+    rgb, grid = cams_for(str(run), folds, photo_key, photo, method, target_key, framed)
     left, right = st.columns([1, 3])
-    if cfg.data.face_crop in DETECTED:
+    if cfg.data.face_crop in DETECTED and not framed:
         left.image(*face_box_view(pre, photo), width="stretch")
     left.image(rgb, caption="network input", width="stretch")
     with right:
@@ -401,6 +434,12 @@ def show_run(run: Path) -> None:
             if upload is not None:
                 rgb = read_upload(upload)
                 picked = (rgb, f"upload:{upload.file_id}") if rgb is not None else None
+                if picked is not None and default_faces(cfg) == "all":
+                    face = pick_face(run, folds, *picked)
+                    if face is not None:
+                        st.caption(f"Explained by {shown}.")
+                        inspect(run, folds, *face, "photo", framed=True)
+                    picked = None
         else:
             picked = photo_picker(run, cfg, "data")
             if picked is not None and len(folds) > 1:

@@ -268,16 +268,27 @@ class Predictor:
     # --- CAMs and export -------------------------------------------------------------------------------------
 
     def explain(self, photo: Photo, method: str = "gradcam", targets: Optional[Dict[str, str]] = None,
-                layers: Optional[Sequence[str]] = None):
+                layers: Optional[Sequence[str]] = None, face: Optional[int] = None):
         """(the photo as the network sees it, H x W x 3 floats in [0, 1]; its ``CamGrid``): every trunk layer x
         every head, from the first run's fold models (their mean where there are several). ``targets``: a class
-        to explain per head instead of the predicted one, e.g. {"mask": "incorrect"}."""
+        to explain per head instead of the predicted one, e.g. {"mask": "incorrect"}. ``face``: explain this face
+        of the photo (its ``face`` number in ``predict(..., faces="all")``) instead of the photo as framed in
+        training."""
+        from multitask.data.faces import detect_all
         from multitask.explain import explain_photo, parse_targets
 
         m = self.members[0]
-        rgb = photo_rgb(photo, str(photo) if isinstance(photo, (str, Path)) else "<image>")
+        name = str(photo) if isinstance(photo, (str, Path)) else "<image>"
+        rgb = photo_rgb(photo, name)
         wanted = parse_targets([f"{h}={c}" for h, c in (targets or {}).items()], m.cfg)
-        return explain_photo(m.models, m.pre, rgb, method, wanted or None, layers)
+        if face is None:
+            return explain_photo(m.models, m.pre, rgb, method, wanted or None, layers)
+        found = detect_all([rgb])[0]
+        if not 0 <= face < len(found):
+            raise DataError([Problem(name, f"has {len(found)} face(s) the detector keeps; face {face} asked for")],
+                            "the face to explain")
+        crop = m.pre.framing.cut(rgb, found[face].vector)
+        return explain_photo(m.models, m.pre, crop, method, wanted or None, layers, framed=True)
 
     def export(self, out: Path, format: str = "onnx", overwrite: bool = False) -> Path:
         """The first run's fold models as one graph that returns probabilities, and ``preprocessing.json``

@@ -62,7 +62,7 @@ from multitask.explain import cam_grid  # noqa: E402
 from multitask.losses import MultiHeadLoss, batch_mixer  # noqa: E402
 from multitask.model import build_model, stage_layers  # noqa: E402
 from multitask.bench_commands import (gpu_check, kib, last_line, predict_pace, proc_status,  # noqa: E402
-                                      training_memory)
+                                      scene_pace, training_memory)
 from multitask.optim import param_groups  # noqa: E402
 
 
@@ -407,6 +407,8 @@ def main(argv=None) -> int:
               + (f" (failed: {r['error']})" if "error" in r else ""))
     results["predict"] = r = predict_pace(a.overrides, size)
     print(f"predict at {size}: {r['summary']}")
+    results["scenes"] = r = scene_pace(a.overrides, size)
+    print(f"predict --faces all at {size}, 1280x720 scenes: {r['summary']}")
     results["training_memory"] = r = training_memory(a.overrides, size)
     print(f"training memory at {size}: {r['summary']}")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

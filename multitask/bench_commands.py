@@ -85,25 +85,33 @@ def resident_peaks(pid: int, every: float = 0.2) -> Callable[[], dict]:
 PREDICT_PEOPLE = 150  # synthetic persons (7 portraits of 384 x 512 each) that predict meets for the first time
 
 
+def detector_run(tmp: str, overrides, size: str) -> Path:
+    """A one-epoch quick run under the detector face crop with experiment=real_faces' 6 test-time views (its
+    speed is a trained model's); a RuntimeError with the command's last line when it fails."""
+    h, w = (int(v) for v in size.split("x"))
+    cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]", f"out_dir={tmp}/runs",
+           f"data.cache_dir={tmp}/cache", "train.progress=false", "data.face_crop=detector",
+           "predict.tta_scales=[0.9,1.1]", *overrides, f"data.size=[{h},{w}]"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(last_line(proc.stderr, "no output")[:160])
+    return next(Path(tmp, "runs").iterdir())
+
+
 def predict_pace(overrides, size: str) -> dict:
     """``multitask predict``'s path end to end on new photos (nothing cached) with one fold model and the 6
     test-time views of experiment=real_faces under the detector face crop: photos/s and the seconds of each step
-    (faces found, photos decoded and framed, the network). The fold model is a one-epoch run on synthetic faces:
-    its speed is a trained model's."""
+    (faces found, photos decoded and framed, the network)."""
     import tempfile
 
     from multitask.api import load_run
     from multitask.data.synth import generate
 
-    h, w = (int(v) for v in size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "multitask.train", "experiment=quick", "cv.run_folds=[0]", f"out_dir={tmp}/runs",
-               f"data.cache_dir={tmp}/cache", "train.progress=false", "data.face_crop=detector",
-               "predict.tta_scales=[0.9,1.1]", *overrides, f"data.size=[{h},{w}]"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            return {"summary": f"not measured ({last_line(proc.stderr, 'no output')[:160]})"}
-        run = next(Path(tmp, "runs").iterdir())
+        try:
+            run = detector_run(tmp, overrides, size)
+        except RuntimeError as e:
+            return {"summary": f"not measured ({e})"}
         generate(Path(tmp, "new"), PREDICT_PEOPLE, seed=1)
         paths = sorted(str(p) for p in Path(tmp, "new").rglob("*.jpg"))
         predictor = load_run(run, folds=[0])
@@ -116,6 +124,57 @@ def predict_pace(overrides, size: str) -> dict:
     return {"photos": len(paths), "views": views, "photos_per_s": len(paths) / wall, "seconds": predictor.seconds,
             "summary": f"{len(paths) / wall:.1f} photos/s for {len(paths)} new 384x512 photos, one model x {views} "
                        f"views (ms per photo: {steps})"}
+
+
+SCENE_FACES = (1, 5, 20)  # faces pasted per 1280 x 720 scene
+SCENES_EACH = 6
+
+
+def scene_pace(overrides, size: str) -> dict:
+    """``predict --faces all`` on synthetic 1280 x 720 scenes of 1, 5 and 20 faces (40-160 px wide) and on a
+    640 x 360 video: photos/s and faces/s with the time split (detect, cut, network), the same model as
+    ``predict_pace``. The detector keeps only some drawn faces: faces/s counts the faces it kept."""
+    import tempfile
+
+    import cv2
+
+    from multitask.api import load_run
+    from multitask.data.images import read_rgb
+    from multitask.data.scenes import generate_scenes
+    from multitask.predict import predict
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            run = detector_run(tmp, overrides, size)
+        except RuntimeError as e:
+            return {"summary": f"not measured ({e})"}
+        for n in SCENE_FACES:
+            scenes = generate_scenes(Path(tmp, f"scenes{n}"), SCENES_EACH, (1280, 720), seed=n, counts=(n,),
+                                     widths=(40, 160))
+            rgbs = [read_rgb(p) for p in sorted((scenes / "images").glob("*.jpg"))]
+            predictor = load_run(run, folds=[0])
+            predictor.predict_faces(rgbs[:1], ["warm-up"])
+            predictor.seconds.clear()
+            start = time.perf_counter()
+            rows = predictor.predict_faces(rgbs, [str(i) for i in range(len(rgbs))])
+            wall = time.perf_counter() - start
+            faces = int((rows["face_status"] == "predicted").sum())
+            out[n] = {"photos_per_s": len(rgbs) / wall, "faces": faces, "faces_per_s": faces / wall,
+                      "ms_per_photo": {k: v / len(rgbs) * 1000 for k, v in predictor.seconds.items()}}
+        video = Path(tmp, "clip.mp4")
+        writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 360))
+        for p in sorted((Path(tmp, "scenes5") / "images").glob("*.jpg")) * 4:
+            writer.write(cv2.resize(cv2.imread(str(p)), (640, 360), interpolation=cv2.INTER_AREA))
+        writer.release()
+        start = time.perf_counter()
+        rows = predict(run, video, Path(tmp, "video-out"), folds=[0], progress=False, log=lambda s: None,
+                       faces="all", fps=10)
+        out["video_frames_per_s"] = rows["frame"].nunique() / (time.perf_counter() - start)
+    split = lambda r: ", ".join(f"{k} {v:.0f}" for k, v in r["ms_per_photo"].items())  # noqa: E731
+    lines = [f"{n} face(s): {out[n]['photos_per_s']:.1f} photos/s, {out[n]['faces_per_s']:.1f} faces/s "
+             f"({out[n]['faces']} kept; ms per photo: {split(out[n])})" for n in SCENE_FACES]
+    return {**out, "summary": "; ".join(lines) + f"; video 640x360: {out['video_frames_per_s']:.1f} frames/s"}
 
 
 def gpu_check(overrides) -> int:

@@ -309,14 +309,15 @@ def photo_faithfulness(models: Dict[int, MultiHeadNet], pre: Preprocessing, phot
 
 
 def explain_photo(models: Dict[int, MultiHeadNet], pre: Preprocessing, photo: np.ndarray, method: str = "gradcam",
-                  target_classes: Optional[Dict[str, int]] = None, layers: Optional[Sequence[str]] = None
-                  ) -> tuple[np.ndarray, CamGrid]:
+                  target_classes: Optional[Dict[str, int]] = None, layers: Optional[Sequence[str]] = None,
+                  framed: bool = False) -> tuple[np.ndarray, CamGrid]:
     """One RGB photo through one model or a fold ensemble: (the photo as the network sees it, CAM grid).
 
     With several models, probabilities and CAMs are fold means and every fold explains the ensemble's
     predicted class (or the chosen one), so the maps answer for the prediction shown. ``pre``: the run's
-    preprocessing (``RunDir.preprocessing``)."""
-    x = network_input(pre)(photo)[None]
+    preprocessing (``RunDir.preprocessing``); ``framed``: the photo is already framed (a face cut out of a scene by
+    ``FaceFraming.cut``)."""
+    x = (pre.eval()(image=photo)["image"] if framed else network_input(pre)(photo))[None]
     with CAM_LOCK:  # the ensemble's forward passes and CAMs as one unit
         return pre.denormalize(x[0]), _explain(models, x, method, target_classes, layers)
 

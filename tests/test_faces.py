@@ -177,7 +177,7 @@ def test_training_and_prediction_with_a_face_crop_of_the_detector(tmp_path, face
     typical = RunDir(run).typical_face_boxes()
     assert typical == {size: tuple(box) for size, box in found_here.framing.typical.items()}
     assert all(len(face) == (4 if face_crop == "detector" else 14) for face in typical.values())  # box (+ marks)
-    preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None)
+    preds = predict(run, root / "images", tmp_path / "pred", progress=False, log=lambda s: None, faces="largest")
     assert preds["face_found"].tolist() == data.sort_values("path")["face_found"].tolist() and len(preds) == 28
 
 

@@ -71,7 +71,7 @@ def labeled_faces(root: Path, cache_dir: Path) -> pd.DataFrame:
     """The photos of a competition-layout folder whose face the detector finds: path, labels, box, landmarks."""
     from multitask.data.faces import find_faces
 
-    table = load_source("competition", root).table
+    table = load_source("competition", root)[0]
     found = find_faces(table["path"].tolist(), cache_dir, lambda s: None)
     table = pd.concat([table.reset_index(drop=True), found.drop(columns="path")], axis=1)
     return table[table["found"]].reset_index(drop=True)
@@ -164,3 +164,65 @@ def draw_scene(out: Path, s: int, rng: np.random.Generator, size: tuple[int, int
         f["covered"] = round(float((inside > f["face"] + 1).sum()) / area, 3)
     cv2.imwrite(str(out / "images" / f"scene_{s:05d}.jpg"), scene[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
     return faces
+
+
+def generate_mosaics(out: Path, photos: Sequence[str], widths: Sequence[int], size: tuple[int, int] = (1280, 720),
+                     seed: int = 0) -> Path:
+    """Face crops (``photos``) pasted whole, side by side, into mosaics of ``size``: real faces in a group. Each
+    mosaic holds crops of one width (``widths`` in turn); ``tiles.csv``: mosaic, the crop, its rectangle there."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=False)
+    rng = np.random.default_rng(seed)
+    order, rows, m = list(rng.permutation(len(photos))), [], 0
+    width, height = size
+    while order:
+        w = int(widths[m % len(widths)])
+        scene = background(rng, width, height)
+        per_row, gap = max(1, (width - w // 2) // int(w * 1.5)), w // 2
+        for r in range(max(1, (height - gap) // (int(w * 1.25) + gap))):
+            for c in range(per_row):
+                if not order:
+                    break
+                path = photos[order.pop()]
+                crop = read_rgb(path)
+                h = round(crop.shape[0] * w / crop.shape[1])
+                x, y = gap + c * int(w * 1.5), gap + r * (int(w * 1.25) + gap)
+                if y + h > height:
+                    order.append(photos.index(path))
+                    break
+                scene[y:y + h, x:x + w] = cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA)
+                rows.append(dict(mosaic=f"images/mosaic_{m:05d}.jpg", photo=path, width=w, x0=x, y0=y, x1=x + w,
+                                 y1=y + h))
+        cv2.imwrite(str(out / "images" / f"mosaic_{m:05d}.jpg"), scene[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        m += 1
+    pd.DataFrame(rows).to_csv(out / "tiles.csv", index=False)
+    return out
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of boxes a (N x 4) and b (M x 4): N x M."""
+    x0, y0 = np.maximum(a[:, None, 0], b[None, :, 0]), np.maximum(a[:, None, 1], b[None, :, 1])
+    x1, y1 = np.minimum(a[:, None, 2], b[None, :, 2]), np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def match_faces(truth: pd.DataFrame, found: pd.DataFrame, at: float = 0.5) -> pd.Series:
+    """For each true face (``faces.csv`` rows of one scene), the row of ``found`` (predict's rows of that scene)
+    whose box overlaps it most with IoU >= ``at``, each found face used once, largest true faces first; -1: none."""
+    match = pd.Series(-1, index=truth.index)
+    boxes = found[found["face_status"] != "no_face"]
+    if boxes.empty:
+        return match
+    overlap = iou(truth[BOX].to_numpy(float), boxes[BOX].to_numpy(float))
+    used = set()
+    for i in np.argsort(-truth["width"].to_numpy()):
+        for j in np.argsort(-overlap[i]):
+            if overlap[i, j] < at:
+                break
+            if j not in used:
+                used.add(j)
+                match.iloc[i] = boxes.index[j]
+                break
+    return match
