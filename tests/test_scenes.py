@@ -209,3 +209,19 @@ def test_synth_draws_scenes_with_a_table_of_their_faces(tmp_path):
     assert set(table["mask"]) <= {0, 1, 2} and set(table["age_group"]) <= {0, 1, 2}
     assert all((out / p).is_file() for p in table["portrait"])
     assert table["in_frame"].between(0, 1).all() and table["covered"].between(0, 1).all()
+
+
+def test_the_exported_graph_gives_each_faces_answer_on_the_same_cut_faces(trained_run, scenes, oracle, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = load_run(trained_run)
+    rows = model.predict(sorted((scenes / "images").glob("*.jpg")), faces="all")
+    rows = rows[rows["face_status"] == "predicted"].reset_index(drop=True)
+    graph = model.export(tmp_path / "export")
+    pre = model.members[0].pre  # the cut that preprocessing.json's face_to_input describes
+    batch = np.stack([pre.eval()(image=pre.framing.cut(read_rgb(r["path"]), r[BOX + MARKS].to_numpy(float)))["image"]
+                      .numpy() for _, r in rows.iterrows()])
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": batch})))
+    for head in model.heads:
+        np.testing.assert_allclose(got[f"p_{head.name}"], rows[[f"p_{head.name}_{c}" for c in head.classes]],
+                                   atol=1e-4)
