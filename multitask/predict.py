@@ -68,9 +68,9 @@ if __name__ == "__main__":
 
 import pandas as pd  # noqa: E402
 
-from multitask.api import Predictor, load_run  # noqa: E402
+from multitask.api import Predictor, load_run, photo_rgb  # noqa: E402
 from multitask.config import Config  # noqa: E402
-from multitask.data.images import is_image_name, not_an_image, read_rgb  # noqa: E402
+from multitask.data.images import is_image_name, not_an_image  # noqa: E402
 from multitask.data.video import VIDEO_EXTENSIONS, VideoError, is_video_name, open_video, video_files  # noqa: E402
 from multitask.data.sources import (DataError, Problem, age_thresholds, detect_source, image_files,  # noqa: E402
                                     inside, load_manifest, load_source, read_csv_or_fail)
@@ -255,10 +255,10 @@ def predict_scenes(predictor: Predictor, paths: Sequence[str], input_path: Path,
         rgbs, names = [], []
         for path in photos[start:start + SCENE_CHUNK]:
             try:
-                rgbs.append(read_rgb(path))
+                rgbs.append(photo_rgb(path, path))
                 names.append(path)
-            except Exception as e:  # any decoder or file error is this photo's problem
-                problems.append(Problem(path, f"unreadable image ({type(e).__name__}: {e})"))
+            except DataError as e:
+                problems += e.problems
         if not rgbs:
             continue
         df = only_largest(predictor.predict_faces(rgbs, names), largest)

@@ -30,7 +30,6 @@ class Video:
     frames: int
     width: int
     height: int
-    read: int = 0  # frames decoded so far
     problems: List[str] = field(default_factory=list)
 
     def sampled(self, fps: float) -> Iterator[tuple[int, float, np.ndarray]]:
@@ -49,7 +48,6 @@ class Video:
                     ok, frame = cap.retrieve()
                     if not ok or frame is None:
                         break
-                    self.read = n + 1
                     yield n, n / self.fps, np.ascontiguousarray(frame[:, :, ::-1])
                 n += 1
         finally:
